@@ -1,0 +1,258 @@
+"""The codec interface: pure encoders and decoders with explicit, mirrored state.
+
+A codec never does I/O. The worker holds one ``Encoder`` per session; the PS holds
+one ``Decoder`` per worker. Anything both ends must agree on (predictor history,
+entropy model, quantizer table) is updated on both sides only from *decoded*
+values, in the same order (ALGORITHMS.md §0), and both sides expose
+``state_dict()`` / ``load_state_dict()`` / ``reset()`` so that a reconnect or a
+restart can resync them explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+FLOAT_DTYPE = "float32"
+
+
+class CodecError(ValueError):
+    """A codec cannot encode its input or decode a payload; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the receiver knows about a tensor before any payload arrives."""
+
+    name: str  # stable key across rounds, e.g. "layers.0.weight"
+    shape: tuple[int, ...]
+    dtype: str = FLOAT_DTYPE  # numpy dtype of the *decoded* tensor
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encoded tensor; mirrors ``gradwire.v1.EncodedTensor``.
+
+    ``payload`` holds the codec's bytes with all side information (scales,
+    distribution parameters, indices). Temporal predictive coding adds its
+    predictor coefficients and an optional residual, itself encoded by another
+    codec, as separate wire fields so a capture shows what was sent.
+    """
+
+    codec: str  # codec spec string, "name:key=value,..."
+    spec: TensorSpec
+    payload: bytes = b""
+    coefficients: bytes = b""
+    residual: Encoded | None = None
+
+    @property
+    def codec_name(self) -> str:
+        return self.codec.split(":", 1)[0]
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes the method claims to send: payload + coefficients + residual."""
+        inner = self.residual.payload_bytes if self.residual is not None else 0
+        return len(self.payload) + len(self.coefficients) + inner
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """Round-level facts both ends know without sending them in the payload."""
+
+    round: int
+    rank: int
+    seed: int = 0
+    num_workers: int = 1
+    # Codec instructions the PS broadcast for this round (e.g. LGC stage, leader).
+    directive: Mapping[str, float] = field(default_factory=dict)
+    directive_blob: bytes = b""
+    # Squared norms of the most recent model moves ||θ^t − θ^{t−1}||², newest
+    # last; only the worker fills this (LAG-style triggers run at the encoder).
+    model_motion_sq: tuple[float, ...] = ()
+
+    def rng(self, tensor_name: str, salt: int = 0) -> np.random.Generator:
+        """A generator both ends can reproduce from (seed, round, rank, tensor)."""
+        key = zlib.crc32(tensor_name.encode())
+        return np.random.default_rng([self.seed, self.round, self.rank, key, salt])
+
+
+class Encoder(ABC):
+    """Worker side. Holds whatever state the codec needs between rounds."""
+
+    @abstractmethod
+    def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded: ...
+
+    def reset(self) -> None:
+        """Forget all state (resync)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise CodecError(f"{type(self).__name__} has no state to load")
+
+    def stats(self) -> dict[str, float]:
+        """Codec-specific statistics accumulated since the last reset."""
+        return {}
+
+
+class Decoder(ABC):
+    """PS side, one per worker. Mirrors the worker's encoder state."""
+
+    @abstractmethod
+    def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray: ...
+
+    def reset(self) -> None:
+        """Forget all state (resync)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise CodecError(f"{type(self).__name__} has no state to load")
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+
+class Coordinator:
+    """Optional PS-wide codec state shared by all of a codec's decoders.
+
+    Codecs whose decoders depend on other workers (learned compression trains one
+    autoencoder on every worker's updates) keep that state here. The PS asks it for
+    each round's directive and shows it every round's decoded updates.
+    """
+
+    def directive(self, round_: int, ranks: list[int]) -> dict[str, float]:
+        return {}
+
+    def blob_for(self, rank: int, round_: int) -> bytes:
+        """Extra downlink bytes for one worker this round (counted as downlink)."""
+        return b""
+
+    def observe(self, round_: int, decoded: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+        """Called after a round closes with every aggregated worker's decoded update."""
+
+    def forget_worker(self, rank: int) -> None:
+        """A worker left or was rejected: drop whatever was kept for it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class Codec(ABC):
+    """A configured codec: a factory of encoders and decoders.
+
+    Subclasses are frozen dataclasses whose fields are the spec options, so
+    ``topk:ratio=0.01`` becomes ``TopKCodec(ratio=0.01)``. Validate options in
+    ``__post_init__`` with a reason in the error.
+    """
+
+    name: ClassVar[str]
+    # "tensor": one Encoded per parameter tensor; "model": the whole update is
+    # flattened into one vector named MODEL_TENSOR_NAME (global predictors, LGC).
+    scope: ClassVar[str] = "tensor"
+
+    @abstractmethod
+    def make_encoder(self) -> Encoder: ...
+
+    @abstractmethod
+    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder: ...
+
+    def make_coordinator(self) -> Coordinator | None:
+        return None
+
+    @property
+    def spec(self) -> str:
+        """Canonical spec string: the name plus every option that differs from its default."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            if value != default:
+                parts.append(f"{f.name}={format_option(value)}")
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+
+def format_option(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value) if not value.is_integer() else str(int(value)) if abs(value) < 1e15 else repr(value)
+    if isinstance(value, str) and ("," in value or ":" in value):
+        return f"({value})"
+    return str(value)
+
+
+class StatelessEncoder(Encoder):
+    def __init__(self, codec: TensorCodec):
+        self.codec = codec
+
+    def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
+        x = check_input(x, spec)
+        return Encoded(self.codec.spec, spec, self.codec.encode_array(x, spec, ctx))
+
+
+class StatelessDecoder(Decoder):
+    def __init__(self, codec: TensorCodec):
+        self.codec = codec
+
+    def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
+        out = self.codec.decode_array(msg.payload, msg.spec, ctx)
+        return out.reshape(msg.spec.shape)
+
+
+@dataclass(frozen=True)
+class TensorCodec(Codec):
+    """A codec with no state between rounds: bytes in, array out."""
+
+    @abstractmethod
+    def encode_array(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> bytes: ...
+
+    @abstractmethod
+    def decode_array(self, payload: bytes, spec: TensorSpec, ctx: RoundContext) -> np.ndarray: ...
+
+    def make_encoder(self) -> Encoder:
+        return StatelessEncoder(self)
+
+    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+        return StatelessDecoder(self)
+
+
+def check_input(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Validate an encoder's input: right size, finite; returns a flat float32 view."""
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.size != spec.numel:
+        raise CodecError(f"tensor {spec.name!r} has {arr.size} entries, spec says {spec.numel}")
+    if not np.isfinite(arr).all():
+        raise CodecError(f"tensor {spec.name!r} contains NaN or Inf; refusing to encode it")
+    return arr.reshape(-1)
+
+
+def expect_payload_size(payload: bytes, expected: int, spec: TensorSpec, codec: str) -> None:
+    if len(payload) != expected:
+        raise CodecError(
+            f"{codec} payload for {spec.name!r} is {len(payload)} bytes, expected {expected}"
+        )

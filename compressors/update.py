@@ -1,0 +1,153 @@
+"""Whole-update encoding: one codec applied to every parameter tensor of a model.
+
+This is the layer the worker and the PS call. It applies the codec's scope
+(per tensor, or the whole model flattened into one vector), validates what
+arrives (names, shapes, codec, finite values) and counts bytes for statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from compressors.base import (
+    Codec,
+    CodecError,
+    Coordinator,
+    Encoded,
+    RoundContext,
+    TensorSpec,
+)
+
+MODEL_TENSOR_NAME = "__model__"
+
+
+class InvalidUpdate(ValueError):
+    """An update that must be rejected; the message is the reason sent to the worker."""
+
+
+def _model_spec(specs: Sequence[TensorSpec]) -> TensorSpec:
+    return TensorSpec(MODEL_TENSOR_NAME, (sum(s.numel for s in specs),))
+
+
+def wire_specs(codec: Codec, specs: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """The tensor specs as they appear on the wire for this codec's scope."""
+    return [_model_spec(specs)] if codec.scope == "model" else list(specs)
+
+
+class UpdateEncoder:
+    """Worker side: dict of gradients -> list of ``Encoded``."""
+
+    def __init__(self, codec: Codec, specs: Sequence[TensorSpec]):
+        self.codec = codec
+        self.specs = list(specs)
+        self.encoder = codec.make_encoder()
+        self.payload_bytes = 0
+        self.entries = 0
+        self.rounds = 0
+
+    def encode(self, grads: Mapping[str, np.ndarray], ctx: RoundContext) -> list[Encoded]:
+        if self.codec.scope == "model":
+            flat = np.concatenate(
+                [np.asarray(grads[s.name], dtype=np.float32).reshape(-1) for s in self.specs]
+            )
+            out = [self.encoder.encode(flat, _model_spec(self.specs), ctx)]
+        else:
+            out = [self.encoder.encode(grads[s.name], s, ctx) for s in self.specs]
+        self.payload_bytes += sum(m.payload_bytes for m in out)
+        self.entries += sum(s.numel for s in self.specs)
+        self.rounds += 1
+        return out
+
+    def reset(self) -> None:
+        self.encoder.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.encoder.load_state_dict(state["encoder"])
+
+    def stats(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.encoder.stats().items()}
+        if self.entries:
+            out["bits_per_entry"] = 8.0 * self.payload_bytes / self.entries
+        return out
+
+
+class UpdateDecoder:
+    """PS side, one per worker: list of ``Encoded`` -> dict of decoded gradients.
+
+    Raises ``InvalidUpdate`` with a reason for anything that must be rejected.
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        specs: Sequence[TensorSpec],
+        coordinator: Coordinator | None = None,
+    ):
+        self.codec = codec
+        self.specs = list(specs)
+        self.decoder = codec.make_decoder(coordinator)
+        self.expected = {s.name: s for s in wire_specs(codec, self.specs)}
+
+    def _check_structure(self, msgs: Sequence[Encoded]) -> None:
+        names = [m.spec.name for m in msgs]
+        if len(set(names)) != len(names):
+            raise InvalidUpdate(f"update names a tensor twice: {sorted(names)}")
+        missing = sorted(set(self.expected) - set(names))
+        extra = sorted(set(names) - set(self.expected))
+        if missing or extra:
+            raise InvalidUpdate(f"update tensors do not match the model: missing {missing}, unexpected {extra}")
+        for m in msgs:
+            self._check_tensor(m, self.expected[m.spec.name])
+
+    def _check_tensor(self, m: Encoded, want: TensorSpec) -> None:
+        if tuple(m.spec.shape) != tuple(want.shape):
+            raise InvalidUpdate(
+                f"shape mismatch for {want.name!r}: got {list(m.spec.shape)}, model has {list(want.shape)}"
+            )
+        if m.spec.dtype != want.dtype:
+            raise InvalidUpdate(f"dtype {m.spec.dtype!r} for {want.name!r}; expected {want.dtype!r}")
+        if m.codec_name != self.codec.name:
+            raise InvalidUpdate(
+                f"tensor {want.name!r} is encoded with codec {m.codec_name!r}; this run uses {self.codec.spec!r}"
+            )
+
+    def decode(self, msgs: Sequence[Encoded], ctx: RoundContext) -> dict[str, np.ndarray]:
+        self._check_structure(msgs)
+        decoded: dict[str, np.ndarray] = {}
+        for m in msgs:
+            try:
+                arr = self.decoder.decode(m, ctx)
+            except (CodecError, ValueError, IndexError, KeyError, RuntimeError) as exc:
+                raise InvalidUpdate(f"payload of {m.spec.name!r} does not decode: {exc}") from None
+            arr = np.asarray(arr, dtype=np.float32)
+            if arr.size != m.spec.numel:
+                raise InvalidUpdate(f"payload of {m.spec.name!r} decodes to {arr.size} entries, expected {m.spec.numel}")
+            if not np.isfinite(arr).all():
+                raise InvalidUpdate(f"tensor {m.spec.name!r} decodes to NaN or Inf values")
+            decoded[m.spec.name] = arr.reshape(m.spec.shape)
+        if self.codec.scope == "model":
+            flat = decoded[MODEL_TENSOR_NAME].reshape(-1)
+            out, offset = {}, 0
+            for s in self.specs:
+                out[s.name] = flat[offset : offset + s.numel].reshape(s.shape)
+                offset += s.numel
+            return out
+        return decoded
+
+    def reset(self) -> None:
+        self.decoder.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decoder": self.decoder.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decoder.load_state_dict(state["decoder"])
+
+    def stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.decoder.stats().items()}

@@ -1,0 +1,100 @@
+"""LAG: lazily aggregated gradients (Chen et al., 2018), the main baseline of TPC.
+
+LAG is temporal predictive coding (``compressors/tpc.py``, ALGORITHMS.md §1) with
+order ``p = 1`` and the coefficient fixed at 1: the prediction of a worker's
+gradient is the last gradient the PS holds for it, so no coefficients are sent.
+The worker uploads the innovation ``r = g − ĝ^{t−1}`` only when the LAG-WK rule
+fires::
+
+    ‖r‖² > (1 / (alpha²·N²·D)) · Σ_{k=1..D} ‖θ^{t+1−k} − θ^{t−k}‖²
+
+(N = ``ctx.num_workers``, D = ``window``, model motions from
+``ctx.model_motion_sq``, filled by the worker loop); otherwise the PS reuses the
+worker's last reconstruction, which is exactly lazy aggregation.
+
+Wire layout: ``predictor_coefficients`` is always empty; ``residual`` (the flag)
+holds ``C(r)`` (``residual=dense`` by default, any registered codec may be
+plugged in) when the rule fired and is absent otherwise; ``payload`` holds the
+``check``-byte history digest (default 1 byte, ``check=0`` sends nothing at all
+on a skipped round). The first round after a reset is a full update: the
+residual is the whole gradient.
+
+Options: ``trigger`` (``lag`` by default; ``relative`` / ``absolute`` /
+``always`` as in TPC), ``alpha`` (1.0: the threshold scales as 1/alpha²; the LAG
+paper's alpha is the step size of a PS that *sums* the workers' gradients),
+``window`` (D, 10), ``max_stale`` (K, 0 = no limit as in LAG), ``eps``, ``tau``,
+``residual``, ``check``, ``ef``, ``granularity`` (``model`` | ``tensor``).
+Bits per message: ``8·check`` + residual bits when sent (32·d with dense).
+Biased: a skipped round reuses a stale gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compressors.base import Codec, Coordinator, Decoder, Encoder
+from compressors.registry import register
+from compressors.tpc import (
+    GRANULARITIES,
+    PredictiveDecoder,
+    PredictiveEncoder,
+    PredictorConfig,
+    validate_common,
+)
+
+
+@register
+@dataclass(frozen=True)
+class LAGCodec(Codec):
+    """Lazy aggregation: p = 1, coefficient 1, LAG trigger (see module doc)."""
+
+    name = "lag"
+
+    trigger: str = "lag"
+    alpha: float = 1.0
+    window: int = 10
+    max_stale: int = 0
+    eps: float = 0.0
+    tau: float = 0.0
+    residual: str = "dense"
+    check: int = 1
+    ef: bool = False
+    granularity: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        inner = validate_common(
+            self.trigger, self.eps, self.tau, self.alpha, self.window, self.max_stale, self.check, self.residual
+        )
+        object.__setattr__(self, "_residual_codec", inner)
+        object.__setattr__(self, "residual", inner.spec)
+
+    @property
+    def scope(self) -> str:  # type: ignore[override]
+        return "model" if self.granularity == "model" else "tensor"
+
+    def config(self) -> PredictorConfig:
+        return PredictorConfig(
+            codec_spec=self.spec,
+            order=1,
+            fixed_unit=True,
+            trigger=self.trigger,
+            eps=self.eps,
+            tau=self.tau,
+            alpha=self.alpha,
+            window=self.window,
+            max_stale=self.max_stale,
+            residual=self._residual_codec,  # type: ignore[attr-defined]
+            coef="fp32",
+            ridge=0.0,
+            warmup="order",
+            check=self.check,
+            ef=self.ef,
+        )
+
+    def make_encoder(self) -> Encoder:
+        return PredictiveEncoder(self.config())
+
+    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+        return PredictiveDecoder(self.config())

@@ -91,7 +91,7 @@ class TaskSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., batch_size: _Optional[int] = ..., num_shards: _Optional[int] = ..., shard_index: _Optional[int] = ..., partition: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., seed: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol", "worker_id", "rank", "task", "codec_spec", "round", "total_rounds", "model")
+    __slots__ = ("protocol", "worker_id", "rank", "task", "codec_spec", "round", "total_rounds", "model", "directive", "workers")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,8 @@ class Welcome(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     worker_id: str
     rank: int
@@ -108,7 +110,9 @@ class Welcome(_message.Message):
     round: int
     total_rounds: int
     model: Model
-    def __init__(self, protocol: _Optional[str] = ..., worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., codec_spec: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+    directive: CodecDirective
+    workers: int
+    def __init__(self, protocol: _Optional[str] = ..., worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., codec_spec: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class EncodedTensor(_message.Message):
     __slots__ = ("name", "shape", "dtype", "codec_spec", "payload", "predictor_coefficients", "residual")
@@ -158,16 +162,18 @@ class CodecDirective(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, float]] = ..., blob: _Optional[bytes] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("round", "model", "directive", "update_aggregated")
+    __slots__ = ("round", "model", "directive", "update_aggregated", "workers")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_AGGREGATED_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     model: Model
     directive: CodecDirective
     update_aggregated: bool
-    def __init__(self, round: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., update_aggregated: _Optional[bool] = ...) -> None: ...
+    workers: int
+    def __init__(self, round: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., update_aggregated: _Optional[bool] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("rounds", "reason")

@@ -1,0 +1,103 @@
+"""The `gradwire` command: server, worker, simulate, status, health, bytes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from server.config import add_server_flags, add_task_flags, env
+    from worker.config import add_worker_flags
+
+    p = argparse.ArgumentParser(prog="gradwire", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("server", help="run the parameter server")
+    add_server_flags(s)
+
+    w = sub.add_parser("worker", help="run one worker")
+    add_worker_flags(w)
+
+    sim = sub.add_parser("simulate", help="PS + N workers as local processes on loopback")
+    sim.add_argument("--workers", type=int, default=2)
+    add_task_flags(sim)
+    sim.add_argument("--json", default="", help="write the run summary here")
+    sim.add_argument("--log", default="", help="write the processes' logs here")
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    st = sub.add_parser("status", help="print a running PS's Status")
+    st.add_argument("--address", default=env("STATUS_ADDRESS", "127.0.0.1:50051"))
+    st.add_argument("--json", action="store_true")
+
+    h = sub.add_parser("health", help="exit 0 when the PS's gRPC health service says SERVING")
+    h.add_argument("--address", default=env("STATUS_ADDRESS", "127.0.0.1:50051"))
+    h.add_argument("--service", default="")
+
+    b = sub.add_parser("bytes", help="wire bytes per container and round of a compose project", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sub.add_parser("codecs", help="list the registered codecs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bytes":  # its own parser lives in gradwire.bytes_report
+        from gradwire.bytes_report import main as bytes_main
+
+        return bytes_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    _logging(args.verbose)
+    if args.command == "server":
+        from server.app import serve
+        from server.config import config_from_args
+
+        return serve(config_from_args(args))
+    if args.command == "worker":
+        from worker.config import config_from_args
+        from worker.loop import run_worker
+
+        return run_worker(config_from_args(args))
+    if args.command == "simulate":
+        from gradwire.simulate import run_simulation
+
+        if args.workers < 1:
+            raise SystemExit("--workers must be >= 1")
+        return run_simulation(args)
+    if args.command == "status":
+        import grpc
+
+        from gradwire.status import fetch_status, status_as_dict
+
+        with grpc.insecure_channel(args.address) as channel:
+            st = fetch_status(channel)
+        print(json.dumps(status_as_dict(st), indent=2) if args.json else st)
+        return 0
+    if args.command == "health":
+        from gradwire.status import is_serving
+
+        return 0 if is_serving(args.address, args.service) else 1
+    if args.command == "codecs":
+        from compressors.registry import CODECS, available_codecs
+
+        for name in available_codecs():
+            doc = (CODECS[name].__doc__ or "").strip().splitlines()
+            print(f"{name:12s} {doc[0] if doc else ''}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

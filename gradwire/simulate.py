@@ -1,0 +1,136 @@
+"""`gradwire simulate`: the PS and N workers as local processes on loopback.
+
+The processes are the same entry points the containers run (`gradwire server`,
+`gradwire worker`), talking gRPC over real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from gradwire.status import fetch_status
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gradwire.cli", *args]
+
+
+def _pump(stream, sink, prefix: str, found: dict | None = None) -> None:
+    for line in iter(stream.readline, ""):
+        if found is not None and "listening on" in line and "address" not in found:
+            found["address"] = line.strip().rsplit(" ", 1)[-1]
+            found["event"].set()
+        if sink is not None:
+            sink.write(f"{prefix}{line}")
+            sink.flush()
+
+
+def run_simulation(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    workdir = Path(tempfile.mkdtemp(prefix="gradwire-sim-"))
+    json_path = Path(args.json).resolve() if args.json else workdir / "summary.json"
+    log_path = Path(args.log) if args.log else workdir / "run.log"
+    log_file = open(log_path, "w")
+    server_args = [
+        "server", "--address", "127.0.0.1:0", "--workers", str(args.workers), "--rounds", str(args.rounds),
+        "--codec", args.codec, "--dataset", args.dataset, "--model", args.model, "--data-dir", args.data_dir,
+        "--batch-size", "full" if args.batch_size == 0 else str(args.batch_size), "--partition", args.partition,
+        "--dirichlet-alpha", str(args.dirichlet_alpha), "--seed", str(args.seed), "--lr", str(args.lr),
+        "--momentum", str(args.momentum), "--weight-decay", str(args.weight_decay),
+        "--lr-schedule", args.lr_schedule, "--eval-every", str(args.eval_every),
+        "--round-timeout-s", str(args.round_timeout_s), "--max-message-mb", str(args.max_message_mb),
+        "--json", str(json_path), "--start-timeout-s", "120",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs: list[subprocess.Popen] = []
+    found: dict = {"event": threading.Event()}
+    try:
+        server = subprocess.Popen(_cli(*server_args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        procs.append(server)
+        threading.Thread(target=_pump, args=(server.stdout, log_file, "[ps] ", found), daemon=True).start()
+        if not found["event"].wait(120) or server.poll() is not None:
+            console.print(f"[red]the parameter server did not start; see {log_path}")
+            return 1
+        address = found["address"]
+        for i in range(args.workers):
+            w = subprocess.Popen(
+                _cli("worker", "--server", address, "--worker-id", f"sim-{i}", "--connect-timeout-s", "60"),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            )
+            procs.append(w)
+            threading.Thread(target=_pump, args=(w.stdout, log_file, f"[w{i}] "), daemon=True).start()
+        channel = grpc.insecure_channel(address)
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=args.quiet,
+        ) as progress:
+            bar = progress.add_task(f"{args.codec} × {args.workers}", total=args.rounds, info="")
+            while server.poll() is None:
+                try:
+                    st = fetch_status(channel, timeout=2)
+                    done = sum(1 for r in st.rounds if r.workers_aggregated > 0)
+                    accs = [r.test_accuracy for r in st.rounds if r.test_accuracy == r.test_accuracy]
+                    payload = sum(r.uplink_payload_bytes for r in st.rounds)
+                    info = f"uplink {payload / 1e6:.2f} MB" + (f"  acc {accs[-1]:.3f}" if accs else "")
+                    progress.update(bar, completed=done, info=info)
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.3)
+        channel.close()
+        code = server.wait()
+        for w in procs[1:]:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        if code != 0 or not json_path.exists():
+            console.print(f"[red]the run failed (PS exit code {code}); log: {log_path}")
+            return 1
+        summary = json.loads(json_path.read_text())
+        failed = [i for i, w in enumerate(procs[1:]) if w.returncode != 0]
+        if failed:
+            console.print(f"[yellow]workers {failed} exited with an error; log: {log_path}")
+        _print_summary(console, summary, json_path, log_path)
+        return 0 if not failed else 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        log_file.close()
+
+
+def _print_summary(console, s: dict, json_path: Path, log_path: Path) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"gradwire simulate — {s['codec']}", show_header=False)
+    acc = s["final_accuracy"]
+    rows = [
+        ("workers × rounds", f"{s['workers']} × {s['rounds']}  ({s['params']:,} params)"),
+        ("final accuracy", f"{acc:.4f}" if acc is not None else "n/a (regression)"),
+        ("final test loss", f"{s['final_loss']:.5f}" if s["final_loss"] is not None else "n/a"),
+        ("uplink payload", f"{s['uplink_payload_bytes']:,} B"),
+        ("uplink protobuf", f"{s['uplink_message_bytes']:,} B"),
+        ("downlink protobuf", f"{s['downlink_message_bytes']:,} B"),
+        ("uplink bits / entry", f"{s['uplink_bits_per_entry']:.4f}" if s["uplink_bits_per_entry"] else "n/a"),
+        ("summary", str(json_path)),
+        ("log", str(log_path)),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)

@@ -1,0 +1,103 @@
+"""Build and run a parameter server."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gradwire.tasks import make_task
+from server.config import ServerConfig
+from server.coordinator import Coordinator
+from server.servicer import SERVICE_NAME, GradientExchangeServicer, generic_handler
+from server.summary import build_summary, write_summary
+
+log = logging.getLogger("gradwire.server")
+# gRPC answers keepalive pings so that a worker behind NAT (compose bridge) keeps
+# its long-lived stream open through idle seconds of aggregation and evaluation.
+KEEPALIVE_MS = 20_000
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    coordinator: Coordinator
+    health: health.HealthServicer
+    port: int
+    thread: threading.Thread
+
+    def summary(self) -> dict:
+        return build_summary(self.coordinator)
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.coordinator.stop()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace).wait()
+
+
+def start_server(config: ServerConfig) -> RunningServer:
+    """Build the coordinator, bind, start serving and start the rounds thread."""
+    task = make_task(config.dataset, config.model or None, config.seed, config.data_dir or None)
+    coordinator = Coordinator(config, task)
+    limit = config.max_message_mb * 2**20
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max(16, 4 * config.workers + 8), thread_name_prefix="gradwire-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        ],
+    )
+    server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(coordinator)),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.address}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    thread = threading.Thread(target=coordinator.run, name="gradwire-rounds", daemon=True)
+    thread.start()
+    return RunningServer(server, coordinator, health_servicer, port, thread)
+
+
+def serve(config: ServerConfig) -> int:
+    """`gradwire server`: run until the rounds are done (or SIGTERM), write the summary."""
+    torch.set_num_threads(1)
+    log.info("config %s", config.to_json())
+    running = start_server(config)
+    host = config.address.rsplit(":", 1)[0]
+    print(f"listening on {host}:{running.port}", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.warning("signal %d: stopping after the current round", signum)
+        running.coordinator.stop()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while running.thread.is_alive():
+        running.thread.join(0.5)
+    summary = running.summary()
+    out_paths = [config.json_path]
+    if config.out:
+        out_paths.append(str(Path(config.out) / "summary.json"))
+    write_summary(summary, *out_paths)
+    log.info("summary: %s", {k: summary[k] for k in ("codec", "workers", "rounds", "final_accuracy", "final_loss", "uplink_bits_per_entry")})
+    deadline = time.monotonic() + config.linger_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        stop.wait(0.5)
+    running.stop(grace=2.0)
+    return 0 if summary["rounds"] > 0 else 1

@@ -1,0 +1,126 @@
+"""Parameter-server configuration: flags, with GRADWIRE_* environment variables as defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from compressors.registry import create_codec
+from gradwire.tasks import DATASETS, MODELS
+
+DEFAULT_MAX_MESSAGE_MB = 64
+
+
+def env(name: str, default):
+    value = os.environ.get(f"GRADWIRE_{name}")
+    return default if value is None or value == "" else type(default)(value) if default is not None else value
+
+
+def parse_batch_size(text: str | int) -> int:
+    """``full`` (or 0) means the whole shard: full-batch gradient descent."""
+    if isinstance(text, int):
+        value = text
+    elif str(text).strip().lower() == "full":
+        return 0
+    else:
+        value = int(text)
+    if value < 0:
+        raise ValueError(f"batch size must be positive or 'full', got {text}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: str = "127.0.0.1:50051"
+    workers: int = 2  # workers the PS waits for before round 0
+    join_grace_s: float = 0.0  # after the minimum joined, wait for more until quiet this long
+    rounds: int = 60
+    codec: str = "dense"
+    dataset: str = "digits"
+    model: str = ""  # "" = the dataset's default model
+    data_dir: str = ""
+    batch_size: int = 32  # 0 = full shard
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine | step
+    eval_every: int = 5
+    round_timeout_s: float = 120.0
+    start_timeout_s: float = 600.0
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+    out: str = ""  # directory for summary.json (and checkpoints)
+    json_path: str = ""  # extra copy of the summary
+    checkpoint_every: int = 0  # rounds between checkpoints in `out`; 0 = never
+    resume: str = ""  # checkpoint file to resume from
+    linger_s: float = 0.0  # keep serving Status this long after training ends
+    report_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; available: {', '.join(DATASETS)}")
+        if self.model and self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; available: {', '.join(MODELS)}")
+        if self.lr_schedule not in ("constant", "cosine", "step"):
+            raise ValueError(f"lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
+        if self.partition not in ("iid", "dirichlet"):
+            raise ValueError(f"partition must be iid or dirichlet, got {self.partition!r}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.max_message_mb < 1:
+            raise ValueError(f"max_message_mb must be >= 1, got {self.max_message_mb}")
+        create_codec(self.codec)  # fail at startup, with the registry's reason
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def add_task_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `gradwire server` and `gradwire simulate`."""
+    d = ServerConfig()
+    p.add_argument("--rounds", type=int, default=env("ROUNDS", d.rounds))
+    p.add_argument("--codec", default=env("CODEC", d.codec), help="codec spec, e.g. huffman:bits=4")
+    p.add_argument("--dataset", default=env("DATASET", d.dataset), choices=DATASETS)
+    p.add_argument("--model", default=env("MODEL", d.model), help=f"one of {', '.join(MODELS)} (default: per dataset)")
+    p.add_argument("--data-dir", default=env("DATA_DIR", d.data_dir), help="folder with MNIST/CIFAR files")
+    p.add_argument("--batch-size", type=parse_batch_size, default=env("BATCH_SIZE", str(d.batch_size)),
+                   help="per-worker mini-batch, or 'full' for the whole shard")
+    p.add_argument("--partition", default=env("PARTITION", d.partition), choices=("iid", "dirichlet"))
+    p.add_argument("--dirichlet-alpha", type=float, default=env("DIRICHLET_ALPHA", d.dirichlet_alpha))
+    p.add_argument("--seed", type=int, default=env("SEED", d.seed))
+    p.add_argument("--lr", type=float, default=env("LR", d.lr))
+    p.add_argument("--momentum", type=float, default=env("MOMENTUM", d.momentum))
+    p.add_argument("--weight-decay", type=float, default=env("WEIGHT_DECAY", d.weight_decay))
+    p.add_argument("--lr-schedule", default=env("LR_SCHEDULE", d.lr_schedule), choices=("constant", "cosine", "step"))
+    p.add_argument("--eval-every", type=int, default=env("EVAL_EVERY", d.eval_every))
+    p.add_argument("--round-timeout-s", type=float, default=env("ROUND_TIMEOUT_S", d.round_timeout_s))
+    p.add_argument("--max-message-mb", type=int, default=env("MAX_MESSAGE_MB", d.max_message_mb))
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    p.add_argument("--address", default=env("ADDRESS", d.address), help="host:port to listen on (port 0: any free)")
+    p.add_argument("--workers", type=int, default=env("WORKERS", d.workers), help="workers to wait for before round 0")
+    p.add_argument("--join-grace-s", type=float, default=env("JOIN_GRACE_S", d.join_grace_s),
+                   help="after the minimum joined, start once no new worker joined for this long")
+    p.add_argument("--start-timeout-s", type=float, default=env("START_TIMEOUT_S", d.start_timeout_s))
+    add_task_flags(p)
+    p.add_argument("--out", default=env("OUT", d.out), help="directory for summary.json and checkpoints")
+    p.add_argument("--json", dest="json_path", default=env("JSON", d.json_path), help="also write the summary here")
+    p.add_argument("--checkpoint-every", type=int, default=env("CHECKPOINT_EVERY", d.checkpoint_every))
+    p.add_argument("--resume", default=env("RESUME", d.resume), help="checkpoint file to resume from")
+    p.add_argument("--linger-s", type=float, default=env("LINGER_S", d.linger_s),
+                   help="keep serving Status this long after training ends")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    fields = ServerConfig.__dataclass_fields__
+    return ServerConfig(**{k: v for k, v in vars(args).items() if k in fields})

@@ -1,0 +1,123 @@
+"""The run summary: what was sent, what it bought, per round and per worker."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gradwire.wire import PROTOCOL
+
+
+def mean_stats(dicts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Mean of each key over the dicts that have it (codec stats of several workers)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sorted(sums)}
+
+
+def accuracy_curve(initial_accuracy: float | None, rounds_log: list[dict]) -> list[list[float]]:
+    """[cumulative uplink bits of all workers, test accuracy] at every evaluated round."""
+    if initial_accuracy is None:
+        return []
+    curve = [[0.0, float(initial_accuracy)]]
+    bits = 0.0
+    for e in rounds_log:
+        bits += 8.0 * e["uplink_payload_bytes"]
+        if e.get("test_accuracy") is not None:
+            curve.append([bits, float(e["test_accuracy"])])
+    return curve
+
+
+def per_bit_accuracy(curve: list[list[float]]) -> float | None:
+    """max_t (Acc(t) − Acc(0)) / B(t), ALGORITHMS.md §4 (accuracy points per bit)."""
+    if len(curve) < 2:
+        return None
+    acc0 = curve[0][1]
+    return max((acc - acc0) / bits for bits, acc in curve[1:] if bits > 0) if any(b > 0 for b, _ in curve[1:]) else None
+
+
+def build_summary(coord) -> dict[str, Any]:
+    cfg = coord.config
+    snap = coord.snapshot()
+    records = snap["records"]
+    log = [e for e in snap["rounds_log"] if e["workers"] > 0]
+    updates = sum(e["workers"] for e in log)
+    participating = [r for r in records if r["rounds_aggregated"] > 0]
+    up_payload = sum(e["uplink_payload_bytes"] for e in log)
+    up_message = sum(e["uplink_message_bytes"] for e in log)
+    down = sum(r["downlink_message_bytes"] for r in records)
+    evaluated = [e for e in log if e["test_loss"] is not None]
+    final = evaluated[-1] if evaluated else None
+    curve = accuracy_curve(coord.initial_accuracy, log)
+    worker_stats = [r["codec_stats"] for r in participating if r["codec_stats"]]
+    codec_stats: dict[str, Any] = mean_stats(worker_stats)
+    for k, v in mean_stats(r["decoder_stats"] for r in participating if r["decoder_stats"]).items():
+        codec_stats.setdefault(k, v)
+    if coord.codec_coordinator is not None:
+        codec_stats.update(coord.codec_coordinator.stats())
+    elapsed = None
+    if coord.started_at is not None:
+        elapsed = (coord.finished_at or time.monotonic()) - coord.started_at
+    return {
+        "protocol": PROTOCOL,
+        "codec": coord.codec.spec,
+        "dataset": cfg.dataset,
+        "model": coord.task.model_name,
+        "batch_size": "full" if cfg.batch_size == 0 else cfg.batch_size,
+        "partition": cfg.partition,
+        "seed": cfg.seed,
+        "workers": len(participating),
+        "rounds": len(log),
+        "params": coord.params,
+        "aggregated_updates": updates,
+        "initial_accuracy": coord.initial_accuracy,
+        "initial_loss": coord.initial_loss,
+        "final_accuracy": final["test_accuracy"] if final else None,
+        "final_loss": final["test_loss"] if final else None,
+        "uplink_payload_bytes": up_payload,
+        "uplink_message_bytes": up_message,
+        "downlink_message_bytes": down,
+        "uplink_bits_per_entry": 8.0 * up_payload / (coord.params * updates) if updates else None,
+        "per_bit_accuracy": per_bit_accuracy(curve),
+        "accuracy_vs_uplink_bits": curve,
+        "codec_stats": codec_stats,
+        "stragglers": sum(e["stragglers"] for e in log),
+        "rejected_messages": sum(r["rejected_messages"] for r in records),
+        "elapsed_s": elapsed,
+        "finish_reason": coord.finish_reason,
+        "config": json.loads(cfg.to_json()),
+        "server_interface": {"start": coord.interface_start, "end": coord.interface_end},
+        "per_worker": [
+            {
+                "worker_id": r["worker_id"], "rank": r["rank"], "hostname": r["hostname"],
+                "rounds_aggregated": r["rounds_aggregated"], "sessions": r["sessions"],
+                "uplink_payload_bytes": r["uplink_payload_bytes"], "uplink_message_bytes": r["uplink_message_bytes"],
+                "uplink_control_bytes": r["uplink_control_bytes"], "downlink_message_bytes": r["downlink_message_bytes"],
+                "rejected_messages": r["rejected_messages"], "last_rejection": r["last_rejection"],
+                "interface_start": r["interface_start"], "interface_end": r["interface_end"],
+                "codec_stats": r["codec_stats"],
+            }
+            for r in records
+        ],
+        "rounds_log": log,
+    }
+
+
+def write_summary(summary: Mapping[str, Any], *paths: str | Path) -> None:
+    text = json.dumps(summary, indent=2, sort_keys=False, default=float)
+    for p in paths:
+        if p:
+            path = Path(p)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)

@@ -1,0 +1,46 @@
+"""Worker configuration: flags, with GRADWIRE_* environment variables as defaults."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from dataclasses import dataclass
+
+from server.config import DEFAULT_MAX_MESSAGE_MB, env
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    server: str = "127.0.0.1:50051"
+    worker_id: str = ""  # "" = the hostname (a container id under compose)
+    connect_timeout_s: float = 300.0  # give up if the PS cannot be reached for this long
+    max_reconnects: int = 20
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+    interface: str = ""  # network interface whose counters are reported
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if ":" not in self.server:
+            raise ValueError(f"server must be host:port, got {self.server!r}")
+        if self.connect_timeout_s <= 0:
+            raise ValueError("connect_timeout_s must be > 0")
+
+    @property
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or socket.gethostname()
+
+
+def add_worker_flags(p: argparse.ArgumentParser) -> None:
+    d = WorkerConfig()
+    p.add_argument("--server", default=env("SERVER", d.server), help="PS address host:port")
+    p.add_argument("--worker-id", default=env("WORKER_ID", d.worker_id), help="default: the hostname")
+    p.add_argument("--connect-timeout-s", type=float, default=env("CONNECT_TIMEOUT_S", d.connect_timeout_s))
+    p.add_argument("--max-reconnects", type=int, default=env("MAX_RECONNECTS", d.max_reconnects))
+    p.add_argument("--max-message-mb", type=int, default=env("MAX_MESSAGE_MB", d.max_message_mb))
+    p.add_argument("--interface", default=env("INTERFACE", d.interface), help="interface whose byte counters are reported")
+    p.add_argument("--threads", type=int, default=env("THREADS", d.threads), help="torch threads")
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    fields = WorkerConfig.__dataclass_fields__
+    return WorkerConfig(**{k: v for k, v in vars(args).items() if k in fields})

@@ -46,9 +46,10 @@ import numpy as np
 from compressors.base import CodecError
 
 DEFAULT_MAX_CODE_LENGTH = 16  # decoder table of 2^16 entries; ample for alphabets up to 2^12
-MAX_SUPPORTED_CODE_LENGTH = 24
+MAX_SUPPORTED_CODE_LENGTH = 20  # multi-symbol decode table of 2^max(L,16) entries
 _WEIGHT_SCALE = float(2**40)  # integer weights: exact arithmetic, deterministic ties
 _PACKAGE_MERGE_MAX_ALPHABET = 4096
+_STEP_CHUNK = 16  # decode steps between checks whether every lane is done
 
 __all__ = [
     "DEFAULT_MAX_CODE_LENGTH",
@@ -243,26 +244,69 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
+class _Code:
+    """Everything derived from one length vector: encoder tables and the multi-symbol decode table."""
+
+    def __init__(self, lengths: np.ndarray):
+        ln = _check_lengths(lengths)
+        n = ln.size
+        self.alphabet = n
+        self.max_len = max_len = int(ln.max())
+        self.codes = canonical_codes(ln)
+        self.lengths = ln.astype(np.uint64)
+        self.lengths_i64 = ln
+        self.complete = bool(np.sum(np.ldexp(1.0, -ln)) == 1.0)
+        # Encoder: codewords of symbol pairs ((n+1)^2 entries; symbol n is "nothing")
+        # when the alphabet is small, so packing runs over pairs or quadruples.
+        self.group = 1
+        if (n + 1) ** 2 <= 1 << 17:
+            c1 = np.concatenate([self.codes, [0]]).astype(np.uint64)
+            l1 = np.concatenate([self.lengths, [0]]).astype(np.uint64)
+            self.pair_codes = ((c1[:, None] << l1[None, :]) | c1[None, :]).reshape(-1)
+            self.pair_lengths = (l1[:, None] + l1[None, :]).reshape(-1)
+            self.group = 4 if 4 * max_len <= 64 else 2
+        # Single-symbol table over L-bit windows: symbol | length << 32.
+        order = np.lexsort((np.arange(n), ln))
+        sizes = np.left_shift(np.int64(1), max_len - ln[order])
+        single_sym = np.repeat(order.astype(np.int64), sizes)
+        single_len = np.repeat(ln[order], sizes)
+        single_ok = np.ones(single_sym.size, dtype=bool)
+        missing = (1 << max_len) - single_sym.size
+        if missing:  # incomplete code: windows that start no codeword
+            single_sym = np.concatenate([single_sym, np.zeros(missing, dtype=np.int64)])
+            single_len = np.concatenate([single_len, np.zeros(missing, dtype=np.int64)])
+            single_ok = np.concatenate([single_ok, np.zeros(missing, dtype=bool)])
+        # Multi-symbol table over W-bit windows. Entry layout (int64):
+        #   bits 0-4 bits consumed, 5-7 symbols decoded k, 8 invalid, 9+ k symbols of S bits.
+        self.window = window = max(max_len, 16)
+        self.sym_bits = s_bits = max(1, (n - 1).bit_length())
+        self.kmax = kmax = max(1, min(7, (63 - 9) // s_bits))
+        v = np.arange(1 << window, dtype=np.int64)
+        wmask = np.int64((1 << window) - 1)
+        consumed = np.zeros(v.size, dtype=np.int64)
+        count = np.zeros(v.size, dtype=np.int64)
+        entry = np.zeros(v.size, dtype=np.int64)
+        active = np.ones(v.size, dtype=bool)
+        for j in range(kmax):
+            idx = ((v << consumed) & wmask) >> (window - max_len)
+            sym, length, valid = single_sym[idx], single_len[idx], single_ok[idx]
+            take = active & valid & (consumed + length <= window)
+            if j == 0:
+                bad = ~valid
+                entry |= bad.astype(np.int64) << 8
+                consumed = np.where(bad, window, consumed)
+            entry |= np.where(take, sym << (9 + s_bits * j), 0)
+            consumed = consumed + np.where(take, length, 0)
+            count += take
+            active &= take
+        self.table = entry | consumed | (count << 5)
+        for arr in (self.codes, self.lengths, self.table):
+            arr.setflags(write=False)
+
+
 @functools.lru_cache(maxsize=64)
-def _tables(lengths_key: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(codes, lengths, decode table, L) for a length vector; cached on its bytes."""
-    ln = _check_lengths(np.frombuffer(lengths_key, dtype=np.uint8))
-    codes = canonical_codes(ln)
-    max_len = int(ln.max())
-    order = np.lexsort((np.arange(ln.size), ln))
-    sizes = np.left_shift(np.int64(1), max_len - ln[order])
-    # Entry = symbol | length << 32; windows no codeword matches (incomplete code)
-    # decode to the sentinel symbol 0xFFFFFFFF with a full-window advance.
-    entries = order.astype(np.int64) | (ln[order] << 32)
-    table = np.repeat(entries, sizes)
-    missing = (1 << max_len) - table.size
-    if missing:
-        table = np.concatenate([table, np.full(missing, 0xFFFFFFFF | (max_len << 32), dtype=np.int64)])
-    for arr in (codes, table):
-        arr.setflags(write=False)
-    ln_u = ln.astype(np.uint64)
-    ln_u.setflags(write=False)
-    return codes, ln_u, table, max_len
+def _code(lengths_key: bytes) -> _Code:
+    return _Code(np.frombuffer(lengths_key, dtype=np.uint8))
 
 
 def _lengths_key(lengths: np.ndarray) -> bytes:
@@ -284,47 +328,46 @@ def huffman_bits_from_counts(counts: np.ndarray, lengths: np.ndarray) -> int:
 
 
 def huffman_bits(symbols: np.ndarray, lengths: np.ndarray) -> int:
-    """Exact number of codeword bits for ``symbols`` (without the block table or byte padding)."""
+    """Exact number of codeword bits for ``symbols`` (without count, block table or byte padding)."""
     ln = np.asarray(lengths).reshape(-1)
     return huffman_bits_from_counts(symbol_counts(symbols, ln.size), ln)
 
 
 # ---------------------------------------------------------------------------
-# Huffman bitstream
+# Small helpers: varint count, packed unsigned integers
 # ---------------------------------------------------------------------------
 
 
-def huffman_block_symbols(count: int) -> int:
-    """Symbols per decoding lane for a stream of ``count`` symbols (a function of count only)."""
-    if count <= 2048:
-        return max(count, 1)
-    return 1024 if count <= 4_000_000 else 2048
+def _write_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
-def _pack_bits(codes: np.ndarray, lens: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """Concatenate right-aligned codewords MSB-first; returns (bytes, end bit of each codeword)."""
-    ends = np.cumsum(lens, dtype=np.uint64)
-    if codes.size == 0:
-        return b"", ends
-    total = int(ends[-1])
-    starts = ends - lens
-    word = (starts >> np.uint64(6)).astype(np.intp)
-    off = starts & np.uint64(63)
-    # A codeword sits at bits [off, off+len) of its 64-bit word, spilling into the next one.
-    room = np.int64(64) - off.astype(np.int64) - lens.astype(np.int64)  # free bits after it
-    fits = room >= 0
-    shl = np.where(fits, room, 0).astype(np.uint64)
-    shr = np.where(fits, 0, -room).astype(np.uint64)
-    hi = (codes << shl) >> shr
-    lo = np.where(fits, np.uint64(0), codes << np.where(fits, 0, 64 + room).astype(np.uint64))
-    nwords = (total + 63) // 64 + 1
-    words = np.zeros(nwords, dtype=np.uint64)
-    first = np.flatnonzero(np.diff(word, prepend=-1))  # first codeword of every touched word
-    idx = word[first]
-    words[idx] = np.bitwise_or.reduceat(hi, first)
-    words[idx + 1] |= np.bitwise_or.reduceat(lo, first)
-    data = words.astype(">u8").tobytes()[: (total + 7) // 8]
-    return data, ends
+def _read_varint(data: bytes, what: str) -> tuple[int, int]:
+    value = shift = 0
+    for i, byte in enumerate(data[:10]):
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i + 1
+        shift += 7
+    raise CodecError(f"{what} payload has no valid symbol count header")
+
+
+def _check_count(data: bytes, count: int, what: str) -> bytes:
+    count = int(count)
+    if count < 0:
+        raise CodecError(f"negative symbol count {count}")
+    stored, used = _read_varint(data, what)
+    if stored != count:
+        raise CodecError(f"{what} payload holds {stored} symbols, expected {count}")
+    return data[used:]
 
 
 def _pack_uint(values: np.ndarray, width: int) -> bytes:
@@ -343,25 +386,79 @@ def _unpack_uint(data: bytes, width: int, count: int) -> np.ndarray:
     return bits.astype(np.int64) @ weights
 
 
+# ---------------------------------------------------------------------------
+# Huffman bitstream
+# ---------------------------------------------------------------------------
+
+
+def huffman_block_symbols(count: int) -> int:
+    """Symbols per decoding lane for a stream of ``count`` symbols (a function of count only)."""
+    if count <= 2048:
+        return max(count, 1)
+    return 1024 if count <= 4_000_000 else 2048
+
+
+def _pack_bits(codes: np.ndarray, lens: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Concatenate right-aligned codewords (<= 64 bits each) MSB-first.
+
+    Returns the bytes and the end bit of every codeword.
+    """
+    ends = np.cumsum(lens, dtype=np.uint64)
+    if codes.size == 0:
+        return b"", ends
+    total = int(ends[-1])
+    starts = ends - lens
+    word = (starts >> np.uint64(6)).astype(np.intp)
+    off = (starts & np.uint64(63)).astype(np.int64)
+    # A codeword sits at bits [off, off+len) of its 64-bit word, spilling into the next one.
+    room = 64 - off - lens.astype(np.int64)  # free bits after it in its word (< 0: spill)
+    fits = room >= 0
+    hi = (codes << np.maximum(room, 0).astype(np.uint64)) >> np.maximum(-room, 0).astype(np.uint64)
+    lo = codes << np.where(fits, 0, 64 + room).astype(np.uint64)
+    lo[fits] = 0
+    words = np.zeros((total + 63) // 64 + 1, dtype=np.uint64)
+    first = np.flatnonzero(np.diff(word, prepend=-1))  # first codeword of every touched word
+    idx = word[first]
+    words[idx] = np.bitwise_or.reduceat(hi, first)
+    words[idx + 1] |= np.bitwise_or.reduceat(lo, first)
+    return words.astype(">u8").tobytes()[: (total + 7) // 8], ends
+
+
 def huffman_encode(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
     """Canonical-Huffman encode ``symbols`` with the code given by ``lengths`` (see module doc)."""
-    key = _lengths_key(lengths)
-    codes_tab, len_tab, _, _ = _tables(key)
-    sym = _as_symbols(symbols, len_tab.size)
+    code = _code(_lengths_key(lengths))
+    sym = _as_symbols(symbols, code.alphabet)
     count = sym.size
+    head = _write_varint(count)
     if count == 0:
-        return b""
-    stream, ends = _pack_bits(codes_tab[sym], len_tab[sym])
+        return head
+    if code.group == 1:
+        stream, ends = _pack_bits(code.codes[sym], code.lengths[sym])
+    else:
+        # Pairs (symbol n = nothing pads an odd count), then quadruples when they fit 64 bits.
+        n1 = code.alphabet + 1
+        if count % 2:
+            sym = np.concatenate([sym, [code.alphabet]])
+        pair = sym[0::2] * n1 + sym[1::2]
+        gc, gl = code.pair_codes[pair], code.pair_lengths[pair]
+        if code.group == 4:
+            if gc.size % 2:
+                gc = np.concatenate([gc, np.zeros(1, np.uint64)])
+                gl = np.concatenate([gl, np.zeros(1, np.uint64)])
+            gc = (gc[0::2] << gl[1::2]) | gc[1::2]
+            gl = gl[0::2] + gl[1::2]
+        stream, ends = _pack_bits(gc, gl)
     block = huffman_block_symbols(count)
     nblocks = -(-count // block)
     if nblocks == 1:
-        return stream
-    block_end = ends[block - 1 :: block][: nblocks - 1].astype(np.int64)
+        return head + stream
+    per = block // code.group  # groups per block (block is a multiple of 4)
+    block_end = ends[per - 1 :: per][: nblocks - 1].astype(np.int64)
     block_bits = np.diff(block_end, prepend=0)
     base = int(block_bits.min())
     width = int(block_bits.max() - base).bit_length()
-    header = base.to_bytes(4, "little") + bytes([width])
-    return header + _pack_uint(block_bits - base, width) + stream
+    table = base.to_bytes(4, "little") + bytes([width]) + _pack_uint(block_bits - base, width)
+    return head + table + stream
 
 
 def _words(stream: bytes, pad_bits: int) -> np.ndarray:
@@ -373,15 +470,12 @@ def _words(stream: bytes, pad_bits: int) -> np.ndarray:
 
 def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     """Decode ``count`` symbols (int64) written by ``huffman_encode`` with the same ``lengths``."""
-    key = _lengths_key(lengths)
-    _, _, table, max_len = _tables(key)
+    code = _code(_lengths_key(lengths))
+    data = _check_count(bytes(data), count, "Huffman")
     count = int(count)
-    if count < 0:
-        raise CodecError(f"negative symbol count {count}")
-    data = bytes(data)
     if count == 0:
         if data:
-            raise CodecError(f"{len(data)} Huffman bytes for zero symbols")
+            raise CodecError(f"{len(data)} Huffman bytes after a zero symbol count")
         return np.zeros(0, dtype=np.int64)
     block = huffman_block_symbols(count)
     nblocks = -(-count // block)
@@ -400,68 +494,82 @@ def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     else:
         block_bits = np.zeros(0, dtype=np.int64)
         stream = data
-    total_bits = 8 * len(stream)
     starts = np.concatenate([[0], np.cumsum(block_bits)]).astype(np.int64)
-    if (block_bits < block).any() or (block_bits > block * max_len).any() or starts[-1] >= max(total_bits, 1):
+    if (block_bits < block).any() or (block_bits > block * code.max_len).any() or starts[-1] >= 8 * len(stream):
         raise CodecError("Huffman block table is inconsistent with the stream length")
-    last_count = count - (nblocks - 1) * block
-    words = _words(stream, block * max_len)
-    out, ends = _decode_lanes(words, table, max_len, starts, block, last_count)
-    symbols = out[:count]
-    last_end = int(ends[-1])
+    need = np.full(nblocks, block, dtype=np.int64)
+    need[-1] = count - (nblocks - 1) * block
+    words = _words(stream, (block + _STEP_CHUNK) * code.window)  # room for overrun
+    symbols = _decode_lanes(code, words, starts, need)
+    # Every lane must end exactly where the next begins; the last one in the last byte.
+    lane_first = np.arange(nblocks, dtype=np.int64) * block
+    ends = starts + np.add.reduceat(code.lengths_i64[symbols], lane_first)
     if not np.array_equal(ends[:-1], starts[1:]):
         raise CodecError("Huffman blocks do not end where the block table says (corrupt data or wrong code)")
-    if (last_end + 7) // 8 != len(stream):
+    if (int(ends[-1]) + 7) // 8 != len(stream):
         raise CodecError(
-            f"Huffman stream holds {len(stream)} bytes but {count} symbols end at bit {last_end} "
-            "(truncated, padded, wrong count or wrong code)"
+            f"Huffman stream holds {len(stream)} bytes but {count} symbols end at bit {int(ends[-1])} "
+            "(truncated, padded or wrong code)"
         )
-    if (symbols > 0xFFFF_FFFE).any():
-        raise CodecError("Huffman stream contains a bit pattern that is not a codeword")
     return symbols
 
 
-def _decode_lanes(
-    words: np.ndarray, table: np.ndarray, max_len: int, starts: np.ndarray, block: int, last_count: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``block`` symbols from every lane at once (lanes start at bit ``starts``).
+def _decode_lanes(code: _Code, words: np.ndarray, starts: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """Decode ``need[i]`` symbols from lane i (starting at bit ``starts[i]``), all lanes at once.
 
-    Returns the symbols in stream order (lane after lane) and the bit position where
-    every lane ended (the last lane after its ``last_count`` symbols).
+    One step looks up a W-bit window per lane in the multi-symbol table (up to
+    ``kmax`` symbols); the steps' entries are unpacked afterwards, vectorized.
     """
     nlanes = starts.size
     pos = starts.astype(np.uint64)
-    out = np.empty((block, nlanes), dtype=np.int64)
-    ends = np.empty(nlanes, dtype=np.int64)
-    sh_win = np.uint64(64 - max_len)
-    six, m63, one, s63, s32 = np.uint64(6), np.uint64(63), np.uint64(1), np.uint64(63), np.int64(32)
+    max_steps = int(need.max())
+    steps: list[np.ndarray] = []
+    six, m63, one, s63 = np.uint64(6), np.uint64(63), np.uint64(1), np.uint64(63)
+    sh_win = np.uint64(64 - code.window)
+    m31 = np.uint64(31)
     widx = np.empty(nlanes, dtype=np.uint64)
     off = np.empty(nlanes, dtype=np.uint64)
     w0 = np.empty(nlanes, dtype=np.uint64)
     w1 = np.empty(nlanes, dtype=np.uint64)
-    entry = np.empty(nlanes, dtype=np.int64)
-    for t in range(block):
-        if t == last_count:
-            ends[-1] = pos[-1]
-        np.right_shift(pos, six, out=widx)
-        np.bitwise_and(pos, m63, out=off)
-        np.take(words, widx, out=w0)
-        widx += one
-        np.take(words, widx, out=w1)
-        np.left_shift(w0, off, out=w0)
-        np.right_shift(w1, one, out=w1)
-        np.subtract(s63, off, out=off)
-        np.right_shift(w1, off, out=w1)
-        np.bitwise_or(w0, w1, out=w0)
-        np.right_shift(w0, sh_win, out=w0)
-        np.take(table, w0, out=entry)
-        out[t] = entry
-        np.right_shift(entry, s32, out=entry)
-        pos += entry.view(np.uint64)
-    if last_count == block:
-        ends[-1] = pos[-1]
-    ends[:-1] = pos[:-1]
-    return out.T.reshape(-1) & np.int64(0xFFFFFFFF), ends
+    table = code.table
+    got = np.zeros(nlanes, dtype=np.int64)
+    chunk = _STEP_CHUNK
+    t = 0
+    while t < max_steps:
+        block_entries = np.empty((chunk, nlanes), dtype=np.int64)
+        for row in block_entries:
+            np.right_shift(pos, six, out=widx)
+            np.bitwise_and(pos, m63, out=off)
+            words.take(widx, out=w0)
+            widx += one
+            words.take(widx, out=w1)
+            np.left_shift(w0, off, out=w0)
+            np.right_shift(w1, one, out=w1)
+            np.subtract(s63, off, out=off)
+            np.right_shift(w1, off, out=w1)
+            np.bitwise_or(w0, w1, out=w0)
+            np.right_shift(w0, sh_win, out=w0)
+            table.take(w0, out=row)
+            np.bitwise_and(row.view(np.uint64), m31, out=w1)
+            pos += w1
+        steps.append(block_entries)
+        t += chunk
+        got += ((block_entries >> 5) & 7).sum(axis=0)
+        if (got >= need).all():
+            break
+    entries = np.concatenate(steps).T  # (lanes, steps)
+    k = (entries >> 5) & 7
+    before = np.cumsum(k, axis=1) - k  # symbols decoded by a lane before each step
+    useful = before < need[:, None]
+    if ((entries >> 8) & 1)[useful].any():
+        raise CodecError("Huffman stream contains a bit pattern that is not a codeword")
+    sym_mask = np.int64((1 << code.sym_bits) - 1)
+    j = np.arange(code.kmax, dtype=np.int64)
+    syms = (entries[:, :, None] >> (9 + code.sym_bits * j)) & sym_mask  # (lanes, steps, kmax)
+    keep = (j < k[:, :, None]) & ((before[:, :, None] + j) < need[:, None, None])
+    if (got < need).any():
+        raise CodecError("Huffman lanes ran out of steps (corrupt data)")
+    return syms[keep]
 
 
 # ---------------------------------------------------------------------------
@@ -469,23 +577,30 @@ def _decode_lanes(
 # ---------------------------------------------------------------------------
 
 
-def _categorical(pmf: np.ndarray):
-    import constriction  # local import: heavy native module, only when needed
+def _categorical(p: np.ndarray):
+    import constriction  # heavy native module: import when first needed
 
-    return constriction.stream.model.Categorical(_as_pmf(pmf), perfect=False)
+    if p.size == 1:  # constriction needs two symbols; the second one is never coded
+        p = np.array([1.0, 0.0])
+    return constriction.stream.model.Categorical(p, perfect=False)
 
 
 def ans_encode(symbols: np.ndarray, pmf: np.ndarray) -> bytes:
-    """ANS-encode ``symbols`` with the model ``pmf`` (constriction stack coder, 32-bit words)."""
+    """ANS-encode ``symbols`` with the model ``pmf``.
+
+    Layout: LEB128 varint symbol count, then constriction's compressed 32-bit
+    words (little-endian). The count makes a wrong-count decode detectable.
+    """
     import constriction
 
     p = _as_pmf(pmf)
     sym = _as_symbols(symbols, p.size)
+    head = _write_varint(sym.size)
     if sym.size == 0:
-        return b""
+        return head
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(sym.astype(np.int32), _categorical(p))
-    return coder.get_compressed().astype("<u4").tobytes()
+    return head + coder.get_compressed().astype("<u4").tobytes()
 
 
 def ans_decode(data: bytes, pmf: np.ndarray, count: int) -> np.ndarray:
@@ -493,26 +608,25 @@ def ans_decode(data: bytes, pmf: np.ndarray, count: int) -> np.ndarray:
     import constriction
 
     p = _as_pmf(pmf)
+    data = _check_count(bytes(data), count, "ANS")
     count = int(count)
-    if count < 0:
-        raise CodecError(f"negative symbol count {count}")
-    data = bytes(data)
     if count == 0:
         if data:
-            raise CodecError(f"{len(data)} ANS bytes for zero symbols")
+            raise CodecError(f"{len(data)} ANS bytes after a zero symbol count")
         return np.zeros(0, dtype=np.int64)
-    if len(data) == 0 or len(data) % 4:
-        raise CodecError(f"ANS payload of {len(data)} bytes is not a non-empty sequence of 32-bit words")
+    if len(data) % 4:
+        raise CodecError(f"ANS stream of {len(data)} bytes is not a sequence of 32-bit words")
     words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
-    if words[-1] == 0:
-        raise CodecError("ANS payload ends in a zero word (truncated or corrupt)")
+    if words.size and words[-1] == 0:
+        raise CodecError("ANS stream ends in a zero word (truncated or corrupt)")
     try:
         coder = constriction.stream.stack.AnsCoder(words)
         out = coder.decode(_categorical(p), count)
     except Exception as exc:  # constriction raises plain exceptions on exhausted data
         raise CodecError(f"ANS stream does not decode: {exc}") from None
     if not coder.is_empty():
-        raise CodecError(
-            f"ANS stream not fully consumed after {count} symbols (wrong count, wrong model or corrupt data)"
-        )
-    return np.asarray(out, dtype=np.int64)
+        raise CodecError(f"ANS stream not fully consumed after {count} symbols (wrong model or corrupt data)")
+    out = np.asarray(out, dtype=np.int64)
+    if out.size and (out.min() < 0 or out.max() >= p.size):
+        raise CodecError("ANS stream decodes to symbols outside the alphabet")
+    return out

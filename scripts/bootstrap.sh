@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Make this machine ready to run `docker compose up`:
+#   1. a Docker engine with Compose v2 (scripts/install_docker.sh; installing needs root),
+#   2. ./wheelhouse: every runtime wheel, downloaded on the host with pip (the image build then
+#      needs no registry and no package index),
+#   3. the base image python:3.11-slim: pulled when a registry answers; otherwise a stand-in
+#      with the same tag is built from a Debian rootfs (debootstrap),
+#   4. the gradwire image (`docker compose build`).
+# Every step is skipped when its result is already there, so running it again is cheap.
+#
+# Environment:
+#   GRADWIRE_SKIP_BUILD=1     stop after steps 1-3
+#   GRADWIRE_BASE_IMAGE       base image tag (default python:3.11-slim)
+#   GRADWIRE_DEBIAN_MIRROR    Debian mirror for the stand-in (default: the one apt uses)
+#   PIP_* variables           passed to `pip download` (e.g. an index that serves a CPU torch)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+BASE_IMAGE=${GRADWIRE_BASE_IMAGE:-python:3.11-slim}
+WHEELHOUSE="$ROOT/wheelhouse"
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+die() { printf '[bootstrap] ERROR: %s\n' "$*" >&2; exit 1; }
+t0=$(date +%s)
+
+# 1. engine --------------------------------------------------------------------------------
+bash "$ROOT/scripts/install_docker.sh"
+
+# 2. wheelhouse ----------------------------------------------------------------------------
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    for cand in python3.11 python3 python; do
+        if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import tomllib' 2>/dev/null; then PY=$cand; break; fi
+    done
+fi
+[ -n "$PY" ] || die "need Python >= 3.11 with pip on the host to build the wheelhouse"
+mkdir -p "$WHEELHOUSE"
+# The runtime requirements are the [project] dependencies of pyproject.toml.
+"$PY" - "$ROOT/pyproject.toml" > "$WHEELHOUSE/requirements.txt.new" <<'PYEOF'
+import sys, tomllib
+with open(sys.argv[1], "rb") as fh:
+    deps = tomllib.load(fh)["project"]["dependencies"]
+print("\n".join(sorted(deps)))
+PYEOF
+# setuptools builds gradwire itself inside the image (build-system.requires).
+BUILD_REQS="setuptools>=68"
+stamp=$(cat "$WHEELHOUSE/requirements.txt.new"; echo "$BUILD_REQS")
+if [ -f "$WHEELHOUSE/.complete" ] && [ "$(cat "$WHEELHOUSE/.complete")" = "$stamp" ] \
+        && cmp -s "$WHEELHOUSE/requirements.txt.new" "$WHEELHOUSE/requirements.txt"; then
+    rm -f "$WHEELHOUSE/requirements.txt.new"
+    log "wheelhouse is up to date ($(ls "$WHEELHOUSE"/*.whl | wc -l) wheels)"
+else
+    mv "$WHEELHOUSE/requirements.txt.new" "$WHEELHOUSE/requirements.txt"
+    rm -f "$WHEELHOUSE/.complete"
+    log "downloading wheels into $WHEELHOUSE"
+    # Binary wheels for CPython 3.11 only, whatever Python runs this script.
+    # shellcheck disable=SC2086
+    "$PY" -m pip download --disable-pip-version-check -q \
+        --only-binary=:all: --python-version 3.11 --implementation cp \
+        -d "$WHEELHOUSE" -r "$WHEELHOUSE/requirements.txt" $BUILD_REQS
+    # One wheel per project: drop older versions left by an earlier download.
+    "$PY" - "$WHEELHOUSE" <<'PYEOF'
+import collections, pathlib, re, sys
+from packaging.version import Version  # vendored by pip's environment as well
+by_name = collections.defaultdict(list)
+for whl in pathlib.Path(sys.argv[1]).glob("*.whl"):
+    name, version = whl.name.split("-")[:2]
+    by_name[re.sub(r"[-_.]+", "_", name).lower()].append((Version(version), whl))
+for wheels in by_name.values():
+    for _, old in sorted(wheels)[:-1]:
+        old.unlink()
+PYEOF
+    printf '%s' "$stamp" > "$WHEELHOUSE/.complete"
+    log "wheelhouse: $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1)"
+fi
+
+# 3. base image ----------------------------------------------------------------------------
+if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    log "base image $BASE_IMAGE is present"
+elif timeout 120 docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
+    log "pulled $BASE_IMAGE"
+else
+    log "$BASE_IMAGE cannot be pulled (no registry): building a stand-in from a Debian rootfs"
+    [ "$(id -u)" = 0 ] || die "building the stand-in base image needs root (debootstrap); run: sudo bash $0"
+    if ! command -v debootstrap >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+    fi
+    MIRROR=${GRADWIRE_DEBIAN_MIRROR:-}
+    [ -n "$MIRROR" ] || MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+    [ -n "$MIRROR" ] || MIRROR=http://deb.debian.org/debian
+    rootfs=$(mktemp -d /tmp/gradwire-rootfs.XXXXXX)
+    trap 'rm -rf "$rootfs"' EXIT
+    # python3-venv brings ensurepip; the rest of python:3.11-slim's contents are not needed.
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$rootfs" "$MIRROR" >/tmp/gradwire-debootstrap.log 2>&1 \
+        || die "debootstrap failed; see /tmp/gradwire-debootstrap.log"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | docker import \
+        -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        -c 'ENV LANG=C.UTF-8' -c 'CMD ["python3"]' \
+        -m "gradwire stand-in for $BASE_IMAGE (Debian bookworm minbase + python3)" \
+        - "$BASE_IMAGE" >/dev/null
+    rm -rf "$rootfs"
+    trap - EXIT
+    log "built stand-in $BASE_IMAGE ($(docker image inspect -f '{{.Size}}' "$BASE_IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
+fi
+
+# 4. image ---------------------------------------------------------------------------------
+if [ "${GRADWIRE_SKIP_BUILD:-0}" != 1 ]; then
+    log "building the gradwire image (docker compose build)"
+    docker compose build
+    log "image: $(docker image inspect -f '{{.Size}}' gradwire:latest | awk '{printf "%.0f MB", $1/1e6}')"
+fi
+log "ready in $(( $(date +%s) - t0 )) s; next: docker compose up"

@@ -239,7 +239,10 @@ def decode_levels(payload: bytes, offset: int, mode: int, numel: int, levels: in
                 raise CodecError(f"{where}: {len(stream)} ANS bytes after a single-symbol histogram")
             mags = np.full(numel, present[0], dtype=np.int64)
         else:
-            mags = ans_decode(stream, counts, numel)
+            try:
+                mags = ans_decode(stream, counts, numel)
+            except CodecError as exc:
+                raise CodecError(f"{where}: {exc}") from None
         # The histogram is sent anyway: it doubles as an integrity check of the stream.
         if not np.array_equal(np.bincount(mags, minlength=levels + 1), counts):
             raise CodecError(f"{where}: ANS stream does not match its level histogram")

@@ -408,12 +408,18 @@ class M22Encoder(Encoder):
         if n == 0 or bool(np.all(flat == flat[0])):
             side = _Side(MODE_CONST, mu=float(flat[0]) if n else 0.0)
         else:
-            if n < codec.min_fit:
-                shape, mu, sigma = codec.small_shape, float(flat.mean()), float(flat.std())
+            # Exact zeros (dead units, inputs that are always 0) are a point mass the
+            # continuous model cannot describe: the model is fitted to the nonzero
+            # entries; every entry, zeros included, is then quantized.
+            nonzero = flat[flat != 0]
+            st["zero_fraction_sum"] += 1.0 - nonzero.size / n
+            if nonzero.size < codec.min_fit or float(nonzero.std()) == 0.0:
+                sample = nonzero if nonzero.size >= 2 and float(nonzero.std()) > 0 else flat
+                shape, mu, sigma = codec.small_shape, float(sample.mean()), float(sample.std())
                 mode = MODE_SMALL
                 st["small_tensors"] += 1
             else:
-                shape, mu, sigma = self._fit(flat, spec, ctx)
+                shape, mu, sigma = self._fit(nonzero, spec, ctx)
                 mode = MODE_FIT
             shape, mu, sigma = (float(np.float32(v)) for v in (shape, mu, sigma))
             if not (sigma > 0 and math.isfinite(sigma) and math.isfinite(mu) and math.isfinite(shape)):
@@ -490,6 +496,7 @@ class M22Encoder(Encoder):
             "mean_shape": st["shape_sum"] / st["fitted_tensors"] if st["fitted_tensors"] else float("nan"),
             "mean_rescale_factor": st["scale_sum"] / q,
             "norm_ratio": st["norm_ratio_sum"] / st["norm_ratio_count"] if st["norm_ratio_count"] else 1.0,
+            "zero_fraction": st["zero_fraction_sum"] / st["tensors"],
             "relative_sq_error": st["sq_err"] / st["sq_in"] if st["sq_in"] > 0 else 0.0,
             "rescale_" + self.codec.rescale: 1.0,
         }
@@ -499,7 +506,7 @@ class M22Encoder(Encoder):
 _STAT_KEYS = (
     "tensors entries bits side_bits index_bits empirical_entropy_bits model_cross_entropy_bits "
     "small_tensors const_tensors raw_tensors refits shape_sum fitted_tensors scale_sum "
-    "norm_ratio_sum norm_ratio_count quantized_tensors sq_err sq_in"
+    "norm_ratio_sum norm_ratio_count quantized_tensors sq_err sq_in zero_fraction_sum"
 ).split()
 _HEADER = struct.Struct("<B")
 

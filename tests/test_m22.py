@@ -421,3 +421,19 @@ def test_design_is_bitwise_identical_in_a_fresh_process():
                          cwd=Path(__file__).parent.parent).stdout.strip()
     t, c = design_quantizer("dweibull", np.float32(0.7312), 3, 2.5)
     assert out == hashlib.sha256(t.tobytes() + c.tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("dist", m22.DISTS)
+def test_exact_zeros_do_not_break_the_fit(dist):
+    """Dead units give exact zeros; the model is fitted to the nonzero entries."""
+    rng = np.random.default_rng(13)
+    x = _grad_like(20_000, rng, beta=1.0)
+    x[rng.random(20_000) < 0.3] = 0.0
+    codec = create_codec(f"m22:bits=2,M=2,dist={dist},ef=0")
+    enc = codec.make_encoder()
+    msg = enc.encode(x, TensorSpec("w", (20_000,)), _ctx())
+    shape = float(np.frombuffer(msg.payload[1:5], "<f4")[0])
+    assert shape == pytest.approx(1.0, abs=0.1)  # Laplace data, both families contain it
+    st = enc.stats()
+    assert st["zero_fraction"] == pytest.approx(0.3, abs=0.01)
+    assert st["model_cross_entropy_bits"] < st["empirical_entropy_bits"] + 0.1

@@ -1,0 +1,495 @@
+"""GenNorm-modelled entropy coding of uniformly quantized gradients: ``huffman`` and ``ans``.
+
+Seed 001 (GenNorm modelling + fixed-to-variable Huffman coding of quantized
+gradients), ALGORITHMS.md §2; ``ans`` is the "beyond the paper" variant in which the
+same model drives an ANS coder (constriction).
+
+Per tensor and round:
+
+1. Quantize to a uniform grid (``compressors.quantize.UniformQuantizer``) of
+   2^bits cells (``grid=midrise``) or 2^bits − 1 levels with an exact zero
+   (``grid=midtread``), clipped at ±c. ``clip`` chooses c: ``max`` (the largest
+   magnitude: nothing saturates) or a number k (c = k·σ̂, σ̂ the standard
+   deviation of the fitted model, but never above the largest magnitude).
+   ``rounding=nearest`` (biased, deterministic) or ``stochastic`` (unbiased inside
+   ±c, uniforms from ``ctx.rng(tensor name)``).
+2. Model the symbols: ``model=gennorm`` fits (β, μ, α) by maximum likelihood on a
+   subsample (``compressors.gennorm.fit_gennorm``) and takes each cell's
+   probability from the GenNorm CDF (the paper's model); ``zgennorm`` (zero-inflated
+   GenNorm) also sends the fraction p0 of exactly-zero entries and fits the GenNorm
+   to the nonzero ones, pmf = (1 − p0)·GenNorm cells + p0·[zero's cell]: ReLU
+   networks have many exact zeros (6–23 % in the digits MLP), which drag a plain
+   GenNorm fit to β → 0.1 and cost 5–15 % over the entropy; ``normal`` fits (μ, σ);
+   ``empirical`` sends the symbol histogram itself.
+3. Entropy code with that pmf: ``huffman`` builds a deterministic canonical
+   Huffman code from it (the PS rebuilds the identical code from the sent
+   parameters), ``ans`` drives constriction's ANS coder with it.
+
+The model parameters are sent rounded to float32 and both ends derive the pmf
+from those rounded values, so the code is identical on both ends.
+
+Payload layout (little-endian)::
+
+    kind   u8        0 = coded, 1 = raw float16, 2 = raw float32
+    coded: clip      f32   c (0 for an all-zero tensor)
+           model     gennorm: f32 β, f32 μ, f32 α | zgennorm: f32 p0, β, μ, α
+                     normal: f32 μ, f32 σ
+                     empirical: one LEB128 varint count per symbol
+           stream    compressors.entropy.huffman_encode / ans_encode output
+                     (it starts with a varint symbol count)
+    raw:   values    numel × f16 or f32
+
+The raw kinds are the small-tensor fallback: the encoder sends whichever of the
+coded payload, float16 (only when the magnitudes suit float16) and float32 is
+smallest, so a 10-entry bias never costs more than its raw bytes. Every byte is
+in the payload and counted.
+
+Biased with ``rounding=nearest`` (and with clipping), unbiased inside ±c with
+``rounding=stochastic``. ``ef=1`` adds error feedback (``compressors.feedback``).
+
+Statistics (encoder, accumulated since reset, over coded tensors):
+``symbol_entropy_bits`` (empirical entropy of the symbols, per tensor: the limit
+for a memoryless coder), ``coded_bits_per_symbol`` (bytes of the entropy stream,
+its count header and Huffman block table included, per symbol),
+``model_cross_entropy_bits`` (what an ideal coder with the model pmf would take),
+``huffman_model_bits_per_symbol`` / ``huffman_normal_bits_per_symbol`` /
+``huffman_empirical_bits_per_symbol`` (codeword bits of a Huffman code built from
+the codec's model / a normal fit / the empirical histogram), ``side_info_bits_per_entry`` (every payload bit that is not the entropy stream,
+over all entries), ``raw_fraction`` (share of entries sent raw) and ``beta_mean``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from compressors.base import (
+    Codec,
+    CodecError,
+    Coordinator,
+    Decoder,
+    Encoded,
+    Encoder,
+    RoundContext,
+    TensorSpec,
+    check_input,
+)
+from compressors.entropy import (
+    ans_decode,
+    ans_encode,
+    entropy_from_counts,
+    huffman_bits_from_counts,
+    huffman_code_lengths,
+    huffman_decode,
+    huffman_encode,
+)
+from compressors.feedback import maybe_error_feedback
+from compressors.gennorm import (
+    fit_gennorm,
+    fit_normal,
+    gennorm_cell_pmf,
+    gennorm_std,
+    normal_cell_pmf,
+    subsample,
+)
+from compressors.quantize import GRIDS, ROUNDINGS, UniformQuantizer
+from compressors.registry import register
+
+KIND_CODED = 0
+KIND_RAW16 = 1
+KIND_RAW32 = 2
+MODELS = ("gennorm", "zgennorm", "normal", "empirical")
+MODEL_PARAMS = {"gennorm": 3, "zgennorm": 4, "normal": 2, "empirical": 0}
+PMF_FLOOR = 1e-12
+FLOAT16_MAX = 65504.0
+FLOAT16_MIN_NORMAL = 2.0**-14
+FIT_SAMPLES = 50_000
+
+
+# ---------------------------------------------------------------- varints
+
+
+def write_counts(values: np.ndarray) -> bytes:
+    out = bytearray()
+    for v in np.asarray(values, dtype=np.int64).tolist():  # one per symbol of the alphabet (<= 256)
+        while True:
+            byte = v & 0x7F
+            v >>= 7
+            if v:
+                out.append(byte | 0x80)
+            else:
+                out.append(byte)
+                break
+    return bytes(out)
+
+
+def read_counts(payload: bytes, offset: int, count: int, where: str) -> tuple[np.ndarray, int]:
+    vals = np.zeros(count, dtype=np.int64)
+    for i in range(count):  # one per symbol of the alphabet (<= 256)
+        value = shift = 0
+        while True:
+            if offset >= len(payload) or shift > 56:
+                raise CodecError(f"{where}: payload ends inside the symbol histogram")
+            byte = payload[offset]
+            offset += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        vals[i] = value
+    return vals, offset
+
+
+# ---------------------------------------------------------------- shared model logic
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What both ends know about one coded tensor: quantizer and model pmf."""
+
+    quantizer: UniformQuantizer
+    pmf: np.ndarray
+    params: tuple[float, ...]  # as sent (float32 values) or the histogram
+
+
+def f32(v: float) -> float:
+    return float(np.float32(v))
+
+
+def _zero_mass(quantizer: UniformQuantizer, rounding: str) -> np.ndarray:
+    """Where exact zeros land: one symbol, or two (midrise grid with stochastic rounding)."""
+    mass = np.zeros(quantizer.alphabet_size)
+    if quantizer.grid == "midrise" and rounding == "stochastic":
+        half = quantizer.alphabet_size // 2
+        mass[[half - 1, half]] = 0.5
+    else:
+        mass[int(quantizer.quantize(np.zeros(1, dtype=np.float32))[0])] = 1.0
+    return mass
+
+
+def _model_pmf(
+    model: str, quantizer: UniformQuantizer, params: tuple[float, ...] | np.ndarray, rounding: str = "nearest"
+) -> np.ndarray:
+    """Symbol pmf under the model (both ends call this with the sent parameters)."""
+    edges = quantizer.edges()
+    if model == "gennorm":
+        beta, mu, alpha = params
+        return gennorm_cell_pmf(edges, beta, mu, alpha, PMF_FLOOR)
+    if model == "zgennorm":
+        p0, beta, mu, alpha = params
+        if not 0.0 <= p0 <= 1.0:
+            raise CodecError(f"zero fraction {p0} outside [0, 1]")
+        p = (1.0 - p0) * gennorm_cell_pmf(edges, beta, mu, alpha, 0.0) + p0 * _zero_mass(quantizer, rounding)
+        p = np.maximum(p, PMF_FLOOR)
+        return p / p.sum()
+    if model == "normal":
+        mu, sigma = params
+        return normal_cell_pmf(edges, mu, sigma, PMF_FLOOR)
+    counts = np.asarray(params, dtype=np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def fit_model(model: str, flat: np.ndarray, sample: np.ndarray) -> tuple[tuple[float, ...], tuple[float, float, float]]:
+    """(parameters as sent, float32-rounded; the GenNorm (β, μ, α) behind them) for a parametric model.
+
+    ``zgennorm`` fits the GenNorm to the nonzero entries and sends the exact
+    fraction of zeros p0 (computed over the whole tensor) in front.
+    """
+    if model == "zgennorm":
+        nonzero = sample[sample != 0]
+        g = tuple(f32(v) for v in fit_gennorm(nonzero, FIT_SAMPLES)) if nonzero.size else (2.0, 0.0, 0.0)
+        p0 = f32(1.0 - np.count_nonzero(flat) / flat.size)
+        return (p0, *g), g  # type: ignore[return-value]
+    g = tuple(f32(v) for v in fit_gennorm(sample, FIT_SAMPLES))
+    if model == "normal":
+        return tuple(f32(v) for v in fit_normal(sample)), g  # type: ignore[return-value]
+    return g, g  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _EntropyQuantCodec(Codec):
+    """Shared implementation of ``huffman`` and ``ans`` (they differ only in the coder)."""
+
+    coder = "huffman"
+    bits: int = 4
+    model: str = "zgennorm"
+    rounding: str = "nearest"
+    ef: bool = False
+    clip: str = "max"
+    grid: str = "midtread"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 1..8, got {self.bits}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.grid == "midtread" and self.bits < 2:
+            raise ValueError("grid=midtread needs bits >= 2; use grid=midrise for 1 bit")
+        self.clip_multiple()  # validates
+
+    def clip_multiple(self) -> float | None:
+        """None for clip=max, else the multiple k of the fitted standard deviation."""
+        if self.clip == "max":
+            return None
+        try:
+            k = float(self.clip)
+        except ValueError:
+            raise ValueError(f"clip must be 'max' or a positive number of standard deviations, got {self.clip!r}") from None
+        if not (math.isfinite(k) and k > 0):
+            raise ValueError(f"clip must be 'max' or a positive number, got {self.clip!r}")
+        return k
+
+    @property
+    def alphabet_size(self) -> int:
+        return 2**self.bits if self.grid == "midrise" else 2**self.bits - 1
+
+    def make_encoder(self) -> Encoder:
+        return maybe_error_feedback(_Encoder(self), _Decoder(self), self.ef)
+
+    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+        return _Decoder(self)
+
+    # -- the entropy coder, by name
+    def code_for(self, pmf: np.ndarray) -> np.ndarray | None:
+        return huffman_code_lengths(pmf) if self.coder == "huffman" else None
+
+    def entropy_encode(self, symbols: np.ndarray, pmf: np.ndarray, lengths) -> bytes:
+        if self.coder == "huffman":
+            return huffman_encode(symbols, lengths)
+        return ans_encode(symbols, pmf)
+
+    def entropy_decode(self, data: bytes, pmf: np.ndarray, lengths, count: int) -> np.ndarray:
+        if self.coder == "huffman":
+            return huffman_decode(data, lengths, count)
+        return ans_decode(data, pmf, count)
+
+
+def _raw_candidates(flat: np.ndarray) -> list[bytes]:
+    out = [struct.pack("<B", KIND_RAW32) + flat.astype("<f4").tobytes()]
+    peak = float(np.max(np.abs(flat))) if flat.size else 0.0
+    if peak <= FLOAT16_MAX and (peak >= FLOAT16_MIN_NORMAL or peak == 0.0):
+        out.append(struct.pack("<B", KIND_RAW16) + flat.astype("<f2").tobytes())
+    return out
+
+
+class SymbolStats:
+    """Statistics of entropy-coded symbols, accumulated over tensors and rounds (see module doc)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.entries = 0
+        self.raw_entries = 0
+        self.symbols = 0
+        self.entropy = 0.0
+        self.stream_bits = 0
+        self.cross = 0.0
+        self.h_model = 0
+        self.h_normal = 0
+        self.h_emp = 0
+        self.side_bits = 0
+        self.beta_sum = 0.0
+        self.fits = 0
+
+    def add_raw(self, numel: int, payload_len: int) -> None:
+        self.entries += numel
+        self.raw_entries += numel
+        self.side_bits += 8  # the kind byte; the values themselves are the message
+
+    def add_coded(
+        self,
+        counts: np.ndarray,
+        pmf: np.ndarray,
+        normal_pmf: np.ndarray,
+        stream_len: int,
+        payload_len: int,
+        beta: float | None,
+        model_lengths: np.ndarray | None = None,
+    ) -> None:
+        """One coded tensor: symbol histogram, the model pmf that coded it, a normal-fit pmf."""
+        n = int(counts.sum())
+        h = entropy_from_counts(counts)
+        self.entries += n
+        self.symbols += n
+        self.entropy += n * h
+        self.stream_bits += 8 * stream_len
+        self.side_bits += 8 * (payload_len - stream_len)
+        present = counts > 0
+        self.cross += float(-np.dot(counts[present], np.log2(pmf[present])))
+        if model_lengths is None:
+            model_lengths = huffman_code_lengths(pmf)
+        self.h_model += huffman_bits_from_counts(counts, model_lengths)
+        self.h_normal += huffman_bits_from_counts(counts, huffman_code_lengths(normal_pmf))
+        self.h_emp += huffman_bits_from_counts(counts, huffman_code_lengths(counts / max(n, 1)))
+        if beta is not None:
+            self.beta_sum += beta
+            self.fits += 1
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.entries:
+            out["side_info_bits_per_entry"] = self.side_bits / self.entries
+            out["raw_fraction"] = self.raw_entries / self.entries
+        if self.symbols:
+            n = self.symbols
+            out.update(
+                symbol_entropy_bits=self.entropy / n,
+                coded_bits_per_symbol=self.stream_bits / n,
+                model_cross_entropy_bits=self.cross / n,
+                huffman_model_bits_per_symbol=self.h_model / n,
+                huffman_normal_bits_per_symbol=self.h_normal / n,
+                huffman_empirical_bits_per_symbol=self.h_emp / n,
+            )
+        if self.fits:
+            out["beta_mean"] = self.beta_sum / self.fits
+        return out
+
+
+def normal_fit_pmf(sample: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Cell pmf of a normal fitted to ``sample`` (float32-rounded parameters), for statistics."""
+    mu, sigma = fit_normal(sample)
+    return normal_cell_pmf(edges, f32(mu), f32(sigma), PMF_FLOOR)
+
+
+def smallest_payload(coded: bytes, flat: np.ndarray) -> bytes:
+    """The coded payload, or a raw float16/float32 one when that is smaller (ties: coded)."""
+    return min([coded, *_raw_candidates(flat)], key=len)
+
+
+def decode_raw(payload: bytes, spec: TensorSpec, where: str) -> np.ndarray:
+    """Decode a raw-fallback payload (kind byte KIND_RAW16 or KIND_RAW32)."""
+    width = 2 if payload[0] == KIND_RAW16 else 4
+    numel = spec.numel
+    if len(payload) != 1 + width * numel:
+        raise CodecError(f"{where}: raw payload is {len(payload)} bytes, expected {1 + width * numel}")
+    out = np.frombuffer(payload, dtype="<f2" if width == 2 else "<f4", offset=1).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise CodecError(f"{where}: raw values contain NaN or Inf")
+    return out.reshape(spec.shape)
+
+
+class _Encoder(Encoder):
+    def __init__(self, codec: _EntropyQuantCodec):
+        self.codec = codec
+        self.acc = SymbolStats()
+
+    def reset(self) -> None:
+        self.acc.reset()
+
+    def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
+        flat = check_input(x, spec)
+        c = self.codec
+        if flat.size == 0:
+            return Encoded(c.spec, spec, b"")
+        sample = subsample(flat, FIT_SAMPLES)
+        peak = float(np.max(np.abs(flat)))
+        k = c.clip_multiple()
+        params: tuple[float, ...] = ()
+        gparams = (2.0, 0.0, 0.0)
+        if c.model != "empirical" or k is not None:
+            params, gparams = fit_model(c.model, flat, sample)
+        clip = peak if k is None else min(peak, k * gennorm_std(gparams[0], gparams[2]))
+        quantizer = UniformQuantizer(c.bits, f32(clip), c.grid)
+        rng = ctx.rng(spec.name) if c.rounding == "stochastic" else None
+        symbols = quantizer.quantize(flat, c.rounding, rng)
+        counts = np.bincount(symbols, minlength=quantizer.alphabet_size)
+        if c.model == "empirical":
+            head = write_counts(counts)
+            pmf = counts / counts.sum()
+        else:
+            head = np.asarray(params, dtype="<f4").tobytes()
+            pmf = _model_pmf(c.model, quantizer, params, c.rounding)
+        lengths = c.code_for(pmf)
+        stream = c.entropy_encode(symbols, pmf, lengths)
+        payload = smallest_payload(struct.pack("<Bf", KIND_CODED, quantizer.clip) + head + stream, flat)
+        if payload[0] != KIND_CODED:
+            self.acc.add_raw(flat.size, len(payload))
+        else:
+            self.acc.add_coded(
+                counts, pmf, normal_fit_pmf(sample, quantizer.edges()), len(stream), len(payload),
+                gparams[0] if c.model in ("gennorm", "zgennorm") else None, lengths,
+            )
+        return Encoded(c.spec, spec, payload)
+
+    def stats(self) -> dict[str, float]:
+        return self.acc.as_dict()
+
+
+class _Decoder(Decoder):
+    def __init__(self, codec: _EntropyQuantCodec):
+        self.codec = codec
+
+    def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
+        c = self.codec
+        spec, payload = msg.spec, msg.payload
+        numel = spec.numel
+        where = f"{c.name} payload for {spec.name!r}"
+        if numel == 0:
+            if payload:
+                raise CodecError(f"{where}: {len(payload)} bytes for an empty tensor")
+            return np.zeros(spec.shape, dtype=np.float32)
+        if not payload:
+            raise CodecError(f"{where} is empty")
+        kind = payload[0]
+        if kind in (KIND_RAW16, KIND_RAW32):
+            return decode_raw(payload, spec, where)
+        if kind != KIND_CODED:
+            raise CodecError(f"{where}: unknown payload kind {kind}")
+        if len(payload) < 5:
+            raise CodecError(f"{where}: payload too short for its header")
+        (clip,) = struct.unpack_from("<f", payload, 1)
+        if not (math.isfinite(clip) and clip >= 0):
+            raise CodecError(f"{where}: invalid clip value {clip}")
+        try:
+            quantizer = UniformQuantizer(c.bits, clip, c.grid)
+        except ValueError as exc:
+            raise CodecError(f"{where}: {exc}") from None
+        offset = 5
+        nparams = MODEL_PARAMS[c.model]
+        if nparams:
+            if len(payload) < offset + 4 * nparams:
+                raise CodecError(f"{where}: payload too short for the model parameters")
+            params = tuple(float(v) for v in np.frombuffer(payload, dtype="<f4", count=nparams, offset=offset))
+            offset += 4 * nparams
+            try:
+                pmf = _model_pmf(c.model, quantizer, params, c.rounding)
+            except (CodecError, ValueError) as exc:
+                raise CodecError(f"{where}: bad model parameters {params}: {exc}") from None
+            counts = None
+        else:
+            counts, offset = read_counts(payload, offset, quantizer.alphabet_size, where)
+            if int(counts.sum()) != numel:
+                raise CodecError(f"{where}: histogram sums to {int(counts.sum())}, tensor has {numel}")
+            pmf = counts / numel
+        lengths = c.code_for(pmf)
+        symbols = c.entropy_decode(payload[offset:], pmf, lengths, numel)
+        if counts is not None and not np.array_equal(np.bincount(symbols, minlength=counts.size), counts):
+            raise CodecError(f"{where}: decoded symbols do not match the sent histogram")
+        return quantizer.dequantize(symbols).reshape(spec.shape)
+
+
+@register
+@dataclass(frozen=True)
+class HuffmanCodec(_EntropyQuantCodec):
+    """Uniform quantizer + canonical Huffman code from a GenNorm fit (seed 001). Biased (nearest)."""
+
+    name = "huffman"
+    coder = "huffman"
+
+
+@register
+@dataclass(frozen=True)
+class ANSCodec(_EntropyQuantCodec):
+    """Uniform quantizer + ANS (constriction) driven by the model pmf. Biased (nearest)."""
+
+    name = "ans"
+    coder = "ans"
+    model: str = "empirical"

@@ -93,7 +93,7 @@ class Encoder(ABC):
     @abstractmethod
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded: ...
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - stateless codecs have nothing to forget
         """Forget all state (resync)."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -114,7 +114,7 @@ class Decoder(ABC):
     @abstractmethod
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray: ...
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - stateless codecs have nothing to forget
         """Forget all state (resync)."""
 
     def state_dict(self) -> dict[str, Any]:

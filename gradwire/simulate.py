@@ -51,7 +51,7 @@ def run_simulation(args) -> int:
         "--momentum", str(args.momentum), "--weight-decay", str(args.weight_decay),
         "--lr-schedule", args.lr_schedule, "--eval-every", str(args.eval_every),
         "--round-timeout-s", str(args.round_timeout_s), "--max-message-mb", str(args.max_message_mb),
-        "--json", str(json_path), "--start-timeout-s", "120",
+        "--json", str(json_path), "--start-timeout-s", "600",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen] = []
@@ -88,6 +88,7 @@ def run_simulation(args) -> int:
                 except grpc.RpcError:
                     pass
                 time.sleep(0.3)
+            progress.update(bar, completed=args.rounds)
         channel.close()
         code = server.wait()
         for w in procs[1:]:
@@ -97,11 +98,13 @@ def run_simulation(args) -> int:
                 w.kill()
         if code != 0 or not json_path.exists():
             console.print(f"[red]the run failed (PS exit code {code}); log: {log_path}")
+            _print_log_tail(console, log_path)
             return 1
         summary = json.loads(json_path.read_text())
         failed = [i for i, w in enumerate(procs[1:]) if w.returncode != 0]
         if failed:
             console.print(f"[yellow]workers {failed} exited with an error; log: {log_path}")
+            _print_log_tail(console, log_path)
         _print_summary(console, summary, json_path, log_path)
         return 0 if not failed else 1
     finally:
@@ -113,6 +116,12 @@ def run_simulation(args) -> int:
                 except subprocess.TimeoutExpired:
                     p.kill()
         log_file.close()
+
+
+def _print_log_tail(console, log_path: Path, lines: int = 40) -> None:
+    log_path_text = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    for line in log_path_text[-lines:]:
+        console.print(line, markup=False, highlight=False)
 
 
 def _print_summary(console, s: dict, json_path: Path, log_path: Path) -> None:

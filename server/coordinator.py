@@ -18,7 +18,6 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

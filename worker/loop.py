@@ -14,6 +14,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 import torch
 
@@ -26,8 +27,6 @@ from gradwire.tasks import Task, make_task, shard_indices, tensor_specs
 from gradwire.v1 import exchange_pb2 as pb
 from worker.client import TrainStream, open_channel, wait_for_server
 from worker.config import WorkerConfig
-
-import grpc
 
 log = logging.getLogger("gradwire.worker")
 # Model moves remembered for LAG-style triggers (ALGORITHMS.md §1 uses D = 10).
@@ -194,10 +193,14 @@ class Worker:
             interface_end=wire.counters_to_proto(read_counters(self.interface)),
         )))
         stream.close()
-        # Drain so the PS sees the report before the channel goes away.
-        while stream.receive() is not None:
-            pass
         result.finished = True
+        # Drain so the PS sees the report before the channel goes away; the PS may
+        # already be shutting down, which is no failure of this worker.
+        try:
+            while stream.receive() is not None:
+                pass
+        except grpc.RpcError as err:
+            log.info("stream closed after the report: %s", err.code().name)
         log.info("finished: %s", finished.reason)
 
 

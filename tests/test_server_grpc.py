@@ -1,0 +1,89 @@
+"""A real PS on loopback with real workers (the `gradwire worker` loop in threads)."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradwire.status import fetch_status
+from worker.config import WorkerConfig
+from worker.loop import Worker
+
+
+def _run_workers(port: int, n: int, prefix: str = "w") -> list:
+    results: list = [None] * n
+
+    def run(i):
+        results[i] = Worker(WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"{prefix}{i}", connect_timeout_s=30)).run()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_three_workers_train_and_account(make_server):
+    running = make_server(workers=3, rounds=4, eval_every=2)
+    results = _run_workers(running.port, 3)
+    running.thread.join(30)
+    assert all(r is not None and r.finished and r.rounds == 3 for r in results)
+    s = running.summary()
+    assert s["workers"] == 3 and s["rounds"] == 4
+    ranks = sorted(w["rank"] for w in s["per_worker"])
+    assert ranks == [0, 1, 2]
+    assert s["uplink_payload_bytes"] == 4 * s["params"] * 3 * 4
+    assert s["uplink_message_bytes"] > s["uplink_payload_bytes"]
+    assert s["uplink_message_bytes"] < 1.01 * s["uplink_payload_bytes"] + 200 * 12
+    # Downlink: a welcome and a round result per round (finished is tiny) for each worker.
+    assert s["downlink_message_bytes"] > 4 * s["params"] * 3 * 4
+    assert [e["test_accuracy"] is not None for e in s["rounds_log"]] == [False, True, False, True]
+    assert s["per_bit_accuracy"] is not None and s["accuracy_vs_uplink_bits"][0][0] == 0.0
+    assert s["codec_stats"]["bits_per_entry"] == 32.0  # reported by every worker at the end
+
+
+def test_status_and_health(make_server):
+    running = make_server(workers=1, rounds=2)
+    target = f"127.0.0.1:{running.port}"
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="gradwire.v1.GradientExchange"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        _run_workers(running.port, 1)
+        running.thread.join(30)
+        st = fetch_status(channel)
+    assert st.finished and st.protocol == "gradwire.v1" and st.params == 26122
+    assert len(st.workers) == 1 and st.workers[0].uplink_payload_bytes == 2 * 4 * 26122
+    assert [r.workers_aggregated for r in st.rounds] == [1, 1]
+
+
+def test_late_joiner_joins_next_round(make_server):
+    """A worker that arrives after the start gets its own rank and takes part."""
+    running = make_server(workers=1, rounds=30)
+    first = threading.Thread(target=_run_workers, args=(running.port, 1, "early"))
+    first.start()
+    while running.coordinator.snapshot()["round"] < 2:
+        running.thread.join(0.05)
+    late = _run_workers(running.port, 1, "late")
+    first.join(60)
+    running.thread.join(30)
+    s = running.summary()
+    late_rec = next(w for w in s["per_worker"] if w["worker_id"] == "late0")
+    assert late[0].finished and late_rec["rank"] == 1 and 0 < late_rec["rounds_aggregated"] < 30
+    assert s["workers"] == 2
+
+
+def test_checkpoint_resume(make_server, tmp_path):
+    running = make_server(workers=1, rounds=4, checkpoint_every=2, out=str(tmp_path))
+    _run_workers(running.port, 1)
+    running.thread.join(30)
+    ckpt = tmp_path / "checkpoint.pt"
+    assert ckpt.exists()
+    resumed = make_server(workers=1, rounds=6, resume=str(ckpt), out=str(tmp_path / "b"))
+    assert len(resumed.coordinator.rounds_log) == 4
+    results = _run_workers(resumed.port, 1, "again")
+    resumed.thread.join(30)
+    s = resumed.summary()
+    assert results[0].finished and s["rounds"] == 6 and [e["round"] for e in s["rounds_log"]] == list(range(6))

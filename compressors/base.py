@@ -143,6 +143,19 @@ class Coordinator:
         """Extra downlink bytes for one worker this round (counted as downlink)."""
         return b""
 
+    def finalize(
+        self, round_: int, decoded: Mapping[int, Mapping[str, np.ndarray]]
+    ) -> dict[int, dict[str, np.ndarray]]:
+        """Cross-worker decoding, after every update of the round has been decoded.
+
+        Called before aggregation with each aggregated worker's decoder output (by
+        rank); returns the updates to aggregate. Learned compression decodes
+        worker i from the leader's latent here, which only exists once the
+        leader's message has arrived. Raise ``CodecError`` to reject nobody but
+        flag the round; the default passes the updates through unchanged.
+        """
+        return {rank: dict(update) for rank, update in decoded.items()}
+
     def observe(self, round_: int, decoded: Mapping[int, Mapping[str, np.ndarray]]) -> None:
         """Called after a round closes with every aggregated worker's decoded update."""
 

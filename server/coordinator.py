@@ -373,6 +373,8 @@ class Coordinator:
                 self.rounds_log.pop()
                 return
             by_rank = {self.records[w].rank: c.decoded for w, c in contributions.items()}
+            if self.codec_coordinator is not None:
+                by_rank = self._finalize(r, by_rank)
             self.optimizer.step(mean_update(by_rank), r)
             if self.codec_coordinator is not None:
                 self.codec_coordinator.observe(r, by_rank)
@@ -403,6 +405,19 @@ class Coordinator:
                 "round %d: %d workers, %d payload bytes, loss %.4f%s", r, entry["workers"], entry["uplink_payload_bytes"],
                 entry["train_loss"], f", test accuracy {entry['test_accuracy']:.4f}" if entry["test_accuracy"] is not None else "",
             )
+
+    def _finalize(self, round_: int, by_rank: dict[int, dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
+        """The codec's cross-worker decoding; anything non-finite is left out of the round."""
+        out = self.codec_coordinator.finalize(round_, by_rank)
+        clean = {}
+        for rank, update in out.items():
+            if all(np.isfinite(a).all() for a in update.values()):
+                clean[rank] = update
+            else:
+                log.error("round %d: rank %d decodes to non-finite values after finalize; left out", round_, rank)
+        if not clean:
+            raise RuntimeError(f"round {round_}: no finite update left after the codec's finalize")
+        return clean
 
     def _wait_for_reports(self) -> None:
         deadline = time.monotonic() + self.config.report_timeout_s

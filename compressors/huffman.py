@@ -8,9 +8,11 @@ Per tensor and round:
 
 1. Quantize to a uniform grid (``compressors.quantize.UniformQuantizer``) of
    2^bits cells (``grid=midrise``) or 2^bits − 1 levels with an exact zero
-   (``grid=midtread``), clipped at ±c. ``clip`` chooses c: ``max`` (the largest
-   magnitude: nothing saturates) or a number k (c = k·σ̂, σ̂ the standard
-   deviation of the fitted model, but never above the largest magnitude).
+   (``grid=midtread``). ``clip`` chooses where the outermost levels sit: ``max``
+   (at ± the largest magnitude: nothing saturates) or a number k (at ±k·σ̂, σ̂
+   the standard deviation of the fitted GenNorm, but never beyond the largest
+   magnitude). The quantizer's range c (sent) is that value, times
+   2^bits/(2^bits − 1) for midrise so that its outer cell centres land there.
    ``rounding=nearest`` (biased, deterministic) or ``stochastic`` (unbiased inside
    ±c, uniforms from ``ctx.rng(tensor name)``).
 2. Model the symbols: ``model=gennorm`` fits (β, μ, α) by maximum likelihood on a
@@ -396,7 +398,10 @@ class _Encoder(Encoder):
         gparams = (2.0, 0.0, 0.0)
         if c.model != "empirical" or k is not None:
             params, gparams = fit_model(c.model, flat, sample)
-        clip = peak if k is None else min(peak, k * gennorm_std(gparams[0], gparams[2]))
+        sigma = gennorm_std(gparams[0], gparams[2]) if k is not None else 0.0
+        clip = min(peak, k * sigma) if k is not None and sigma > 0 else peak  # degenerate fit: peak
+        if c.grid == "midrise":  # put the outermost levels (not the cell edges) at ±clip
+            clip *= 2**c.bits / (2**c.bits - 1)
         quantizer = UniformQuantizer(c.bits, f32(clip), c.grid)
         rng = ctx.rng(spec.name) if c.rounding == "stochastic" else None
         symbols = quantizer.quantize(flat, c.rounding, rng)

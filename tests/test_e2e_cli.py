@@ -52,7 +52,7 @@ def test_same_seed_same_result_and_full_batch_regression(tmp_path):
 @pytest.mark.slow
 def test_server_entry_point_prints_address(tmp_path):
     proc = subprocess.Popen([*GRADWIRE, "server", "--address", "127.0.0.1:0", "--workers", "1", "--rounds", "1",
-                             "--start-timeout-s", "5", "--out", str(tmp_path)],
+                             "--start-timeout-s", "300", "--out", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()

@@ -14,28 +14,42 @@ Design (``design_quantizer``)
     symmetry) and mirrors.
 
 Codec ``m22:bits=R,M=...,dist=gennorm|dweibull,coder=ans|huffman,ef=1,gamma=0.7,...``
-    Per tensor the worker fits the model on the z-scored tensor (GenNorm: MLE from
-    ``compressors.gennorm.fit_gennorm``; double Weibull: Weibull MLE on |z|), quantizes
-    with the table designed for the fitted shape, and entropy codes the cell indices with
+    Per tensor the worker fits the model to the z-scored nonzero entries (exact zeros
+    from dead units are a point mass no continuous model describes): the shape by MLE
+    (GenNorm: ``compressors.gennorm.fit_gennorm``; double Weibull: Weibull profile
+    likelihood on |z|), the location is the mean (the quantizer is symmetric about it;
+    a median falls inside one mode of the bimodal inputs error feedback can produce),
+    the scale is the closed-form MLE for that shape and location. It quantizes every
+    entry with the table designed for the shape and entropy codes the cell indices with
     the model's cell probabilities (ANS via constriction, or canonical Huffman). The PS
     re-runs the identical deterministic design from the float32 side information.
     Error feedback ``v = g + γe`` (γ = ``gamma``, default 0.7, the authors' value).
-    Biased (M > 0 moves levels outward and inflates ||ĝ||); ``rescale`` counters that.
+    Biased. M > 0 moves the levels outward and inflates ||ĝ|| (Laplace, R = 1, M = 2:
+    2.12σ against 0.71σ); once the gain ||ĝ||/||v|| exceeds 1 + 1/γ error feedback
+    oscillates and diverges, which happened on the default task, so the default is
+    ``rescale=norm`` (see below); ``rescale=none`` gives the bare quantizer.
 
 Payload layout (little-endian)::
 
     byte 0      header: bits 0-1 mode (0 fitted, 1 small-tensor fallback, 2 constant),
                 bit 2 indices raw-packed (R bits each) instead of entropy coded,
-                bits 4-7 format version (1)
-    mode 0      f32 shape, f32 mu, f32 sigma, [f32 rescale if rescale=norm], indices
-    mode 1      f32 mu, f32 sigma, [f32 rescale if rescale=norm], indices
-                (shape fixed to ``small_shape``: no fit on tensors under ``min_fit`` entries)
+                bit 3 reserved (0), bits 4-7 format version (1)
+    mode 0      f32 shape, f32 mu, f32 level scale L, indices
+    mode 1      f32 mu, f32 level scale L, indices
+                (no fit on tensors with fewer than ``min_fit`` nonzero entries: the shape
+                is ``small_shape``, mu and sigma are the sample moments)
     mode 2      f32 mu (every entry decodes to mu: zero or constant tensor)
-    indices     entropy-coded stream (ANS: uint32 words; Huffman: bit stream), or, when
-                that is larger, the indices packed R bits each (bit 2 of the header).
+    indices     entropy-coded stream (``compressors.entropy`` ANS or canonical Huffman
+                with the model's cell pmf), or, when that is not shorter, the indices
+                packed R bits each (header bit 2).
 
-The decoded value of index j is ``mu + sigma · s · c_j`` with c_j the unit-variance
-center and s the rescale factor (1 for ``rescale=none``).
+Index j decodes to ``mu + L · c_j`` with c_j the unit-variance center. ``L = s·σ``: σ
+is the fitted model's standard deviation and s the rescale factor, folded into one
+float because the decoder needs nothing else (``rescale=norm``: s makes ||ĝ − μ|| =
+||v − μ||; ``ls``: the least-squares s = <v − μ, c>/(σ||c||²); ``model``:
+s = 1/sqrt(E[Q(Z)²]) under the model; ``none``: s = 1). The model pmf and the design
+depend on the shape alone (the model lives in z-space), so the PS re-derives the
+identical tables from the float32 shape.
 """
 
 from __future__ import annotations
@@ -288,7 +302,7 @@ FORMAT_VERSION = 1
 MODE_FIT, MODE_SMALL, MODE_CONST = 0, 1, 2
 FLAG_RAW = 0x04
 PMF_FLOOR = 1e-12  # every cell keeps a code, even where the model puts ~no mass
-RESCALES = ("none", "norm", "model")
+RESCALES = ("norm", "ls", "model", "none")
 CODERS = ("ans", "huffman")
 
 
@@ -381,22 +395,20 @@ class M22Encoder(Encoder):
             if codec.dist == "gennorm":
                 from compressors.gennorm import fit_gennorm
 
-                shape, mu_z, alpha_z = fit_gennorm(z, max_samples=codec.max_samples, rng=rng)
-                shape = min(max(float(shape), SHAPE_MIN), SHAPE_MAX)
-                mu = mean + std * float(mu_z)
-                sigma = std * float(alpha_z) / unit_scale("gennorm", shape)
+                fitted = fit_gennorm(z, max_samples=codec.max_samples, rng=rng)[0]
             else:
-                shape, lam_z = fit_dweibull(z, max_samples=codec.max_samples, rng=rng)
-                shape = min(max(float(shape), SHAPE_MIN), SHAPE_MAX)
-                mu = mean
-                sigma = std * lam_z / unit_scale("dweibull", shape)
+                fitted = fit_dweibull(z, max_samples=codec.max_samples, rng=rng)[0]
+            shape = min(max(float(fitted), SHAPE_MIN), SHAPE_MAX)
+            if shape != float(fitted):
+                self._stats["clamped_fits"] += 1
             self.shapes[spec.name] = shape
             self._stats["refits"] += 1
         else:
             shape = self.shapes[spec.name]
-            mu = mean
-            sigma = std * scale_given_shape(codec.dist, shape, z)
-        return shape, mu, sigma
+        # Location: the mean (the quantizer is symmetric about it; a median sits inside
+        # one mode of the bimodal inputs error feedback can produce). Scale: the MLE
+        # for this shape and location, in closed form.
+        return shape, mean, std * scale_given_shape(codec.dist, shape, z)
 
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
         codec = self.codec
@@ -437,13 +449,21 @@ class M22Encoder(Encoder):
         z = (flat - side.mu) / side.sigma
         idx = np.searchsorted(thresholds, z)
         recon = side.sigma * centers[idx]
-        if codec.rescale == "norm":
-            denom = float(np.linalg.norm(recon))
-            side.scale = float(np.float32(np.linalg.norm(flat - side.mu) / denom)) if denom > 0 else 1.0
-            if not (math.isfinite(side.scale) and side.scale > 0):
-                side.scale = 1.0
+        if codec.rescale in ("norm", "ls"):
+            denom = float(np.dot(recon, recon))
+            if codec.rescale == "norm":  # ||ĝ − μ|| = ||v − μ||
+                num = float(np.linalg.norm(flat - side.mu)) * math.sqrt(denom)
+            else:  # "ls": least squares, s = <v − μ, ĝ − μ> / ||ĝ − μ||²
+                num = float(np.dot(flat - side.mu, recon))
+            scale = num / denom if denom > 0 else 1.0
+            side.scale = scale if math.isfinite(scale) and scale > 0 else 1.0
         elif codec.rescale == "model":
             side.scale = 1.0 / math.sqrt(second)
+        # Only the product s·σ (the spacing of the levels) goes on the wire.
+        level_scale = float(np.float32(side.scale * side.sigma))
+        if not (level_scale > 0 and math.isfinite(level_scale)):
+            level_scale = side.sigma
+        side.scale = level_scale / side.sigma
         coded = codec.entropy_encode(idx, pmf, code)
         raw = pack_indices(idx, codec.bits)
         flags = 0
@@ -452,7 +472,7 @@ class M22Encoder(Encoder):
             st["raw_tensors"] += 1
         header = _HEADER.pack(side.mode | flags | (FORMAT_VERSION << 4))
         floats = [side.shape] if side.mode == MODE_FIT else []
-        floats += [side.mu, side.sigma] + ([side.scale] if codec.rescale == "norm" else [])
+        floats += [side.mu, level_scale]
         side_bytes = header + struct.pack(f"<{len(floats)}f", *floats)
         payload = side_bytes + coded
 
@@ -493,6 +513,7 @@ class M22Encoder(Encoder):
             "const_tensor_fraction": st["const_tensors"] / st["tensors"],
             "raw_packed_fraction": st["raw_tensors"] / q,
             "refits": st["refits"],
+            "clamped_fit_fraction": st["clamped_fits"] / st["refits"] if st["refits"] else 0.0,
             "mean_shape": st["shape_sum"] / st["fitted_tensors"] if st["fitted_tensors"] else float("nan"),
             "mean_rescale_factor": st["scale_sum"] / q,
             "norm_ratio": st["norm_ratio_sum"] / st["norm_ratio_count"] if st["norm_ratio_count"] else 1.0,
@@ -506,7 +527,7 @@ class M22Encoder(Encoder):
 _STAT_KEYS = (
     "tensors entries bits side_bits index_bits empirical_entropy_bits model_cross_entropy_bits "
     "small_tensors const_tensors raw_tensors refits shape_sum fitted_tensors scale_sum "
-    "norm_ratio_sum norm_ratio_count quantized_tensors sq_err sq_in zero_fraction_sum"
+    "norm_ratio_sum norm_ratio_count quantized_tensors sq_err sq_in zero_fraction_sum clamped_fits"
 ).split()
 _HEADER = struct.Struct("<B")
 
@@ -536,19 +557,16 @@ class M22Decoder(Decoder):
             return np.full(spec.shape, mu, dtype=np.float32)
         if mode not in (MODE_FIT, MODE_SMALL):
             raise CodecError(f"m22 payload for {spec.name!r}: unknown mode {mode}")
-        nfloats = (1 if mode == MODE_FIT else 0) + 2 + (1 if codec.rescale == "norm" else 0)
+        nfloats = (1 if mode == MODE_FIT else 0) + 2
         offset = 1 + 4 * nfloats
         if len(payload) < offset:
             raise CodecError(f"m22 payload for {spec.name!r} is {len(payload)} bytes, shorter than its {offset}-byte header")
         floats = list(struct.unpack_from(f"<{nfloats}f", payload, 1))
         shape = floats.pop(0) if mode == MODE_FIT else codec.small_shape
-        mu, sigma = floats[0], floats[1]
-        scale = floats[2] if codec.rescale == "norm" else 1.0
-        if not all(math.isfinite(v) for v in (shape, mu, sigma, scale)) or shape <= 0 or sigma <= 0 or scale <= 0:
-            raise CodecError(f"m22 payload for {spec.name!r}: invalid side information {(shape, mu, sigma, scale)}")
-        thresholds, centers, pmf, code, second = codec.tables(shape)
-        if codec.rescale == "model":
-            scale = 1.0 / math.sqrt(second)
+        mu, level_scale = floats
+        if not all(math.isfinite(v) for v in (shape, mu, level_scale)) or shape <= 0 or level_scale <= 0:
+            raise CodecError(f"m22 payload for {spec.name!r}: invalid side information {(shape, mu, level_scale)}")
+        thresholds, centers, pmf, code, _ = codec.tables(shape)
         body = payload[offset:]
         if raw:
             expect_payload_size(body, (n * codec.bits + 7) // 8, spec, "m22 raw-packed indices")
@@ -557,7 +575,7 @@ class M22Decoder(Decoder):
             idx = codec.entropy_decode(body, pmf, code, n, spec)
         if idx.size != n or (n and (idx.min() < 0 or idx.max() >= centers.size)):
             raise CodecError(f"m22 payload for {spec.name!r} decodes to invalid indices")
-        return (mu + (scale * sigma) * centers[idx]).astype(np.float32).reshape(spec.shape)
+        return (mu + level_scale * centers[idx]).astype(np.float32).reshape(spec.shape)
 
 
 @register
@@ -565,14 +583,13 @@ class M22Decoder(Decoder):
 class M22Codec(Codec):
     """M22 quantizer + model-driven entropy coding + error feedback. See the module docstring.
 
-    Options: ``bits`` R (2^R cells), ``M`` distortion exponent (real ≥ 0), ``dist``
-    (gennorm | dweibull), ``coder`` (ans | huffman), ``ef`` / ``gamma`` (error feedback
-    and its decay γ), ``rescale`` (none | norm: send ||v−μ||/||ĝ−μ|| as one more float |
-    model: multiply by 1/sqrt(E[Q(Z)²]) from the model, no side information), ``refit``
-    (re-run the MLE every this many rounds; in between the scale is refitted in closed
-    form for the kept shape), ``min_fit`` (tensors with fewer entries skip the fit and
-    use ``small_shape`` with their sample mean and standard deviation), ``max_samples``
-    (MLE subsample size).
+    Options: ``bits`` R (2^R cells, 1..8), ``M`` distortion exponent (real ≥ 0),
+    ``dist`` (gennorm | dweibull), ``coder`` (ans | huffman), ``ef`` / ``gamma`` (error
+    feedback and its decay γ), ``rescale`` (norm | ls | model | none, see the module
+    docstring), ``refit`` (re-run the shape MLE every this many rounds; in between the
+    kept shape is used, location and scale are re-estimated every round), ``min_fit``
+    (tensors with fewer nonzero entries skip the fit and use ``small_shape``),
+    ``max_samples`` (MLE subsample size).
     """
 
     name = "m22"
@@ -583,7 +600,7 @@ class M22Codec(Codec):
     coder: str = "ans"
     ef: bool = True
     gamma: float = 0.7
-    rescale: str = "none"
+    rescale: str = "norm"
     refit: int = 1
     min_fit: int = 256
     small_shape: float = 1.0

@@ -170,7 +170,8 @@ def _ctx(round_=0):
     [
         "m22:bits=2,M=2,dist=gennorm",
         "m22:bits=3,M=0,dist=dweibull,coder=huffman",
-        "m22:bits=1,M=4,dist=gennorm,rescale=norm",
+        "m22:bits=1,M=4,dist=gennorm,rescale=none",
+        "m22:bits=2,M=2,dist=gennorm,rescale=ls,gamma=0.9",
         "m22:bits=2,M=2.5,dist=dweibull,rescale=model,refit=3",
     ],
 )
@@ -213,7 +214,7 @@ def test_error_feedback_telescopes_with_gamma_one():
 
 
 def test_reconstruction_uses_the_designed_levels():
-    codec = create_codec("m22:bits=2,M=0,dist=dweibull,ef=0")
+    codec = create_codec("m22:bits=2,M=0,dist=dweibull,ef=0,rescale=none")
     enc, dec = codec.make_encoder(), codec.make_decoder()
     x = _grad_like(5000, np.random.default_rng(1))
     spec = TensorSpec("w", (5000,))
@@ -304,6 +305,7 @@ def _corruptions(payload):
     yield "unknown mode", bytes([(payload[0] & 0xFC) | 0x03]) + payload[1:]
     yield "nan shape", payload[:1] + nan + payload[5:]
     yield "negative sigma", payload[:9] + np.array([-1.0], "<f4").tobytes() + payload[13:]
+    yield "zero level scale", payload[:9] + np.array([0.0], "<f4").tobytes() + payload[13:]
     yield "const mode with extra bytes", bytes([0x12]) + payload[1:]
 
 
@@ -366,9 +368,49 @@ def test_rescale_norm_matches_the_centred_norm():
     mu = np.frombuffer(msg.payload[5:9], "<f4")[0]
     out = codec.make_decoder().decode(msg, _ctx())
     assert np.linalg.norm(out - mu) == pytest.approx(np.linalg.norm(x - mu), rel=1e-5)
-    plain = create_codec("m22:bits=1,M=4,dist=dweibull,ef=0")
+    plain = create_codec("m22:bits=1,M=4,dist=dweibull,ef=0,rescale=none")
     inflated = plain.make_decoder().decode(plain.make_encoder().encode(x, spec, _ctx()), _ctx())
     assert np.linalg.norm(inflated - mu) > 1.5 * np.linalg.norm(x - mu)  # what rescale undoes
+
+
+def test_rescale_ls_makes_the_error_orthogonal():
+    codec = create_codec("m22:bits=2,M=2,dist=gennorm,rescale=ls,ef=0")
+    spec = TensorSpec("w", (5000,))
+    x = _grad_like(5000, np.random.default_rng(14)).astype(np.float64)
+    msg = codec.make_encoder().encode(x, spec, _ctx())
+    mu = float(np.frombuffer(msg.payload[5:9], "<f4")[0])
+    out = codec.make_decoder().decode(msg, _ctx()).astype(np.float64)
+    cos = np.dot(x - out, out - mu) / (np.linalg.norm(x - out) * np.linalg.norm(out - mu))
+    assert abs(cos) < 1e-4
+    assert np.linalg.norm(x - out) < np.linalg.norm(x - mu)
+
+
+def _ef_growth(spec_text, rounds=25):
+    codec = create_codec(spec_text)
+    enc = codec.make_encoder()
+    rng = np.random.default_rng(15)
+    spec = TensorSpec("w", (4000,))
+    dead = rng.random(4000) < 0.2
+    worst = 0.0
+    for r in range(rounds):
+        g = _grad_like(4000, rng, beta=0.5)
+        g[dead] = 0.0
+        enc.encode(g, spec, _ctx(r))
+        worst = max(worst, float(np.linalg.norm(enc.residuals["w"]) / np.linalg.norm(g)))
+    return worst
+
+
+def test_error_feedback_stays_bounded_with_rescale():
+    """M = 2 on heavy tails puts the levels so far out (gain > 1 + 1/γ) that error
+    feedback without rescaling oscillates and grows; norm and ls rescaling keep it bounded."""
+    for rescale in ("norm", "ls"):
+        assert _ef_growth(f"m22:bits=2,M=2,rescale={rescale},gamma=0.9") < 2.0
+    with np.errstate(all="ignore"):
+        try:
+            growth = _ef_growth("m22:bits=2,M=2,rescale=none,gamma=0.9")
+        except CodecError:  # the residual overflowed to Inf
+            growth = math.inf
+    assert growth > 5.0
 
 
 GOLDEN_CASES = {

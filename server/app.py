@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gradwire.tasks import make_task
 from server.config import ServerConfig
 from server.coordinator import Coordinator
+from server.metrics import serve_metrics
 from server.servicer import SERVICE_NAME, GradientExchangeServicer, generic_handler
 from server.summary import build_summary, write_summary
 
@@ -33,6 +34,11 @@ class RunningServer:
     health: health.HealthServicer
     port: int
     thread: threading.Thread
+    metrics_http: object | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_http.server_port if self.metrics_http is not None else None
 
     def summary(self) -> dict:
         return build_summary(self.coordinator)
@@ -42,6 +48,9 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
 
 
 def start_server(config: ServerConfig) -> RunningServer:
@@ -67,9 +76,10 @@ def start_server(config: ServerConfig) -> RunningServer:
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_http = serve_metrics(coordinator, config.metrics_address) if config.metrics_address else None
     thread = threading.Thread(target=coordinator.run, name="gradwire-rounds", daemon=True)
     thread.start()
-    return RunningServer(server, coordinator, health_servicer, port, thread)
+    return RunningServer(server, coordinator, health_servicer, port, thread, metrics_http)
 
 
 def serve(config: ServerConfig) -> int:
@@ -79,6 +89,8 @@ def serve(config: ServerConfig) -> int:
     running = start_server(config)
     host = config.address.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)
+    if running.metrics_port:
+        log.info("Prometheus metrics on port %d", running.metrics_port)
     stop = threading.Event()
 
     def on_signal(signum, _frame):

@@ -59,6 +59,7 @@ class ServerConfig:
     resume: str = ""  # checkpoint file to resume from
     linger_s: float = 0.0  # keep serving Status this long after training ends
     report_timeout_s: float = 10.0
+    metrics_address: str = ""  # host:port for Prometheus /metrics; "" = off
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -119,6 +120,8 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=env("RESUME", d.resume), help="checkpoint file to resume from")
     p.add_argument("--linger-s", type=float, default=env("LINGER_S", d.linger_s),
                    help="keep serving Status this long after training ends")
+    p.add_argument("--metrics-address", default=env("METRICS_ADDRESS", d.metrics_address),
+                   help="host:port to serve Prometheus metrics on (off when empty)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -87,3 +87,16 @@ def test_checkpoint_resume(make_server, tmp_path):
     resumed.thread.join(30)
     s = resumed.summary()
     assert results[0].finished and s["rounds"] == 6 and [e["round"] for e in s["rounds_log"]] == list(range(6))
+
+
+def test_prometheus_metrics_match_the_ledger(make_server):
+    import urllib.request
+
+    running = make_server(workers=1, rounds=2, metrics_address="127.0.0.1:0")
+    _run_workers(running.port, 1, "m")
+    running.thread.join(30)
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    payload = running.summary()["per_worker"][0]["uplink_payload_bytes"]
+    assert f'gradwire_worker_uplink_payload_bytes_total{{rank="0",worker_id="m0"}} {float(payload)}' in text
+    assert "gradwire_test_accuracy" in text and "gradwire_round 2.0" in text

@@ -82,7 +82,9 @@ def _as_symbols(symbols: np.ndarray, alphabet_size: int) -> np.ndarray:
             raise CodecError("symbols must be integers")
     elif arr.dtype.kind not in "iub":
         raise CodecError(f"symbols must be an integer array, got dtype {arr.dtype}")
-    arr = arr.reshape(-1).astype(np.int64, copy=False)
+    arr = arr.reshape(-1)
+    if arr.dtype.kind == "f" or arr.dtype == np.bool_ or arr.dtype.itemsize > 8 or arr.dtype == np.uint64:
+        arr = arr.astype(np.int64)
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= alphabet_size:
@@ -117,7 +119,7 @@ def entropy_from_counts(counts: np.ndarray) -> float:
     if n <= 0:
         return 0.0
     p = c[c > 0] / n
-    return float(max(0.0, -np.dot(p, np.log2(p))))
+    return float(max(0.0, -(p * np.log2(p)).sum()))
 
 
 def empirical_entropy_bits(symbols: np.ndarray, alphabet_size: int) -> float:
@@ -437,9 +439,10 @@ def huffman_encode(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
     else:
         # Pairs (symbol n = nothing pads an odd count), then quadruples when they fit 64 bits.
         n1 = code.alphabet + 1
+        pair = sym[0::2].astype(np.int32) * n1
+        pair[: count // 2] += sym[1::2]
         if count % 2:
-            sym = np.concatenate([sym, [code.alphabet]])
-        pair = sym[0::2] * n1 + sym[1::2]
+            pair[-1] += code.alphabet  # symbol n: nothing
         gc, gl = code.pair_codes[pair], code.pair_lengths[pair]
         if code.group == 4:
             if gc.size % 2:

@@ -95,6 +95,7 @@ from compressors.gennorm import (
     gennorm_cell_pmf,
     gennorm_std,
     normal_cell_pmf,
+    optimal_uniform_clip,
     subsample,
 )
 from compressors.quantize import GRIDS, ROUNDINGS, UniformQuantizer
@@ -234,19 +235,32 @@ class _EntropyQuantCodec(Codec):
             raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
         if self.grid == "midtread" and self.bits < 2:
             raise ValueError("grid=midtread needs bits >= 2; use grid=midrise for 1 bit")
-        self.clip_multiple()  # validates
+        self.clip_mode()  # validates
 
-    def clip_multiple(self) -> float | None:
-        """None for clip=max, else the multiple k of the fitted standard deviation."""
-        if self.clip == "max":
-            return None
+    def clip_mode(self) -> tuple[str, float]:
+        """("max", 0), ("auto", 0) or ("std", k) from the ``clip`` option."""
+        if self.clip in ("max", "auto"):
+            return self.clip, 0.0
         try:
             k = float(self.clip)
         except ValueError:
-            raise ValueError(f"clip must be 'max' or a positive number of standard deviations, got {self.clip!r}") from None
+            raise ValueError(f"clip must be 'max', 'auto' or a positive number of standard deviations, got {self.clip!r}") from None
         if not (math.isfinite(k) and k > 0):
-            raise ValueError(f"clip must be 'max' or a positive number, got {self.clip!r}")
-        return k
+            raise ValueError(f"clip must be 'max', 'auto' or a positive number, got {self.clip!r}")
+        return "std", k
+
+    def quantizer_range(self, peak: float, gparams: tuple[float, float, float]) -> float:
+        """The quantizer range c (sent) for a tensor with this peak and GenNorm fit (β, μ, α)."""
+        # Range that puts the outermost levels at ±peak (midrise levels sit half a step inside).
+        widen = 2**self.bits / (2**self.bits - 1) if self.grid == "midrise" else 1.0
+        full = peak * widen
+        mode, k = self.clip_mode()
+        beta, _, alpha = gparams
+        if mode == "max" or alpha <= 0:  # a degenerate fit (constant tensor) falls back to max
+            return full
+        if mode == "std":
+            return min(full, k * gennorm_std(beta, alpha) * widen)
+        return min(full, optimal_uniform_clip(beta, alpha, self.bits, self.grid))
 
     @property
     def alphabet_size(self) -> int:
@@ -273,12 +287,21 @@ class _EntropyQuantCodec(Codec):
         return ans_decode(data, pmf, count)
 
 
-def _raw_candidates(flat: np.ndarray) -> list[bytes]:
-    out = [struct.pack("<B", KIND_RAW32) + flat.astype("<f4").tobytes()]
-    peak = float(np.max(np.abs(flat))) if flat.size else 0.0
+def smallest_payload(coded: bytes, flat: np.ndarray) -> bytes:
+    """The coded payload, or a raw float16/float32 one when that is strictly smaller.
+
+    float16 only when it suits the magnitudes (peak within [2^-14, 65504], or all
+    zero); otherwise float32 (exact).
+    """
+    n = flat.size
+    if len(coded) <= 1 + 2 * n:
+        return coded
+    peak = float(np.max(np.abs(flat))) if n else 0.0
     if peak <= FLOAT16_MAX and (peak >= FLOAT16_MIN_NORMAL or peak == 0.0):
-        out.append(struct.pack("<B", KIND_RAW16) + flat.astype("<f2").tobytes())
-    return out
+        return struct.pack("<B", KIND_RAW16) + flat.astype("<f2").tobytes()
+    if len(coded) > 1 + 4 * n:
+        return struct.pack("<B", KIND_RAW32) + flat.astype("<f4").tobytes()
+    return coded
 
 
 class SymbolStats:
@@ -325,7 +348,7 @@ class SymbolStats:
         self.stream_bits += 8 * stream_len
         self.side_bits += 8 * (payload_len - stream_len)
         present = counts > 0
-        self.cross += float(-np.dot(counts[present], np.log2(pmf[present])))
+        self.cross += float(-(counts[present] * np.log2(pmf[present])).sum())
         if model_lengths is None:
             model_lengths = huffman_code_lengths(pmf)
         self.h_model += huffman_bits_from_counts(counts, model_lengths)
@@ -361,11 +384,6 @@ def normal_fit_pmf(sample: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return normal_cell_pmf(edges, f32(mu), f32(sigma), PMF_FLOOR)
 
 
-def smallest_payload(coded: bytes, flat: np.ndarray) -> bytes:
-    """The coded payload, or a raw float16/float32 one when that is smaller (ties: coded)."""
-    return min([coded, *_raw_candidates(flat)], key=len)
-
-
 def decode_raw(payload: bytes, spec: TensorSpec, where: str) -> np.ndarray:
     """Decode a raw-fallback payload (kind byte KIND_RAW16 or KIND_RAW32)."""
     width = 2 if payload[0] == KIND_RAW16 else 4
@@ -392,16 +410,14 @@ class _Encoder(Encoder):
         if flat.size == 0:
             return Encoded(c.spec, spec, b"")
         sample = subsample(flat, FIT_SAMPLES)
-        peak = float(np.max(np.abs(flat)))
-        k = c.clip_multiple()
+        peak = float(max(flat.max(), -flat.min()))
         params: tuple[float, ...] = ()
         gparams = (2.0, 0.0, 0.0)
-        if c.model != "empirical" or k is not None:
+        if c.model != "empirical":
             params, gparams = fit_model(c.model, flat, sample)
-        sigma = gennorm_std(gparams[0], gparams[2]) if k is not None else 0.0
-        clip = min(peak, k * sigma) if k is not None and sigma > 0 else peak  # degenerate fit: peak
-        if c.grid == "midrise":  # put the outermost levels (not the cell edges) at ±clip
-            clip *= 2**c.bits / (2**c.bits - 1)
+        if c.clip != "max" and c.model in ("normal", "empirical"):
+            _, gparams = fit_model("zgennorm", flat, sample)  # GenNorm of the nonzero entries
+        clip = c.quantizer_range(peak, gparams)
         quantizer = UniformQuantizer(c.bits, f32(clip), c.grid)
         rng = ctx.rng(spec.name) if c.rounding == "stochastic" else None
         symbols = quantizer.quantize(flat, c.rounding, rng)

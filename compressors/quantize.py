@@ -113,24 +113,25 @@ class UniformQuantizer:
         dtype = _symbol_dtype(self.alphabet_size)
         if self.clip == 0 or arr.size == 0:
             return np.full(arr.size, self.zero_symbol, dtype=dtype)
-        step = self.step
-        # Position in level units: level j sits at u = j.
-        if self.grid == "midrise":
-            u = (arr.astype(np.float64) + self.clip) / step - 0.5
-        else:
-            u = arr.astype(np.float64) / step + (self.alphabet_size // 2)
+        # Position in level units (level j at u = j), float32: exact enough for <= 2^16 levels,
+        # and both ends only ever see the resulting symbols.
+        inv = 1.0 / self.step
+        work = np.float32 if inv < 1e38 else np.float64  # float64 when 1/Δ overflows float32
+        u = arr.astype(work) * work(inv)
+        u += work(self.alphabet_size / 2 - 0.5 if self.grid == "midrise" else self.alphabet_size // 2)
         np.clip(u, 0, top, out=u)
         if rounding == "nearest":
-            k = np.rint(u)
+            np.rint(u, out=u)
         elif rounding == "stochastic":
             if rng is None:
                 raise ValueError("stochastic rounding needs an explicit np.random.Generator")
-            k = np.floor(u)
-            k += rng.random(u.size) < (u - k)
-            np.minimum(k, top, out=k)
+            low = np.floor(u)
+            u -= low  # fractional part
+            low += rng.random(u.size, dtype=np.float32) < u
+            u = np.minimum(low, top, out=low)
         else:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        return k.astype(dtype)
+        return u.astype(dtype)
 
     def dequantize(self, symbols: np.ndarray) -> np.ndarray:
         sym = np.asarray(symbols).reshape(-1)

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.codecs`` measures codec throughput and bits per entry."""

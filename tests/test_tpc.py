@@ -194,7 +194,7 @@ def test_reset_mid_stream_clears_both_histories():
 
 def test_warmup_full_sends_full_gradients():
     order = 3
-    _, enc, dec = pair(f"tpc:order={order},warmup=full,trigger=relative,eps=1e9,residual=dense")
+    _, enc, dec = pair(f"tpc:order={order},warmup=full,trigger=relative,eps=1e9,max_stale=0,residual=dense")
     grads = smooth_gradients(6, SPEC.numel)
     for t, g in enumerate(grads):
         msg = enc.encode(g, SPEC, ctx(t))

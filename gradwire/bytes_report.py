@@ -404,7 +404,8 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None):
     from rich.text import Text
 
     state = "finished" if report["finished"] else "running"
-    title = (f"gradwire bytes · project {report['project'] or '–'} · codec {report['codec'] or '–'} · "
+    where = f"project {report['project']}" if report["project"] else f"from {report['source']}"
+    title = (f"gradwire bytes · {where} · codec {report['codec'] or '–'} · "
              f"{report['params']:,} params · round {report['round']}/{report['total_rounds']} ({state})")
     t = Table(title=title, title_justify="left", header_style="bold")
     for name in ("container", "rank", "rounds", "↑ payload\nB", "↑ protobuf\nB", "↑ iface\nB", "↑ iface\n/proto",
@@ -592,7 +593,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="live view, refreshed until the PS stops (Ctrl-C ends it)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
     p.add_argument("--rounds", type=int, default=None, metavar="N", help="show only the last N rounds")
+    p.add_argument("--wait", action="store_true",
+                   help="with --summary: wait for a summary written after this command started (the compose "
+                        "'report' service prints the report of the run it started beside)")
+    p.add_argument("--ps-host", default=os.environ.get("GRADWIRE_PS_HOST", ""), metavar="HOST",
+                   help="with --wait: give up once HOST no longer resolves (the PS container stopped without "
+                        "writing a summary); name resolution only, no traffic to the PS")
+    p.add_argument("--wait-timeout-s", type=float, default=0.0, help="with --wait: give up after this long (0: never)")
     return p
+
+
+def _resolves(host: str) -> bool:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return True
+
+
+def wait_for_summary(path: str, since: float, ps_host: str = "", timeout_s: float = 0.0, poll_s: float = 1.0) -> None:
+    """Block until ``path`` was (re)written at or after ``since`` (a time.time()).
+
+    Raises ReportError when ``ps_host`` stops resolving for a few polls without a fresh summary (the
+    PS is gone), or after ``timeout_s`` (if > 0).
+    """
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else math.inf
+    gone = 0
+    while True:
+        try:
+            if os.stat(path).st_mtime >= since - 1.0:
+                time.sleep(0.2)  # the PS writes a temporary file and renames it: complete once visible
+                return
+        except OSError:
+            pass
+        if ps_host:
+            gone = 0 if _resolves(ps_host) else gone + 1
+            if gone >= 3:
+                raise ReportError(f"{ps_host} stopped without writing {path}: see its log (docker compose logs ps)")
+        if time.monotonic() > deadline:
+            raise ReportError(f"no fresh {path} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
 
 
 def _from_file(path: str, kind: str) -> dict[str, Any]:
@@ -613,12 +655,15 @@ def _console():
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.interval <= 0:
         print("gradwire bytes: --interval must be > 0", file=sys.stderr)
         return 2
     try:
         if args.summary or args.status:
+            if args.wait and args.summary:
+                wait_for_summary(args.summary, started, args.ps_host, args.wait_timeout_s)
             report = _from_file(args.summary or args.status, "summary" if args.summary else "status")
             if args.json:
                 print(json.dumps(report, indent=2))

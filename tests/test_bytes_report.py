@@ -206,3 +206,21 @@ def test_cli_json_and_table_from_files(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["codec"] == "fp16"
     assert br.main(["--summary", str(tmp_path / "missing.json")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_wait_for_summary_wants_a_fresh_file(tmp_path, monkeypatch):
+    import os
+    import time
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(fake_summary()))
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # a previous run's summary: not this run's
+    monkeypatch.setattr(br, "_resolves", lambda host: False)  # the PS is gone (no DNS query is made)
+    with pytest.raises(br.ReportError, match="stopped without writing"):
+        br.wait_for_summary(str(path), time.time(), ps_host="ps", poll_s=0.01)
+    with pytest.raises(br.ReportError, match="no fresh"):
+        br.wait_for_summary(str(path), time.time(), timeout_s=0.05, poll_s=0.01)
+    since = time.time()
+    path.write_text(json.dumps(fake_summary()))  # written now: accepted at once
+    br.wait_for_summary(str(path), since, ps_host="ps", poll_s=0.01)

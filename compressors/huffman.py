@@ -1,63 +1,69 @@
 """GenNorm-modelled entropy coding of uniformly quantized gradients: ``huffman`` and ``ans``.
 
 Seed 001 (GenNorm modelling + fixed-to-variable Huffman coding of quantized
-gradients), ALGORITHMS.md §2; ``ans`` is the "beyond the paper" variant in which the
-same model drives an ANS coder (constriction).
+gradients), ALGORITHMS.md §2; ``ans`` is the "beyond the paper" variant in which a
+model drives an ANS coder (constriction) instead.
 
 Per tensor and round:
 
-1. Quantize to a uniform grid (``compressors.quantize.UniformQuantizer``) of
-   2^bits cells (``grid=midrise``) or 2^bits − 1 levels with an exact zero
-   (``grid=midtread``). ``clip`` chooses where the outermost levels sit: ``max``
-   (at ± the largest magnitude: nothing saturates) or a number k (at ±k·σ̂, σ̂
-   the standard deviation of the fitted GenNorm, but never beyond the largest
-   magnitude). The quantizer's range c (sent) is that value, times
-   2^bits/(2^bits − 1) for midrise so that its outer cell centres land there.
-   ``rounding=nearest`` (biased, deterministic) or ``stochastic`` (unbiased inside
-   ±c, uniforms from ``ctx.rng(tensor name)``).
+1. Quantize to a uniform grid (``compressors.quantize.UniformQuantizer``):
+   ``grid=midtread`` (default: 2^bits − 1 levels kΔ with an exact zero, bits >= 2)
+   or ``midrise`` (2^bits levels ±Δ/2, ±3Δ/2, ...). ``clip`` sets the range:
+   ``auto`` (default: the range that minimizes the quantizer's mean squared error
+   under the fitted GenNorm, ``compressors.gennorm.optimal_uniform_clip``, computed
+   from incomplete-gamma partial moments and cached on β rounded to 0.01), ``max``
+   (outermost levels at ± the largest magnitude: nothing saturates) or a number
+   k (outermost levels at ±k·σ̂, σ̂ the fitted GenNorm's standard deviation). The
+   outermost levels never go beyond the largest magnitude; a degenerate fit
+   (constant tensor) falls back to ``max``. ``rounding=nearest`` (default, biased,
+   deterministic) or ``stochastic`` (unbiased inside the range, uniforms from
+   ``ctx.rng(tensor name)``).
 2. Model the symbols: ``model=gennorm`` fits (β, μ, α) by maximum likelihood on a
    subsample (``compressors.gennorm.fit_gennorm``) and takes each cell's
-   probability from the GenNorm CDF (the paper's model); ``zgennorm`` (zero-inflated
-   GenNorm) also sends the fraction p0 of exactly-zero entries and fits the GenNorm
-   to the nonzero ones, pmf = (1 − p0)·GenNorm cells + p0·[zero's cell]: ReLU
-   networks have many exact zeros (6–23 % in the digits MLP), which drag a plain
-   GenNorm fit to β → 0.1 and cost 5–15 % over the entropy; ``normal`` fits (μ, σ);
-   ``empirical`` sends the symbol histogram itself.
+   probability from the GenNorm CDF (the paper's model). ``zgennorm`` (default for
+   ``huffman``; zero-inflated GenNorm) also sends the fraction p0 of exactly-zero
+   entries and fits the GenNorm to the nonzero ones: pmf = (1 − p0)·GenNorm cells +
+   p0·[zero's cell]. ReLU networks have many exact zeros (6–23 % of the digits MLP's
+   weight gradients), which drag a plain GenNorm fit to β → 0.1 and cost 5–15 %
+   over the entropy; on data without zeros zgennorm is gennorm plus 4 bytes.
+   ``normal`` fits (μ, σ). ``empirical`` (default for ``ans``) sends the symbol
+   histogram itself (one varint per symbol), which keeps ANS within 1 % of the
+   symbols' entropy where the parametric models miss by 1–2 % on real gradients.
+   With clip=auto the range always comes from a GenNorm fit (of the nonzero
+   entries for zgennorm, normal and empirical).
 3. Entropy code with that pmf: ``huffman`` builds a deterministic canonical
-   Huffman code from it (the PS rebuilds the identical code from the sent
-   parameters), ``ans`` drives constriction's ANS coder with it.
-
-The model parameters are sent rounded to float32 and both ends derive the pmf
-from those rounded values, so the code is identical on both ends.
+   Huffman code from it (``compressors.entropy.huffman_code_lengths``), ``ans``
+   drives constriction's ANS coder with it. The model parameters are sent as
+   float32 and both ends derive the pmf, hence the code, from those values.
 
 Payload layout (little-endian)::
 
     kind   u8        0 = coded, 1 = raw float16, 2 = raw float32
-    coded: clip      f32   c (0 for an all-zero tensor)
-           model     gennorm: f32 β, f32 μ, f32 α | zgennorm: f32 p0, β, μ, α
-                     normal: f32 μ, f32 σ
+    coded: clip      f32   quantizer range c (0 for an all-zero tensor)
+           model     gennorm: f32 β, μ, α | zgennorm: f32 p0, β, μ, α | normal: f32 μ, σ
                      empirical: one LEB128 varint count per symbol
            stream    compressors.entropy.huffman_encode / ans_encode output
-                     (it starts with a varint symbol count)
+                     (starts with a varint symbol count)
     raw:   values    numel × f16 or f32
 
-The raw kinds are the small-tensor fallback: the encoder sends whichever of the
-coded payload, float16 (only when the magnitudes suit float16) and float32 is
-smallest, so a 10-entry bias never costs more than its raw bytes. Every byte is
+The raw kinds are the small-tensor fallback: the encoder sends a raw payload when
+it is strictly smaller than the coded one (float16 when the magnitudes suit it,
+else float32), so a tiny bias never costs more than its raw bytes. Every byte is
 in the payload and counted.
 
-Biased with ``rounding=nearest`` (and with clipping), unbiased inside ±c with
-``rounding=stochastic``. ``ef=1`` adds error feedback (``compressors.feedback``).
+Biased with ``rounding=nearest`` (and with clipping), unbiased inside the range
+with ``rounding=stochastic``. ``ef=1`` adds error feedback (``compressors.feedback``).
 
 Statistics (encoder, accumulated since reset, over coded tensors):
-``symbol_entropy_bits`` (empirical entropy of the symbols, per tensor: the limit
-for a memoryless coder), ``coded_bits_per_symbol`` (bytes of the entropy stream,
-its count header and Huffman block table included, per symbol),
+``symbol_entropy_bits`` (empirical entropy of each tensor's symbols: the limit
+for a memoryless coder, not a bit count), ``coded_bits_per_symbol`` (bytes of the
+entropy stream, its count header and Huffman block table included, per symbol),
 ``model_cross_entropy_bits`` (what an ideal coder with the model pmf would take),
 ``huffman_model_bits_per_symbol`` / ``huffman_normal_bits_per_symbol`` /
 ``huffman_empirical_bits_per_symbol`` (codeword bits of a Huffman code built from
-the codec's model / a normal fit / the empirical histogram), ``side_info_bits_per_entry`` (every payload bit that is not the entropy stream,
-over all entries), ``raw_fraction`` (share of entries sent raw) and ``beta_mean``.
+the codec's model / a normal fit / the empirical histogram),
+``side_info_bits_per_entry`` (every payload bit that is not the entropy stream, over
+all entries), ``raw_fraction`` (share of entries sent raw) and ``beta_mean``.
 """
 
 from __future__ import annotations
@@ -213,6 +219,17 @@ def fit_model(model: str, flat: np.ndarray, sample: np.ndarray) -> tuple[tuple[f
 
 
 @dataclass(frozen=True)
+class Quantized:
+    """One tensor after quantization: what the encoder then models and entropy codes."""
+
+    quantizer: UniformQuantizer
+    symbols: np.ndarray
+    params: tuple[float, ...]  # model parameters as sent (float32 values); () for empirical
+    gparams: tuple[float, float, float]  # the GenNorm (β, μ, α) behind the range (and the model)
+    sample: np.ndarray  # the fitting subsample
+
+
+@dataclass(frozen=True)
 class _EntropyQuantCodec(Codec):
     """Shared implementation of ``huffman`` and ``ans`` (they differ only in the coder)."""
 
@@ -221,7 +238,7 @@ class _EntropyQuantCodec(Codec):
     model: str = "zgennorm"
     rounding: str = "nearest"
     ef: bool = False
-    clip: str = "max"
+    clip: str = "auto"
     grid: str = "midtread"
 
     def __post_init__(self) -> None:
@@ -271,6 +288,20 @@ class _EntropyQuantCodec(Codec):
 
     def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
         return _Decoder(self)
+
+    def quantize_tensor(self, flat: np.ndarray, rng: np.random.Generator | None = None) -> Quantized:
+        """Steps 1–2 of the encoder (fit, range, quantize) for a finite, non-empty float32 vector."""
+        sample = subsample(flat, FIT_SAMPLES)
+        peak = float(max(flat.max(), -flat.min()))
+        params: tuple[float, ...] = ()
+        gparams = (2.0, 0.0, 0.0)
+        if self.model != "empirical":
+            params, gparams = fit_model(self.model, flat, sample)
+        if self.clip != "max" and self.model in ("normal", "empirical"):
+            _, gparams = fit_model("zgennorm", flat, sample)  # GenNorm of the nonzero entries
+        quantizer = UniformQuantizer(self.bits, f32(self.quantizer_range(peak, gparams)), self.grid)
+        symbols = quantizer.quantize(flat, self.rounding, rng)
+        return Quantized(quantizer, symbols, params, gparams, sample)
 
     # -- the entropy coder, by name
     def code_for(self, pmf: np.ndarray) -> np.ndarray | None:
@@ -409,18 +440,8 @@ class _Encoder(Encoder):
         c = self.codec
         if flat.size == 0:
             return Encoded(c.spec, spec, b"")
-        sample = subsample(flat, FIT_SAMPLES)
-        peak = float(max(flat.max(), -flat.min()))
-        params: tuple[float, ...] = ()
-        gparams = (2.0, 0.0, 0.0)
-        if c.model != "empirical":
-            params, gparams = fit_model(c.model, flat, sample)
-        if c.clip != "max" and c.model in ("normal", "empirical"):
-            _, gparams = fit_model("zgennorm", flat, sample)  # GenNorm of the nonzero entries
-        clip = c.quantizer_range(peak, gparams)
-        quantizer = UniformQuantizer(c.bits, f32(clip), c.grid)
-        rng = ctx.rng(spec.name) if c.rounding == "stochastic" else None
-        symbols = quantizer.quantize(flat, c.rounding, rng)
+        q = c.quantize_tensor(flat, ctx.rng(spec.name) if c.rounding == "stochastic" else None)
+        quantizer, symbols, params, gparams, sample = q.quantizer, q.symbols, q.params, q.gparams, q.sample
         counts = np.bincount(symbols, minlength=quantizer.alphabet_size)
         if c.model == "empirical":
             head = write_counts(counts)

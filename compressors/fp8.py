@@ -7,19 +7,22 @@ Huffman coding them with a GenNorm model (ALGORITHMS.md §2). Per tensor:
    = E4M3FN, 57344 for 1-5-2 = E5M2), rounded to float32.
 2. Codes: x/s rounded to nearest-even in the format (subnormals kept; no
    NaN/Inf code and no negative zero is produced), ``compressors.quantize.fp8_quantize``.
-3. ``coder=none``: the 256 byte codes as they are (8 bits per entry).
+3. ``coder=none`` (default): the 256 byte codes as they are (8 bits per entry).
    ``coder=huffman`` / ``ans``: the codes are entropy coded with a model pmf over
-   the 256 codes: ``model=gennorm`` fits (β, μ, α) and gives each code the
-   GenNorm probability of its rounding cell (the interval of values that round
-   to it), ``model=empirical`` sends the code histogram.
+   the 256 codes. ``model=zgennorm`` (default) sends the fraction p0 of exact
+   zeros and fits (β, μ, α) to the nonzero entries; ``gennorm`` (the paper's) fits
+   all entries. Each code gets the model probability of its rounding cell (the
+   interval of values that round to it), zeros going to code 0x00.
+   ``model=empirical`` sends the code histogram instead. Whenever the coded
+   payload would be larger than the plain codes, the plain codes are sent.
 
 Payload layout (little-endian)::
 
     kind   u8        0 = plain codes, 3 = entropy coded, 1/2 = raw float16/float32
     plain: scale f32, then numel code bytes
-    coded: scale f32, model (gennorm: f32 β, μ, α | empirical: 256 LEB128 counts),
-           then the huffman_encode / ans_encode stream
-    raw:   numel × f16 / f32 (small-tensor fallback, whichever payload is smallest)
+    coded: scale f32, model (zgennorm: f32 p0, β, μ, α | gennorm: f32 β, μ, α |
+           empirical: 256 LEB128 counts), then the huffman_encode / ans_encode stream
+    raw:   numel × f16 / f32 (small-tensor fallback, when strictly smaller)
 
 Biased (round to nearest). ``ef=1`` adds error feedback. Statistics as for
 ``huffman`` (``compressors.huffman.SymbolStats``).
@@ -52,7 +55,7 @@ from compressors.entropy import (
     huffman_encode,
 )
 from compressors.feedback import maybe_error_feedback
-from compressors.gennorm import fit_gennorm, gennorm_cell_pmf, subsample
+from compressors.gennorm import gennorm_cell_pmf, subsample
 from compressors.huffman import (
     FIT_SAMPLES,
     KIND_RAW16,
@@ -60,7 +63,7 @@ from compressors.huffman import (
     PMF_FLOOR,
     SymbolStats,
     decode_raw,
-    f32,
+    fit_model,
     normal_fit_pmf,
     read_counts,
     smallest_payload,
@@ -72,7 +75,8 @@ from compressors.registry import register
 KIND_PLAIN = 0
 KIND_CODED = 3
 CODERS = ("none", "huffman", "ans")
-MODELS = ("gennorm", "empirical")
+MODELS = ("zgennorm", "gennorm", "empirical")
+MODEL_PARAMS = {"zgennorm": 4, "gennorm": 3}
 ALPHABET = 256
 
 
@@ -88,7 +92,22 @@ def _code_pmf(fmt: str, scale: float, cell_pmf) -> np.ndarray:
 
 
 def gennorm_code_pmf(fmt: str, scale: float, beta: float, mu: float, alpha: float) -> np.ndarray:
+    """pmf over the codes when x ~ GenNorm(β, μ, α) and codes = fp8(x / scale)."""
     return _code_pmf(fmt, scale, lambda e: gennorm_cell_pmf(e, beta, mu, alpha, PMF_FLOOR))
+
+
+def model_code_pmf(model: str, fmt: str, scale: float, params: tuple[float, ...]) -> np.ndarray:
+    """pmf over the codes for ``gennorm`` (β, μ, α) or ``zgennorm`` (p0, β, μ, α) parameters."""
+    if model == "gennorm":
+        return gennorm_code_pmf(fmt, scale, *params)
+    p0, beta, mu, alpha = params
+    if not 0.0 <= p0 <= 1.0:
+        raise CodecError(f"zero fraction {p0} outside [0, 1]")
+    continuous = gennorm_code_pmf(fmt, scale, beta, mu, alpha)
+    zero = np.zeros(ALPHABET)
+    zero[0] = 1.0  # exact zeros are code 0x00 (negative zero is never produced)
+    p = np.maximum((1.0 - p0) * continuous + p0 * zero, PMF_FLOOR)
+    return p / p.sum()
 
 
 @register
@@ -99,7 +118,7 @@ class FP8Codec(Codec):
     name = "fp8"
     format: str = "143"
     coder: str = "none"
-    model: str = "gennorm"
+    model: str = "zgennorm"
     ef: bool = False
 
     def __post_init__(self) -> None:
@@ -140,10 +159,10 @@ class _FP8Encoder(Encoder):
             head, stream = struct.pack("<Bf", KIND_PLAIN, s), codes.tobytes()
             pmf = counts / counts.sum()
         else:
-            if c.model == "gennorm":
-                params = tuple(f32(v) for v in fit_gennorm(sample, FIT_SAMPLES))
-                beta = params[0]
-                pmf = gennorm_code_pmf(c.format, s, *params)
+            if c.model in MODEL_PARAMS:
+                params, gparams = fit_model(c.model, flat, sample)
+                beta = gparams[0]
+                pmf = model_code_pmf(c.model, c.format, s, params)
                 model_bytes = np.asarray(params, dtype="<f4").tobytes()
             else:
                 pmf = counts / counts.sum()
@@ -154,6 +173,8 @@ class _FP8Encoder(Encoder):
                 stream = huffman_encode(codes, lengths)
             else:
                 stream = ans_encode(codes, pmf)
+        if len(head) + len(stream) > 5 + flat.size:  # never worse than the plain codes
+            head, stream = struct.pack("<Bf", KIND_PLAIN, s), codes.tobytes()
         payload = smallest_payload(head + stream, flat)
         if payload[0] in (KIND_RAW16, KIND_RAW32):
             self.acc.add_raw(flat.size, len(payload))
@@ -186,8 +207,8 @@ class _FP8Decoder(Decoder):
             return decode_raw(payload, spec, where)
         if kind not in (KIND_PLAIN, KIND_CODED):
             raise CodecError(f"{where}: unknown payload kind {kind}")
-        if (kind == KIND_PLAIN) != (c.coder == "none"):
-            raise CodecError(f"{where}: payload kind {kind} does not match coder={c.coder}")
+        if kind == KIND_CODED and c.coder == "none":
+            raise CodecError(f"{where}: entropy-coded payload (kind {kind}) but coder=none")
         if len(payload) < 5:
             raise CodecError(f"{where}: payload too short for its header")
         (scale,) = struct.unpack_from("<f", payload, 1)
@@ -200,13 +221,14 @@ class _FP8Decoder(Decoder):
         else:
             offset = 5
             counts = None
-            if c.model == "gennorm":
-                if len(payload) < offset + 12:
+            if c.model in MODEL_PARAMS:
+                nparams = MODEL_PARAMS[c.model]
+                if len(payload) < offset + 4 * nparams:
                     raise CodecError(f"{where}: payload too short for the model parameters")
-                params = tuple(float(v) for v in np.frombuffer(payload, dtype="<f4", count=3, offset=offset))
-                offset += 12
+                params = tuple(float(v) for v in np.frombuffer(payload, dtype="<f4", count=nparams, offset=offset))
+                offset += 4 * nparams
                 try:
-                    pmf = gennorm_code_pmf(c.format, scale, *params)
+                    pmf = model_code_pmf(c.model, c.format, scale, params)
                 except (CodecError, ValueError) as exc:
                     raise CodecError(f"{where}: bad model parameters {params}: {exc}") from None
             else:

@@ -51,6 +51,7 @@ FP8_SPECS = [
     "fp8:format=152,coder=ans",
     "fp8:coder=ans,model=empirical",
     "fp8:coder=huffman,model=empirical,ef=1",
+    "fp8:format=152,coder=huffman,model=gennorm",
 ]
 ALL_SPECS = UNIFORM_SPECS + FP8_SPECS
 SHAPES = [(), (0,), (1,), (7,), (10,), (33, 17), (5000,)]
@@ -265,6 +266,7 @@ def test_stats_keys():
         "fp8:format=134",
         "fp8:coder=zstd",
         "fp8:model=normal",
+        "fp8:model=max",
     ],
 )
 def test_bad_options(bad):
@@ -316,10 +318,19 @@ def test_bad_model_parameters_rejected():
         _decode("huffman", negative_clip, (3000,))
 
 
-def test_fp8_kind_must_match_coder():
-    msg, _ = roundtrip("fp8", gradient_like((3000,), seed=1))
-    with pytest.raises(CodecError, match="does not match"):
-        _decode("fp8:coder=ans", msg.payload, (3000,))
+def test_fp8_kinds():
+    x = gradient_like((3000,), seed=1)
+    coded, _ = roundtrip("fp8:coder=ans", x)
+    assert coded.payload[0] == 3
+    with pytest.raises(CodecError, match="coder=none"):
+        _decode("fp8", coded.payload, (3000,))
+    plain, y = roundtrip("fp8", x)
+    assert plain.payload[0] == 0 and len(plain.payload) == 5 + 3000
+    # A coded decoder accepts plain codes: the encoder falls back to them when coding does not pay.
+    np.testing.assert_array_equal(_decode("fp8:coder=ans", plain.payload, (3000,)), y)
+    noise = np.random.default_rng(0).uniform(-1, 1, 3000).astype(np.float32)  # ~8 bits of entropy per code
+    msg, _ = roundtrip("fp8:format=143,coder=huffman,model=gennorm", noise)
+    assert len(msg.payload) <= 5 + 3000
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +358,13 @@ def test_corrupt_payloads_never_crash(payloads, data):
 GOLDEN_SPECS = {
     "huffman": ["huffman", "huffman:model=gennorm", "huffman:bits=2,model=normal", "huffman:bits=8,model=empirical,grid=midrise"],
     "ans": ["ans", "ans:model=zgennorm", "ans:rounding=stochastic,grid=midrise"],
-    "fp8": ["fp8:format=143", "fp8:format=152", "fp8:format=143,coder=huffman", "fp8:format=152,coder=ans,model=empirical"],
+    "fp8": [
+        "fp8:format=143",
+        "fp8:format=152",
+        "fp8:format=143,coder=huffman",
+        "fp8:format=152,coder=ans,model=empirical",
+        "fp8:format=143,coder=ans,model=gennorm",
+    ],
 }
 
 

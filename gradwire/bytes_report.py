@@ -457,6 +457,10 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None):
         "vs dense = 32-bit dense bytes / iface bytes. Green ratio: within "
         f"{ALLOWANCE_RELATIVE:.0%} + {ALLOWANCE_PER_MESSAGE_BYTES} B/message + {ALLOWANCE_PER_CONNECTION_BYTES} B "
         "of the protobuf bytes.", style="dim")
+    if not report["finished"] and any(r["interface_source"] == "docker-stats" for r in report["workers"]):
+        notes.append("\nWhile training runs, the interface counters and the PS's counts are read up to about half "
+                     "a second apart, so the ratios of fast rounds move by a few percent; they are exact once the "
+                     "run has finished.", style="yellow")
     return Group(t, rt, notes)
 
 
@@ -492,17 +496,13 @@ def _live_counters(container) -> dict[str, dict[str, int]] | None:
 
 
 def list_containers(client, project: str) -> list[tuple[Any, ContainerInfo]]:
-    found = client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project}"})
-    running = [c for c in found if c.status == "running"]
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(running)))) as pool:
-        live = dict(zip([c.id for c in running], pool.map(_live_counters, running), strict=True))
+    """The project's containers (docker SDK objects and their ContainerInfo, without live counters)."""
     out = []
-    for c in found:
+    for c in client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project}"}):
         labels = c.labels or {}
         out.append((c, ContainerInfo(
             name=c.name, id=c.id, hostname=(c.attrs.get("Config") or {}).get("Hostname", ""),
             service=labels.get(SERVICE_LABEL, ""), state=c.status, number=_int(labels.get(NUMBER_LABEL)),
-            live=live.get(c.id),
         )))
     return out
 
@@ -523,20 +523,32 @@ def _ps_port(container) -> int:
         return DEFAULT_PORT
 
 
+# Runs inside the PS container: imports only grpc and the generated protos (~0.3 s), unlike the
+# full CLI, so the Status and the interface counters read beside it are close in time.
+_STATUS_SNIPPET = (
+    "import json, sys, grpc\n"
+    "from gradwire.status import fetch_status, status_as_dict\n"
+    "with grpc.insecure_channel(sys.argv[1]) as ch:\n"
+    "    print(json.dumps(status_as_dict(fetch_status(ch))))\n"
+)
+
+
 def _status_via_exec(container) -> dict | None:
-    """`gradwire status --json` run inside the PS container, over its loopback."""
-    try:
-        result = container.exec_run(["gradwire", "status", "--json", "--address", f"127.0.0.1:{_ps_port(container)}"],
-                                    demux=True)
-    except Exception:
-        return None
-    stdout = (result.output[0] if isinstance(result.output, tuple) else result.output) or b""
-    if result.exit_code != 0:
-        return None
-    try:
-        return json.loads(stdout)
-    except json.JSONDecodeError:
-        return None
+    """The PS's Status, fetched inside the PS container over its loopback."""
+    address = f"127.0.0.1:{_ps_port(container)}"
+    for cmd in (["python", "-c", _STATUS_SNIPPET, address],
+                ["gradwire", "status", "--json", "--address", address]):
+        try:
+            result = container.exec_run(cmd, demux=True)
+        except Exception:
+            return None
+        stdout = (result.output[0] if isinstance(result.output, tuple) else result.output) or b""
+        if result.exit_code == 0:
+            try:
+                return json.loads(stdout)
+            except json.JSONDecodeError:
+                continue
+    return None
 
 
 def _summary_via_archive(container) -> dict | None:
@@ -561,7 +573,14 @@ def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
     ps = next((c for c, info in pairs if info.service == ps_service), None)
     if ps is None:
         raise ReportError(f"compose project {project!r} has no {ps_service!r} service container")
-    data = _status_via_exec(ps) if ps.status == "running" else None
+    # The Status and every running container's counters are read at the same time, so that during
+    # training they describe (nearly) the same moment.
+    running = [(c, info) for c, info in pairs if c.status == "running"]
+    with ThreadPoolExecutor(max_workers=min(16, len(running) + 1)) as pool:
+        status = pool.submit(_status_via_exec, ps) if ps.status == "running" else None
+        for (_, info), live in zip(running, pool.map(lambda pair: _live_counters(pair[0]), running), strict=True):
+            info.live = live
+        data = status.result() if status is not None else None
     run = run_from_status(data) if data else None
     if run is None:
         summary = _summary_via_archive(ps)
@@ -651,7 +670,7 @@ def _console():
     from rich.console import Console
 
     # Not a terminal (a pipe, a file, `docker compose up` logs): wide enough that no column is cut.
-    return Console(width=None if sys.stdout.isatty() else max(150, int(os.environ.get("COLUMNS", "0") or 0)))
+    return Console(width=None if sys.stdout.isatty() else max(160, int(os.environ.get("COLUMNS", "0") or 0)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,26 +12,34 @@ Huffman
     whose probability is zero. Codes are canonical: symbols sorted by
     (length, symbol) take consecutive code values.
 
-    ``huffman_encode`` layout, all big-endian bit order (MSB first)::
+    ``huffman_encode`` layout, bits MSB first::
 
-        [block table]   only when count > block size B (B depends on count alone):
+        count           LEB128 varint, the number of symbols
+        [block table]   only when count > block size B (B depends on count alone,
+                        ``huffman_block_symbols``):
                         u32 little-endian  base  (smallest block length in bits)
                         u8                 width (bits per packed entry, 0..32)
                         (K-1) x width bits (block_bits - base), packed, padded to a byte
         [code stream]   the codewords of all symbols, concatenated, zero-padded to a byte
 
-    The symbols are cut into K blocks of B consecutive symbols. The table holds
-    the bit length of every block but the last, so the decoder can run all
-    blocks as parallel lanes (one vectorized table lookup per step over all
-    lanes) instead of a bit-serial loop. It costs about 10 bits per block,
-    ~0.005-0.01 bit/symbol. ``huffman_bits`` counts codeword bits only;
-    ``len(huffman_encode(...))`` is what goes on the wire.
+    Encoding is vectorized: codewords are combined into pairs and quadruples by
+    table lookups, then OR-reduced into 64-bit words (``np.bitwise_or.reduceat``).
+    Decoding cuts the symbols into K blocks of B consecutive symbols whose bit
+    lengths the block table holds, and runs all blocks as parallel lanes: each
+    step looks up a 16-bit (or L-bit) window per lane in a multi-symbol table that
+    yields up to 7 symbols at once, so a Python-level step handles thousands of
+    symbols. The table costs about 10 bits per block (~0.005–0.01 bit/symbol);
+    lanes must end exactly where the next begins and the last one in the last
+    byte, which catches truncation, padding and most corruption.
+    ``huffman_bits`` counts codeword bits only; ``len(huffman_encode(...))`` is
+    what goes on the wire.
 
 ANS
     ``ans_encode`` / ``ans_decode`` drive constriction's stack coder
     (``constriction.stream.stack.AnsCoder``) with a ``Categorical`` model built
-    from the caller's pmf (``perfect=False``). Layout: the coder's compressed
-    32-bit words, little-endian.
+    from the caller's pmf (``perfect=False``). Layout: LEB128 varint count, then
+    the coder's compressed 32-bit words, little-endian. The decoder checks the
+    count and that the coder is empty afterwards.
 
 Malformed data (wrong length, wrong count, invalid codes) raises
 ``compressors.base.CodecError`` with a reason.
@@ -257,6 +265,7 @@ class _Code:
         self.codes = canonical_codes(ln)
         self.lengths = ln.astype(np.uint64)
         self.lengths_i64 = ln
+        self.lengths_u8 = ln.astype(np.uint8)
         self.complete = bool(np.sum(np.ldexp(1.0, -ln)) == 1.0)
         # Encoder: codewords of symbol pairs ((n+1)^2 entries; symbol n is "nothing")
         # when the alphabet is small, so packing runs over pairs or quadruples.
@@ -282,6 +291,7 @@ class _Code:
         #   bits 0-4 bits consumed, 5-7 symbols decoded k, 8 invalid, 9+ k symbols of S bits.
         self.window = window = max(max_len, 16)
         self.sym_bits = s_bits = max(1, (n - 1).bit_length())
+        self.sym_dtype = np.uint8 if s_bits <= 8 else np.uint16 if s_bits <= 16 else np.uint32
         self.kmax = kmax = max(1, min(7, (63 - 9) // s_bits))
         v = np.arange(1 << window, dtype=np.int64)
         wmask = np.int64((1 << window) - 1)
@@ -419,7 +429,7 @@ def _pack_bits(codes: np.ndarray, lens: np.ndarray) -> tuple[bytes, np.ndarray]:
     lo = codes << np.where(fits, 0, 64 + room).astype(np.uint64)
     lo[fits] = 0
     words = np.zeros((total + 63) // 64 + 1, dtype=np.uint64)
-    first = np.flatnonzero(np.diff(word, prepend=-1))  # first codeword of every touched word
+    first = np.flatnonzero(np.concatenate([[True], word[1:] != word[:-1]]))  # first codeword in each word
     idx = word[first]
     words[idx] = np.bitwise_or.reduceat(hi, first)
     words[idx + 1] |= np.bitwise_or.reduceat(lo, first)
@@ -472,14 +482,17 @@ def _words(stream: bytes, pad_bits: int) -> np.ndarray:
 
 
 def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
-    """Decode ``count`` symbols (int64) written by ``huffman_encode`` with the same ``lengths``."""
+    """Decode ``count`` symbols written by ``huffman_encode`` with the same ``lengths``.
+
+    The symbols come back as the smallest unsigned dtype holding the alphabet (uint8 up to 256).
+    """
     code = _code(_lengths_key(lengths))
     data = _check_count(bytes(data), count, "Huffman")
     count = int(count)
     if count == 0:
         if data:
             raise CodecError(f"{len(data)} Huffman bytes after a zero symbol count")
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=code.sym_dtype)
     block = huffman_block_symbols(count)
     nblocks = -(-count // block)
     if nblocks > 1:
@@ -506,7 +519,7 @@ def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     symbols = _decode_lanes(code, words, starts, need)
     # Every lane must end exactly where the next begins; the last one in the last byte.
     lane_first = np.arange(nblocks, dtype=np.int64) * block
-    ends = starts + np.add.reduceat(code.lengths_i64[symbols], lane_first)
+    ends = starts + np.add.reduceat(code.lengths_u8[symbols], lane_first, dtype=np.int64)
     if not np.array_equal(ends[:-1], starts[1:]):
         raise CodecError("Huffman blocks do not end where the block table says (corrupt data or wrong code)")
     if (int(ends[-1]) + 7) // 8 != len(stream):
@@ -560,18 +573,25 @@ def _decode_lanes(code: _Code, words: np.ndarray, starts: np.ndarray, need: np.n
         got += ((block_entries >> 5) & 7).sum(axis=0)
         if (got >= need).all():
             break
-    entries = np.concatenate(steps).T  # (lanes, steps)
+    entries = np.concatenate(steps)  # (steps, lanes)
     k = (entries >> 5) & 7
-    before = np.cumsum(k, axis=1) - k  # symbols decoded by a lane before each step
-    useful = before < need[:, None]
-    if ((entries >> 8) & 1)[useful].any():
-        raise CodecError("Huffman stream contains a bit pattern that is not a codeword")
-    sym_mask = np.int64((1 << code.sym_bits) - 1)
-    j = np.arange(code.kmax, dtype=np.int64)
-    syms = (entries[:, :, None] >> (9 + code.sym_bits * j)) & sym_mask  # (lanes, steps, kmax)
-    keep = (j < k[:, :, None]) & ((before[:, :, None] + j) < need[:, None, None])
+    before = np.cumsum(k, axis=0)
+    before -= k  # symbols decoded by a lane before each step
     if (got < need).any():
         raise CodecError("Huffman lanes ran out of steps (corrupt data)")
+    if ((entries >> 8) & 1)[before < need[None, :]].any():
+        raise CodecError("Huffman stream contains a bit pattern that is not a codeword")
+    nsteps = entries.shape[0]
+    sym_dtype = code.sym_dtype
+    sym_mask = np.int64((1 << code.sym_bits) - 1)
+    # Lane-major (lanes, steps, kmax) so that the kept symbols come out in stream order.
+    syms = np.empty((nlanes, nsteps, code.kmax), dtype=sym_dtype)
+    keep = np.empty((nlanes, nsteps, code.kmax), dtype=bool)
+    et, kt, bt = entries.T, k.T, before.T
+    room = need[:, None] - bt  # symbols a lane still needs at each step
+    for j in range(code.kmax):
+        syms[:, :, j] = (et >> (9 + code.sym_bits * j)) & sym_mask
+        keep[:, :, j] = (kt > j) & (room > j)
     return syms[keep]
 
 

@@ -7,8 +7,9 @@ model drives an ANS coder (constriction) instead.
 Per tensor and round:
 
 1. Quantize to a uniform grid (``compressors.quantize.UniformQuantizer``):
-   ``grid=midtread`` (default: 2^bits − 1 levels kΔ with an exact zero, bits >= 2)
-   or ``midrise`` (2^bits levels ±Δ/2, ±3Δ/2, ...). ``clip`` sets the range:
+   ``grid=midtread`` (2^bits − 1 levels kΔ with an exact zero, bits >= 2) or
+   ``midrise`` (2^bits levels ±Δ/2, ±3Δ/2, ...); ``auto`` (default) is midtread
+   from 2 bits up and midrise for 1 bit. ``clip`` sets the range:
    ``auto`` (default: the range that minimizes the quantizer's mean squared error
    under the fitted GenNorm, ``compressors.gennorm.optimal_uniform_clip``, computed
    from incomplete-gamma partial moments and cached on β rounded to 0.01), ``max``
@@ -239,7 +240,7 @@ class _EntropyQuantCodec(Codec):
     rounding: str = "nearest"
     ef: bool = False
     clip: str = "auto"
-    grid: str = "midtread"
+    grid: str = "auto"
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 8:
@@ -248,10 +249,10 @@ class _EntropyQuantCodec(Codec):
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.grid not in GRIDS:
-            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.grid not in ("auto", *GRIDS):
+            raise ValueError(f"grid must be auto or one of {GRIDS}, got {self.grid!r}")
         if self.grid == "midtread" and self.bits < 2:
-            raise ValueError("grid=midtread needs bits >= 2; use grid=midrise for 1 bit")
+            raise ValueError("grid=midtread needs bits >= 2; use grid=midrise (or auto) for 1 bit")
         self.clip_mode()  # validates
 
     def clip_mode(self) -> tuple[str, float]:
@@ -269,7 +270,7 @@ class _EntropyQuantCodec(Codec):
     def quantizer_range(self, peak: float, gparams: tuple[float, float, float]) -> float:
         """The quantizer range c (sent) for a tensor with this peak and GenNorm fit (β, μ, α)."""
         # Range that puts the outermost levels at ±peak (midrise levels sit half a step inside).
-        widen = 2**self.bits / (2**self.bits - 1) if self.grid == "midrise" else 1.0
+        widen = 2**self.bits / (2**self.bits - 1) if self.grid_kind == "midrise" else 1.0
         full = peak * widen
         mode, k = self.clip_mode()
         beta, _, alpha = gparams
@@ -277,11 +278,18 @@ class _EntropyQuantCodec(Codec):
             return full
         if mode == "std":
             return min(full, k * gennorm_std(beta, alpha) * widen)
-        return min(full, optimal_uniform_clip(beta, alpha, self.bits, self.grid))
+        return min(full, optimal_uniform_clip(beta, alpha, self.bits, self.grid_kind))
 
     @property
     def alphabet_size(self) -> int:
-        return 2**self.bits if self.grid == "midrise" else 2**self.bits - 1
+        return 2**self.bits if self.grid_kind == "midrise" else 2**self.bits - 1
+
+    @property
+    def grid_kind(self) -> str:
+        """The grid in use: ``auto`` is midtread from 2 bits up, midrise for 1 bit."""
+        if self.grid == "auto":
+            return "midtread" if self.bits >= 2 else "midrise"
+        return self.grid
 
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(_Encoder(self), _Decoder(self), self.ef)
@@ -299,7 +307,7 @@ class _EntropyQuantCodec(Codec):
             params, gparams = fit_model(self.model, flat, sample)
         if self.clip != "max" and self.model in ("normal", "empirical"):
             _, gparams = fit_model("zgennorm", flat, sample)  # GenNorm of the nonzero entries
-        quantizer = UniformQuantizer(self.bits, f32(self.quantizer_range(peak, gparams)), self.grid)
+        quantizer = UniformQuantizer(self.bits, f32(self.quantizer_range(peak, gparams)), self.grid_kind)
         symbols = quantizer.quantize(flat, self.rounding, rng)
         return Quantized(quantizer, symbols, params, gparams, sample)
 
@@ -491,7 +499,7 @@ class _Decoder(Decoder):
         if not (math.isfinite(clip) and clip >= 0):
             raise CodecError(f"{where}: invalid clip value {clip}")
         try:
-            quantizer = UniformQuantizer(c.bits, clip, c.grid)
+            quantizer = UniformQuantizer(c.bits, clip, c.grid_kind)
         except ValueError as exc:
             raise CodecError(f"{where}: {exc}") from None
         offset = 5

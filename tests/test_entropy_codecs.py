@@ -35,7 +35,7 @@ UNIFORM_SPECS = [
     "huffman:model=gennorm",
     "huffman:bits=2,model=normal",
     "huffman:bits=8,model=empirical",
-    "huffman:bits=1,grid=midrise",
+    "huffman:bits=1",
     "huffman:bits=3,grid=midrise,rounding=stochastic",
     "huffman:clip=3",
     "huffman:ef=1",
@@ -86,7 +86,7 @@ def error_bound(spec_text: str, x: np.ndarray, payload: bytes) -> np.ndarray | N
         mbits = 3 if codec.format == "143" else 2
         return np.abs(x) * 2.0 ** -(mbits + 1) * 1.001 + tiny + slack
     (c,) = struct.unpack_from("<f", payload, 1)  # the quantizer range, as sent
-    if codec.grid == "midrise":
+    if codec.grid_kind == "midrise":
         step = 2 * c / 2**codec.bits
         outer = c - step / 2
     else:
@@ -260,7 +260,7 @@ def test_stats_keys():
         "huffman:model=laplace",
         "huffman:clip=-1",
         "huffman:clip=wide",
-        "huffman:bits=1",  # midtread grid needs 2 bits
+        "huffman:bits=1,grid=midtread",  # a midtread grid needs 2 bits
         "ans:rounding=up",
         "ans:grid=square",
         "fp8:format=134",
@@ -275,6 +275,8 @@ def test_bad_options(bad):
 
 
 def test_canonical_spec_strings():
+    assert create_codec("huffman:bits=1").grid_kind == "midrise"
+    assert create_codec("huffman:bits=2").grid_kind == "midtread"
     assert create_codec("huffman:bits=4").spec == "huffman"
     assert create_codec("ans:bits=4,model=empirical").spec == "ans"
     assert create_codec("fp8:format=152,coder=ans").spec == "fp8:format=152,coder=ans"

@@ -215,7 +215,8 @@ def plot(runs: list[dict], summaries: dict[str, dict], path: Path, args: argpars
     colors = {M: palette[i % len(palette)] for i, M in enumerate(Ms)}
     styles = {R: ["-", "--", ":", "-."][i % 4] for i, R in enumerate(Rs)}
     markers = {R: ["o", "s", "^", "D"][i % 4] for i, R in enumerate(Rs)}
-    fig, axes = plt.subplots(1, len(dists) + 1, figsize=(6.2 * (len(dists) + 1), 5.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, len(dists) + 1, figsize=(6.2 * (len(dists) + 1), 5.6))
+    fig.subplots_adjust(left=0.05, right=0.99, top=0.88, bottom=0.14, wspace=0.22)
     dense = summaries.get("dense")
 
     def curve(s):
@@ -238,7 +239,7 @@ def plot(runs: list[dict], summaries: dict[str, dict], path: Path, args: argpars
         ax.set_ylabel("test accuracy")
         ax.set_title(f"m22, dist={dist}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, ncol=2, loc="lower right")
+        ax.legend(fontsize=7.5, ncol=1, loc="lower right")
 
     ax = axes[-1]
     for run in runs:
@@ -264,6 +265,11 @@ def plot(runs: list[dict], summaries: dict[str, dict], path: Path, args: argpars
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"M22 sweep: {args.workers} workers × {args.rounds} rounds, seed {args.seed}", fontsize=12)
+    note = f"m22 options: {args.options or 'defaults (rescale=norm, coder=ans, ef=1, gamma=0.7)'}"
+    if "rescale=none" not in args.options and 1 in Rs:
+        note += (".  R=1 is a sign quantizer whose rescaled level depends neither on M nor on the family: "
+                 "those runs coincide.")
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8.5, color="0.25")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

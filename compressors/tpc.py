@@ -55,7 +55,9 @@ K rounds; 0 = no limit) · ``residual`` (codec spec of C) · ``coef`` (``fp32`` 
 ``fp16``) · ``ridge`` (1e-8) · ``warmup`` (``order``: order min(t, p) while the
 history is short; ``full``: full updates until p reconstructions are held) ·
 ``granularity`` (``model``: one coefficient vector for the whole flattened
-update; ``tensor``: p coefficients per parameter tensor) · ``check`` (digest
+update; ``tensor``: p coefficients per parameter tensor, and each tensor's
+trigger decides alone, the LAG rule comparing the tensor's ‖r‖² with the
+whole-model threshold) · ``check`` (digest
 bytes, 0–4) · ``ef`` (error feedback on the residual: the worker keeps what the
 residual codec or a skipped round dropped and adds it to the next residual).
 

@@ -259,13 +259,12 @@ def fit_dweibull(z: np.ndarray, max_samples: int = 50_000, rng: np.random.Genera
     """
     from scipy import optimize
 
-    y = np.abs(np.asarray(z, dtype=np.float64).reshape(-1))
+    from compressors.gennorm import subsample  # the same deterministic subsample as the GenNorm fit
+
+    y = np.abs(subsample(z, max_samples, rng))
     y = y[y > 0]
     if y.size < 2:
         return 1.0, float(y.mean()) if y.size else 1.0
-    if y.size > max_samples:
-        gen = rng if rng is not None else np.random.default_rng(0)
-        y = y[gen.choice(y.size, size=max_samples, replace=False)]
     logs = np.log(y)
     mean_log = float(logs.mean())
     centred = logs - logs.max()
@@ -281,7 +280,7 @@ def fit_dweibull(z: np.ndarray, max_samples: int = 50_000, rng: np.random.Genera
     elif f_hi >= 0:
         c = hi
     else:
-        c = float(optimize.brentq(profile, lo, hi, xtol=1e-8, rtol=1e-10))
+        c = float(optimize.brentq(profile, lo, hi, xtol=1e-6, rtol=1e-6))  # designs round c to 1e-3
     lam = float(np.mean(np.exp(c * (logs - logs.max()))) ** (1.0 / c) * math.exp(logs.max()))
     return c, lam
 
@@ -304,6 +303,17 @@ FLAG_RAW = 0x04
 PMF_FLOOR = 1e-12  # every cell keeps a code, even where the model puts ~no mass
 RESCALES = ("norm", "ls", "model", "none")
 CODERS = ("ans", "huffman")
+
+
+def cell_indices(z: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Cell of every entry: the number of thresholds strictly below it (cell j is
+    (t_{j−1}, t_j]). Comparisons for small tables, binary search for large ones."""
+    if thresholds.size > 15:
+        return np.searchsorted(thresholds, z, side="left")
+    idx = np.zeros(z.shape, dtype=np.uint8)
+    for t in thresholds:
+        idx += z > t
+    return idx.astype(np.intp)
 
 
 def pack_indices(idx: np.ndarray, bits: int) -> bytes:
@@ -408,6 +418,8 @@ class M22Encoder(Encoder):
         # Location: the mean (the quantizer is symmetric about it; a median sits inside
         # one mode of the bimodal inputs error feedback can produce). Scale: the MLE
         # for this shape and location, in closed form.
+        if z.size > codec.max_samples:
+            z = z[ctx.rng(spec.name, salt=23).integers(0, z.size, size=codec.max_samples)]
         return shape, mean, std * scale_given_shape(codec.dist, shape, z)
 
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
@@ -447,28 +459,29 @@ class M22Encoder(Encoder):
 
         thresholds, centers, pmf, code, second = codec.tables(side.shape)
         z = (flat - side.mu) / side.sigma
-        idx = np.searchsorted(thresholds, z)
-        recon = side.sigma * centers[idx]
-        if codec.rescale in ("norm", "ls"):
-            denom = float(np.dot(recon, recon))
-            if codec.rescale == "norm":  # ||ĝ − μ|| = ||v − μ||
-                num = float(np.linalg.norm(flat - side.mu)) * math.sqrt(denom)
-            else:  # "ls": least squares, s = <v − μ, ĝ − μ> / ||ĝ − μ||²
-                num = float(np.dot(flat - side.mu, recon))
-            scale = num / denom if denom > 0 else 1.0
-            side.scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+        idx = cell_indices(z, thresholds)
+        # Per-cell sufficient statistics give every norm below without another pass.
+        counts = np.bincount(idx, minlength=centers.size)
+        zc = float(np.dot(np.bincount(idx, weights=z, minlength=centers.size), centers))  # <z, c[idx]>
+        cc = float(np.dot(counts, centers * centers))  # ||c[idx]||²
+        zz = float(np.dot(z, z))  # ||v − μ||² / σ²
+        if codec.rescale == "norm":  # ||ĝ − μ|| = ||v − μ||
+            scale = math.sqrt(zz / cc) if cc > 0 else 1.0
+        elif codec.rescale == "ls":  # least squares: s = <v − μ, ĝ − μ> / ||ĝ − μ||²
+            scale = zc / cc if cc > 0 else 1.0
         elif codec.rescale == "model":
-            side.scale = 1.0 / math.sqrt(second)
+            scale = 1.0 / math.sqrt(second)
+        else:
+            scale = 1.0
         # Only the product s·σ (the spacing of the levels) goes on the wire.
-        level_scale = float(np.float32(side.scale * side.sigma))
+        level_scale = float(np.float32(scale * side.sigma)) if math.isfinite(scale) and scale > 0 else side.sigma
         if not (level_scale > 0 and math.isfinite(level_scale)):
             level_scale = side.sigma
-        side.scale = level_scale / side.sigma
+        s_eff = level_scale / side.sigma
         coded = codec.entropy_encode(idx, pmf, code)
-        raw = pack_indices(idx, codec.bits)
         flags = 0
-        if len(raw) <= len(coded):
-            coded, flags = raw, FLAG_RAW
+        if (n * codec.bits + 7) // 8 <= len(coded):
+            coded, flags = pack_indices(idx, codec.bits), FLAG_RAW
             st["raw_tensors"] += 1
         header = _HEADER.pack(side.mode | flags | (FORMAT_VERSION << 4))
         floats = [side.shape] if side.mode == MODE_FIT else []
@@ -477,24 +490,22 @@ class M22Encoder(Encoder):
         payload = side_bytes + coded
 
         # statistics (encoder only; nothing here goes on the wire)
-        from compressors.entropy import empirical_entropy_bits
+        from compressors.entropy import entropy_from_counts
 
         st["side_bits"] += 8 * len(side_bytes)
         st["index_bits"] += 8 * len(coded)
         st["bits"] += 8 * len(payload)
-        st["empirical_entropy_bits"] += n * float(empirical_entropy_bits(idx, centers.size))
-        st["model_cross_entropy_bits"] += float(-np.sum(np.log2(pmf[idx])))
+        st["empirical_entropy_bits"] += n * entropy_from_counts(counts)
+        st["model_cross_entropy_bits"] += float(-np.dot(counts, np.log2(pmf)))
         if side.mode == MODE_FIT:
             st["shape_sum"] += side.shape
             st["fitted_tensors"] += 1
-        dec = side.mu + side.scale * recon
-        centred_in = float(np.linalg.norm(flat - side.mu))
-        if centred_in > 0:
-            st["norm_ratio_sum"] += float(np.linalg.norm(dec - side.mu)) / centred_in
+        if zz > 0:
+            st["norm_ratio_sum"] += s_eff * math.sqrt(cc / zz)
             st["norm_ratio_count"] += 1
-        st["scale_sum"] += side.scale
+        st["scale_sum"] += s_eff
         st["quantized_tensors"] += 1
-        st["sq_err"] += float(np.sum((flat - dec) ** 2))
+        st["sq_err"] += side.sigma**2 * max(zz - 2 * s_eff * zc + s_eff**2 * cc, 0.0)
         st["sq_in"] += float(np.dot(flat, flat))
         return Encoded(codec.spec, spec, payload)
 

@@ -479,3 +479,23 @@ def test_exact_zeros_do_not_break_the_fit(dist):
     st = enc.stats()
     assert st["zero_fraction"] == pytest.approx(0.3, abs=0.01)
     assert st["model_cross_entropy_bits"] < st["empirical_entropy_bits"] + 0.1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5])
+def test_cell_indices_match_binary_search(bits):
+    thresholds, _ = design_quantizer("gennorm", 0.9, bits, 1.0)
+    z = np.concatenate([np.random.default_rng(0).standard_normal(5000) * 3, thresholds, [-np.inf, np.inf]])
+    np.testing.assert_array_equal(m22.cell_indices(z, thresholds), np.searchsorted(thresholds, z, side="left"))
+
+
+@pytest.mark.parametrize("rescale", m22.RESCALES)
+def test_encoder_statistics_match_the_decoded_tensor(rescale):
+    codec = create_codec(f"m22:bits=3,M=2,dist=dweibull,ef=0,rescale={rescale}")
+    enc = codec.make_encoder()
+    x = _grad_like(6000, np.random.default_rng(16)).astype(np.float64)
+    msg = enc.encode(x, TensorSpec("w", (6000,)), _ctx())
+    out = codec.make_decoder().decode(msg, _ctx()).astype(np.float64)
+    st = enc.stats()
+    mu = float(np.frombuffer(msg.payload[5:9], "<f4")[0])
+    assert st["relative_sq_error"] == pytest.approx(np.sum((x - out) ** 2) / np.sum(x**2), rel=1e-4)
+    assert st["norm_ratio"] == pytest.approx(np.linalg.norm(out - mu) / np.linalg.norm(x - mu), rel=1e-4)

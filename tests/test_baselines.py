@@ -26,6 +26,7 @@ from compressors.randk import randk_indices
 from compressors.registry import available_codecs, create_codec
 from compressors.spec import SpecError
 from compressors.topk import INDEX_BITMAP, INDEX_RICE, log2_binomial, rice_decode, rice_encode, sparse_count
+from compressors.update import UpdateDecoder, UpdateEncoder
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("GRADWIRE_UPDATE_GOLDEN") == "1"
@@ -500,6 +501,23 @@ def test_stats_are_reported(spec_text, keys):
     enc.encode(gaussian((64, 32), 17), TensorSpec("w", (64, 32)), ctx())
     stats = enc.stats()
     assert keys <= set(stats) and all(isinstance(v, float) and np.isfinite(v) for v in stats.values())
+
+
+@pytest.mark.parametrize("spec_text", ["topk", "randk", "qsgd", "sign", "powersgd"])
+def test_whole_model_update_through_the_update_layer(spec_text):
+    """The layer the worker and the PS call: every tensor of an MLP, several rounds, bytes counted."""
+    codec = create_codec(spec_text)
+    specs = [TensorSpec("l0.w", (128, 64)), TensorSpec("l0.b", (128,)), TensorSpec("l1.w", (10, 128)),
+             TensorSpec("l1.b", (10,)), TensorSpec("scale", ())]
+    up_enc, up_dec = UpdateEncoder(codec, specs), UpdateDecoder(codec, specs)
+    rng = np.random.default_rng(19)
+    for t in range(3):
+        grads = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in specs}
+        msgs = up_enc.encode(grads, ctx(t))
+        out = up_dec.decode(msgs, ctx(t))
+        assert {k: v.shape for k, v in out.items()} == {s.name: s.shape for s in specs}
+    stats = up_enc.stats()
+    assert 0 < stats["bits_per_entry"] < 8
 
 
 # ------------------------------------------------------------------ malformed payloads

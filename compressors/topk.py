@@ -16,7 +16,9 @@ the header:
   closed by a one), the two parts in separate bit streams so that both encoding
   and decoding are vectorized (the Elias–Fano layout). ``b`` is chosen per
   tensor to minimise the exact bit count; about ``log2(d/k) + 1.5`` bits per index.
-* **Bitmap**: one bit per entry, cheaper when more than ~1/5 of the entries are kept.
+* **Bitmap**: one bit per entry. Rice with ``b = 0`` is already the bitmap cut
+  after the last kept index, so the bitmap wins only by a byte or two, when the
+  last entries are kept (dense ``ratio`` values, tiny tensors).
 
 Selected entries whose value is exactly zero (after the optional fp16 cast) are
 not sent, so an all-zero tensor costs only its header.

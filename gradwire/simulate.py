@@ -77,7 +77,16 @@ def run_simulation(args) -> int:
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=args.quiet,
         ) as progress:
             bar = progress.add_task(f"{args.codec} × {args.workers}", total=args.rounds, info="")
+            all_exited_at: float | None = None
             while server.poll() is None:
+                # Every worker gone (crashed or refused for good): the PS would wait a
+                # round timeout for reconnects; give it a short grace, then stop it.
+                if all(w.poll() is not None for w in procs[1:]):
+                    all_exited_at = all_exited_at or time.monotonic()
+                    if time.monotonic() - all_exited_at > 15:
+                        console.print("[red]every worker exited; stopping the parameter server")
+                        server.terminate()
+                        break
                 try:
                     st = fetch_status(channel, timeout=2)
                     done = sum(1 for r in st.rounds if r.workers_aggregated > 0)

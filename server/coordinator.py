@@ -322,8 +322,10 @@ class Coordinator:
             "lr": self.optimizer.lr_at(round_),
         })
 
-    def _collect(self, round_: int) -> tuple[dict[str, Contribution], set[str]]:
+    def _collect(self, round_: int) -> tuple[dict[str, Contribution], set[str]] | None:
+        """The round's contributions and stragglers; None when every worker is gone."""
         deadline = time.monotonic() + self.config.round_timeout_s
+        alone_since: float | None = None
         with self.cond:
             while not self.stop_requested.is_set():
                 arrived = set(self.contributions)
@@ -333,6 +335,16 @@ class Coordinator:
                     break  # everyone who was expected left, some had submitted
                 if time.monotonic() >= deadline and arrived:
                     break
+                # No worker connected and nothing to aggregate: wait one round
+                # timeout for a reconnect, then end the run rather than hang.
+                if not self.sessions and not arrived:
+                    alone_since = alone_since or time.monotonic()
+                    if time.monotonic() - alone_since >= self.config.round_timeout_s:
+                        self.finish_reason = f"every worker left during round {round_}"
+                        log.error("%s; ending the run", self.finish_reason)
+                        return None
+                else:
+                    alone_since = None
                 self.cond.wait(0.2)
             self.phase = "aggregating"
             stragglers = self.expected - set(self.contributions)
@@ -367,7 +379,11 @@ class Coordinator:
             self.cond.notify_all()
         log.info("run started with %d workers (%d shards), codec %s, %d params", len(self.sessions), self.num_shards, self.codec.spec, self.params)
         for r in range(first, self.config.rounds):
-            contributions, stragglers = self._collect(r)
+            collected = self._collect(r)
+            if collected is None:
+                self.rounds_log.pop()
+                return
+            contributions, stragglers = collected
             if self.stop_requested.is_set():
                 self.finish_reason = "stopped (SIGTERM)"
                 self.rounds_log.pop()

@@ -100,3 +100,15 @@ def test_prometheus_metrics_match_the_ledger(make_server):
     payload = running.summary()["per_worker"][0]["uplink_payload_bytes"]
     assert f'gradwire_worker_uplink_payload_bytes_total{{rank="0",worker_id="m0"}} {float(payload)}' in text
     assert "gradwire_test_accuracy" in text and "gradwire_round 2.0" in text
+
+
+def test_run_ends_when_every_worker_is_gone(make_server, manual_workers):
+    """Workers that die mid-run must not leave the PS waiting forever."""
+    running = make_server(workers=1, rounds=50, round_timeout_s=1.0)
+    w = manual_workers(f"127.0.0.1:{running.port}")
+    assert w.hello("only").WhichOneof("body") == "welcome"
+    w.close()
+    running.thread.join(30)
+    assert not running.thread.is_alive()
+    s = running.summary()
+    assert s["rounds"] == 0 and "every worker left" in s["finish_reason"]

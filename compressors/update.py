@@ -37,6 +37,12 @@ def wire_specs(codec: Codec, specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     return [_model_spec(specs)] if codec.scope == "model" else list(specs)
 
 
+def _give_layout(codec: Codec, coder: Any, specs: Sequence[TensorSpec]) -> None:
+    """Model-scope coders that need the tensor layout (LGC's exempt layers) may define ``set_layout``."""
+    if codec.scope == "model" and hasattr(coder, "set_layout"):
+        coder.set_layout(specs)
+
+
 class UpdateEncoder:
     """Worker side: dict of gradients -> list of ``Encoded``."""
 
@@ -44,6 +50,7 @@ class UpdateEncoder:
         self.codec = codec
         self.specs = list(specs)
         self.encoder = codec.make_encoder()
+        _give_layout(codec, self.encoder, self.specs)
         self.payload_bytes = 0
         self.entries = 0
         self.rounds = 0
@@ -92,6 +99,7 @@ class UpdateDecoder:
         self.codec = codec
         self.specs = list(specs)
         self.decoder = codec.make_decoder(coordinator)
+        _give_layout(codec, self.decoder, self.specs)
         self.expected = {s.name: s for s in wire_specs(codec, self.specs)}
 
     def _check_structure(self, msgs: Sequence[Encoded]) -> None:

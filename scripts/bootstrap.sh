@@ -24,6 +24,13 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 die() { printf '[bootstrap] ERROR: %s\n' "$*" >&2; exit 1; }
 t0=$(date +%s)
 
+# One bootstrap at a time on this machine (the engine and its images are shared): a second one
+# waits here, then finds everything in place.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"${TMPDIR:-/tmp}/gradwire-bootstrap.lock"
+    flock 9
+fi
+
 # 1. engine --------------------------------------------------------------------------------
 bash "$ROOT/scripts/install_docker.sh"
 
@@ -58,11 +65,15 @@ else
     # shellcheck disable=SC2086
     "$PY" -m pip download --disable-pip-version-check -q \
         --only-binary=:all: --python-version 3.11 --implementation cp \
-        -d "$WHEELHOUSE" -r "$WHEELHOUSE/requirements.txt" $BUILD_REQS
+        -d "$WHEELHOUSE" -r "$WHEELHOUSE/requirements.txt" $BUILD_REQS \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     # One wheel per project: drop older versions left by an earlier download.
     "$PY" - "$WHEELHOUSE" <<'PYEOF'
 import collections, pathlib, re, sys
-from packaging.version import Version  # vendored by pip's environment as well
+try:
+    from packaging.version import Version
+except ImportError:  # pip vendors it
+    from pip._vendor.packaging.version import Version
 by_name = collections.defaultdict(list)
 for whl in pathlib.Path(sys.argv[1]).glob("*.whl"):
     name, version = whl.name.split("-")[:2]

@@ -7,13 +7,24 @@
 #      with the same tag is built from a Debian rootfs (debootstrap),
 #   4. the gradwire image (`docker compose build`).
 # Every step is skipped when its result is already there, so running it again is cheap.
+# It never starts the cluster: that is `docker compose up`.
 #
+# Options: --no-build (stop after steps 1-3), --no-up (accepted; nothing is started anyway).
 # Environment:
-#   GRADWIRE_SKIP_BUILD=1     stop after steps 1-3
+#   GRADWIRE_SKIP_BUILD=1     same as --no-build
 #   GRADWIRE_BASE_IMAGE       base image tag (default python:3.11-slim)
 #   GRADWIRE_DEBIAN_MIRROR    Debian mirror for the stand-in (default: the one apt uses)
 #   PIP_* variables           passed to `pip download` (e.g. an index that serves a CPU torch)
 set -euo pipefail
+
+for arg in "$@"; do
+    case "$arg" in
+        --no-build) GRADWIRE_SKIP_BUILD=1 ;;
+        --no-up) ;;
+        -h|--help) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+        *) printf '[bootstrap] unknown option %s (try --help)\n' "$arg" >&2; exit 2 ;;
+    esac
+done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

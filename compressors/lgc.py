@@ -20,6 +20,14 @@ by the PS and announced in every round's directive (``stage``, ``leader``):
 
 **Biased** (top-k and a learned reconstruction).
 
+Defaults (``warmup=10, train=40, k=0.05, innovation=0.002, latent=fp32``) put a
+120-round run in stage 3 from round 50. The paper's schedule (200 + 300 rounds,
+k = 1e-3, innovation = 1e-5) is ``lgc:warmup=200,train=300,k=0.001,innovation=0.00001``.
+A conv autoencoder trained from scratch with one step per round needs on the
+order of a hundred steps before it beats passing the innovation through; the
+stats ``reconstruction_error_by_round`` and ``innovation_only_error_by_round``
+(relative squared errors on stage-2 data, before each step) show whether it did.
+
 [design] choices (ALGORITHMS.md §3 follows a third-party reimplementation; all
 are options, and the coordinator's stats record every option's value):
 

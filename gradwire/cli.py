@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+def _logging(verbose: bool, command: str) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    # Under compose, GRADWIRE_LOG_DIR is a folder on the runs volume: every
+    # process also logs to a file there, so the logs outlive the containers.
+    log_dir = os.environ.get("GRADWIRE_LOG_DIR")
+    if log_dir and command in ("server", "worker"):
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(log_dir) / f"{command}-{socket.gethostname()}.log")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bytes_main(argv[1:])
     args = build_parser().parse_args(argv)
-    _logging(args.verbose)
+    _logging(args.verbose, args.command)
     if args.command == "server":
         from server.app import serve
         from server.config import config_from_args

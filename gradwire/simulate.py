@@ -133,6 +133,18 @@ def _print_log_tail(console, log_path: Path, lines: int = 40) -> None:
         console.print(line, markup=False, highlight=False)
 
 
+def _codec_rows(stats: dict) -> list[tuple[str, str]]:
+    """A few codec statistics worth a line in the table (all are in the JSON)."""
+    rows = []
+    by_stage = stats.get("bits_per_entry_by_stage")
+    if isinstance(by_stage, dict) and by_stage:
+        rows.append(("bits / entry by stage", "  ".join(f"{k}: {float(v):.4g}" for k, v in sorted(by_stage.items()))))
+    for key in ("symbol_entropy_bits", "coded_bits_per_symbol", "trigger_rate", "mean_prediction_gain"):
+        if isinstance(stats.get(key), int | float):
+            rows.append((key.replace("_", " "), f"{stats[key]:.4f}"))
+    return rows
+
+
 def _print_summary(console, s: dict, json_path: Path, log_path: Path) -> None:
     from rich.table import Table
 
@@ -146,6 +158,7 @@ def _print_summary(console, s: dict, json_path: Path, log_path: Path) -> None:
         ("uplink protobuf", f"{s['uplink_message_bytes']:,} B"),
         ("downlink protobuf", f"{s['downlink_message_bytes']:,} B"),
         ("uplink bits / entry", f"{s['uplink_bits_per_entry']:.4f}" if s["uplink_bits_per_entry"] else "n/a"),
+        *_codec_rows(s.get("codec_stats") or {}),
         ("summary", str(json_path)),
         ("log", str(log_path)),
     ]

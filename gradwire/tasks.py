@@ -19,10 +19,8 @@ import torch
 from torch import nn
 
 from compressors.base import TensorSpec
+from gradwire.catalog import DATASETS, DEFAULT_MODEL, MODELS  # noqa: F401 - re-exported
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "diabetes")
-MODELS = ("mlp", "lenet5", "resnet", "linear")
-DEFAULT_MODEL = {"digits": "mlp", "mnist": "lenet5", "fashion-mnist": "lenet5", "cifar10": "resnet", "diabetes": "linear"}
 # The split of the datasets that come without one is fixed, independent of the
 # run's seed, so that runs with different seeds are scored on the same examples.
 SPLIT_SEED = 20240601

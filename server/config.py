@@ -7,8 +7,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from compressors.registry import create_codec
-from gradwire.tasks import DATASETS, MODELS
+from gradwire.catalog import DATASETS, MODELS
 
 DEFAULT_MAX_MESSAGE_MB = 64
 
@@ -78,15 +77,23 @@ class ServerConfig:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.max_message_mb < 1:
             raise ValueError(f"max_message_mb must be >= 1, got {self.max_message_mb}")
+        from compressors.registry import create_codec
+
         create_codec(self.codec)  # fail at startup, with the registry's reason
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+def _defaults() -> argparse.Namespace:
+    # Field defaults without building a ServerConfig: validation would load every
+    # codec (and torch), which `gradwire health` must not wait for.
+    return argparse.Namespace(**{k: f.default for k, f in ServerConfig.__dataclass_fields__.items()})
+
+
 def add_task_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `gradwire server` and `gradwire simulate`."""
-    d = ServerConfig()
+    d = _defaults()
     p.add_argument("--rounds", type=int, default=env("ROUNDS", d.rounds))
     p.add_argument("--codec", default=env("CODEC", d.codec), help="codec spec, e.g. huffman:bits=4")
     p.add_argument("--dataset", default=env("DATASET", d.dataset), choices=DATASETS)
@@ -107,7 +114,7 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
-    d = ServerConfig()
+    d = _defaults()
     p.add_argument("--address", default=env("ADDRESS", d.address), help="host:port to listen on (port 0: any free)")
     p.add_argument("--workers", type=int, default=env("WORKERS", d.workers), help="workers to wait for before round 0")
     p.add_argument("--join-grace-s", type=float, default=env("JOIN_GRACE_S", d.join_grace_s),

@@ -36,6 +36,12 @@ Per tensor and round:
    Huffman code from it (``compressors.entropy.huffman_code_lengths``), ``ans``
    drives constriction's ANS coder with it. The model parameters are sent as
    float32 and both ends derive the pmf, hence the code, from those values.
+   ``huffman`` codes symbol pairs by default when bits <= 4 (``block=0``: auto;
+   ``block=1`` singles, ``block=2`` pairs): the code is built from the product
+   pmf p(a)p(b) of the same model, which halves Huffman's up-to-1-bit-per-codeword
+   redundancy. Gradients at 4 bits often put >50 % of entries in the zero cell,
+   where single-symbol Huffman pays 0.2–0.4 bit/symbol over the entropy; pairs
+   bring that to ~0.1 (an odd count pairs its last symbol with symbol 0).
 
 Payload layout (little-endian)::
 
@@ -61,8 +67,8 @@ for a memoryless coder, not a bit count), ``coded_bits_per_symbol`` (bytes of th
 entropy stream, its count header and Huffman block table included, per symbol),
 ``model_cross_entropy_bits`` (what an ideal coder with the model pmf would take),
 ``huffman_model_bits_per_symbol`` / ``huffman_normal_bits_per_symbol`` /
-``huffman_empirical_bits_per_symbol`` (codeword bits of a Huffman code built from
-the codec's model / a normal fit / the empirical histogram),
+``huffman_empirical_bits_per_symbol`` (codeword bits of a single-symbol Huffman
+code built from the codec's model / a normal fit / the empirical histogram),
 ``side_info_bits_per_entry`` (every payload bit that is not the entropy stream, over
 all entries), ``raw_fraction`` (share of entries sent raw) and ``beta_mean``.
 """
@@ -313,17 +319,39 @@ class _EntropyQuantCodec(Codec):
 
     # -- the entropy coder, by name
     def code_for(self, pmf: np.ndarray) -> np.ndarray | None:
-        return huffman_code_lengths(pmf) if self.coder == "huffman" else None
+        """Huffman code lengths (over symbol pairs when ``block_size`` is 2); None for ANS."""
+        if self.coder != "huffman":
+            return None
+        return huffman_code_lengths(np.outer(pmf, pmf).ravel() if self.block_size == 2 else pmf)
+
+    @property
+    def block_size(self) -> int:
+        """Symbols per Huffman codeword (1 for ANS)."""
+        return 1
 
     def entropy_encode(self, symbols: np.ndarray, pmf: np.ndarray, lengths) -> bytes:
-        if self.coder == "huffman":
-            return huffman_encode(symbols, lengths)
-        return ans_encode(symbols, pmf)
+        if self.coder != "huffman":
+            return ans_encode(symbols, pmf)
+        if self.block_size == 2:
+            n = pmf.size
+            pairs = symbols[0::2].astype(np.int32) * n
+            pairs[: symbols.size // 2] += symbols[1::2]  # an odd count pairs its last symbol with 0
+            return huffman_encode(pairs, lengths)
+        return huffman_encode(symbols, lengths)
 
     def entropy_decode(self, data: bytes, pmf: np.ndarray, lengths, count: int) -> np.ndarray:
-        if self.coder == "huffman":
-            return huffman_decode(data, lengths, count)
-        return ans_decode(data, pmf, count)
+        if self.coder != "huffman":
+            return ans_decode(data, pmf, count)
+        if self.block_size == 2:
+            n = pmf.size
+            pairs = huffman_decode(data, lengths, (count + 1) // 2).astype(np.int32)
+            out = np.empty(2 * pairs.size, dtype=np.int32)
+            np.floor_divide(pairs, n, out=out[0::2])
+            np.remainder(pairs, n, out=out[1::2])
+            if count % 2 and out[-1] != 0:
+                raise CodecError("Huffman pair stream pads an odd count with a nonzero symbol")
+            return out[:count]
+        return huffman_decode(data, lengths, count)
 
 
 def smallest_payload(coded: bytes, flat: np.ndarray) -> bytes:
@@ -465,7 +493,8 @@ class _Encoder(Encoder):
         else:
             self.acc.add_coded(
                 counts, pmf, normal_fit_pmf(sample, quantizer.edges()), len(stream), len(payload),
-                gparams[0] if c.model in ("gennorm", "zgennorm") else None, lengths,
+                gparams[0] if c.model in ("gennorm", "zgennorm") else None,
+                lengths if lengths is not None and lengths.size == counts.size else None,
             )
         return Encoded(c.spec, spec, payload)
 
@@ -533,6 +562,20 @@ class HuffmanCodec(_EntropyQuantCodec):
 
     name = "huffman"
     coder = "huffman"
+    block: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block not in (0, 1, 2):
+            raise ValueError(f"block must be 0 (auto), 1 or 2 symbols per codeword, got {self.block}")
+        if self.block == 2 and self.bits > 4:
+            raise ValueError("block=2 (pairs) needs bits <= 4 (at most 256 pairs)")
+
+    @property
+    def block_size(self) -> int:
+        if self.block == 0:
+            return 2 if self.bits <= 4 else 1
+        return self.block
 
 
 @register

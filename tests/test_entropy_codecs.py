@@ -39,6 +39,7 @@ UNIFORM_SPECS = [
     "huffman:bits=3,grid=midrise,rounding=stochastic",
     "huffman:clip=3",
     "huffman:ef=1",
+    "huffman:block=1,bits=3",
     "ans",
     "ans:model=zgennorm",
     "ans:bits=6,model=gennorm",
@@ -216,6 +217,22 @@ def test_ans_gennorm_model_on_gennorm_data(beta):
     assert s["beta_mean"] == pytest.approx(beta, rel=0.1)
 
 
+def test_huffman_pairs_close_the_gap_on_low_entropy_symbols():
+    """Most entries in the zero cell: single-symbol Huffman pays ~0.3 bit, pairs far less."""
+    single = _run_stats("huffman:block=1", 0.7, zeros=0.6)
+    pairs = _run_stats("huffman", 0.7, zeros=0.6)
+    assert pairs["symbol_entropy_bits"] == pytest.approx(single["symbol_entropy_bits"])
+    assert single["coded_bits_per_symbol"] - single["symbol_entropy_bits"] > 0.2
+    assert pairs["coded_bits_per_symbol"] - pairs["symbol_entropy_bits"] < 0.12
+    x = gradient_like((4001,), seed=4, zeros=0.5)  # odd count: the last symbol is paired with 0
+    for pair_spec, single_spec in (
+        ("huffman", "huffman:block=1"),
+        ("huffman:block=2,bits=1", "huffman:block=1,bits=1"),
+        ("huffman:block=2,bits=3,model=empirical", "huffman:block=1,bits=3,model=empirical"),
+    ):
+        assert np.array_equal(roundtrip(pair_spec, x)[1], roundtrip(single_spec, x)[1])
+
+
 @pytest.mark.parametrize("beta", [1.0, 2.0])
 def test_huffman_within_0_2_bit_of_entropy(beta):
     s = _run_stats("huffman:bits=4,clip=4", beta, zeros=0.1)
@@ -260,6 +277,9 @@ def test_stats_keys():
         "huffman:model=laplace",
         "huffman:clip=-1",
         "huffman:clip=wide",
+        "huffman:block=3",
+        "huffman:block=2,bits=5",
+        "ans:block=2",
         "huffman:bits=1,grid=midtread",  # a midtread grid needs 2 bits
         "ans:rounding=up",
         "ans:grid=square",

@@ -24,6 +24,8 @@ import argparse
 import csv
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline run")
     p.add_argument("--force", action="store_true", help="rerun configurations whose summary already exists")
     p.add_argument("--retries", type=int, default=1, help="reruns of a failed simulation")
-    p.add_argument("--timeout-s", type=float, default=1800.0, help="per-run time limit")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per-run time limit (seconds)")
     p.add_argument("--plot-only", action="store_true", help="aggregate existing summaries without running")
     p.add_argument("simulate_args", nargs=argparse.REMAINDER,
                    help="after '--': extra arguments for gradwire simulate (e.g. -- --dataset mnist)")
@@ -95,15 +97,69 @@ def _summary_matches(path: Path, run: dict, args: argparse.Namespace) -> bool:
     return ok and s.get("rounds") == args.rounds and s.get("workers") == args.workers and s.get("seed") == args.seed
 
 
+DIVERGED_MARKERS = ("contains NaN or Inf", "decodes to NaN or Inf")
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _run_simulation(cmd: list[str], log: Path, timeout_s: float) -> tuple[str, list[str]]:
+    """Run one simulation in its own process group; returns (status, last output lines).
+
+    status is "ok", "diverged" (a worker refused NaN/Inf input: the training blew up,
+    after which the PS would wait for workers that died, so the group is ended at
+    once), "timeout" or "exit <code>". Ending the group also ends the simulation's PS
+    and workers, which a plain subprocess timeout would orphan.
+    """
+    with open(log.with_suffix(".out"), "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        status = None
+        while status is None:
+            try:
+                proc.wait(timeout=2.0)
+                status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                text = log.read_text(errors="replace") if log.exists() else ""
+                if any(marker in text for marker in DIVERGED_MARKERS):
+                    status = "diverged"
+                elif time.monotonic() > deadline:
+                    status = "timeout"
+                if status is not None:
+                    _end_group(proc)
+    tail = log.with_suffix(".out").read_text(errors="replace").strip().splitlines()[-2:]
+    if status != "ok" and log.exists():
+        hits = [ln for ln in log.read_text(errors="replace").splitlines() if any(m in ln for m in DIVERGED_MARKERS)]
+        tail = (hits[-1:] or tail)
+    return status, tail
+
+
 def run_one(run: dict, args: argparse.Namespace, run_dir: Path) -> dict | None:
     """Run (or reuse) one simulation; returns its summary or None when it failed."""
     out = run_dir / f"{run['label']}.json"
     log = run_dir / f"{run['label']}.log"
-    if not args.force and out.exists() and _summary_matches(out, run, args):
+    failed = run_dir / f"{run['label']}.failed"
+    if failed.exists() and (args.plot_only or not args.force):
+        # a diverged run can still leave a partial summary: never reuse it as a result
+        run["failure"] = failed.read_text().strip()
+        if args.plot_only:
+            return None
+    elif not args.force and out.exists() and _summary_matches(out, run, args):
         print(f"[m22-sweep] {run['label']}: reusing {out}", flush=True)
         return json.loads(out.read_text())
     if args.plot_only:
-        return json.loads(out.read_text()) if out.exists() else None
+        return None
+    failed.unlink(missing_ok=True)
     cmd = [
         sys.executable, "-m", "gradwire.cli", "simulate",
         "--workers", str(args.workers), "--rounds", str(args.rounds), "--seed", str(args.seed),
@@ -112,21 +168,23 @@ def run_one(run: dict, args: argparse.Namespace, run_dir: Path) -> dict | None:
     ]
     for attempt in range(1 + max(args.retries, 0)):
         out.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
         start = time.perf_counter()
         print(f"[m22-sweep] {run['label']}: {' '.join(cmd[2:])}", flush=True)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
-            rc, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        except subprocess.TimeoutExpired:
-            rc, tail = -1, [f"timed out after {args.timeout_s:.0f} s"]
+        status, tail = _run_simulation(cmd, log, args.timeout_s)
         wall = time.perf_counter() - start
-        if rc == 0 and out.exists():
+        if status == "ok" and out.exists():
             summary = json.loads(out.read_text())
             summary.setdefault("sweep_wall_s", wall)
             print(f"[m22-sweep] {run['label']}: accuracy {summary['final_accuracy']:.4f}, "
                   f"{summary['uplink_bits_per_entry']:.3f} bits/entry, {wall:.0f} s", flush=True)
             return summary
-        print(f"[m22-sweep] {run['label']}: attempt {attempt + 1} failed (exit {rc}): {' | '.join(tail)}", flush=True)
+        print(f"[m22-sweep] {run['label']}: attempt {attempt + 1}: {status} after {wall:.0f} s: "
+              f"{' | '.join(t.strip() for t in tail)}", flush=True)
+        run["failure"] = status
+        failed.write_text(status + "\n")
+        if status == "diverged":  # deterministic: a retry would diverge again
+            break
     return None
 
 
@@ -143,11 +201,13 @@ def make_rows(runs: list[dict], summaries: dict[str, dict]) -> list[dict]:
     for run in runs:
         s = summaries.get(run["label"])
         row = {"label": run["label"], "spec": run["spec"], "dist": run["dist"], "M": run["M"], "R": run["R"],
-               "status": "ok" if s else "failed"}
+               "status": "ok" if s else run.get("failure", "failed")}
         if s:
             stats = s.get("codec_stats") or {}
+            evals = [a for _, a in s.get("accuracy_vs_uplink_bits") or [] if a is not None]
             row.update({
                 "final_accuracy": s["final_accuracy"],
+                "last3_mean_accuracy": sum(evals[-3:]) / len(evals[-3:]) if evals else None,
                 "delta_vs_dense": (s["final_accuracy"] - dense_acc) if dense_acc is not None else None,
                 "uplink_bits_per_entry": s["uplink_bits_per_entry"],
                 "per_bit_accuracy": s.get("per_bit_accuracy"),
@@ -176,6 +236,7 @@ def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
     head = (f"M22 sweep on the default task: {args.workers} workers × {args.rounds} rounds, seed {args.seed}"
             + (f", simulate args {' '.join(args.simulate_args)}" if args.simulate_args else "") + "\n\n")
     cols = [("codec", "spec"), ("final acc.", "final_accuracy"), ("Δ vs dense", "delta_vs_dense"),
+            ("mean of last 3 evals", "last3_mean_accuracy"),
             ("uplink bits/entry", "uplink_bits_per_entry"), ("index bits/entry", "index_bits_per_entry"),
             ("side bits/entry", "side_bits_per_entry"), ("per-bit acc. (/Mbit)", "per_bit_accuracy_mbit"),
             ("mean shape", "mean_shape"), ("rel. sq. error", "relative_sq_error")]
@@ -185,10 +246,12 @@ def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
         pba = r.get("per_bit_accuracy")
         r["per_bit_accuracy_mbit"] = pba * 1e6 if isinstance(pba, (int, float)) else None
         if r["status"] != "ok":
-            r["final_accuracy"] = "failed"
+            r["final_accuracy"] = r["status"]
         lines.append("| " + " | ".join(_cell(r.get(k)) for _, k in cols) + " |")
     note = ("\nper-bit accuracy = max_t (Acc(t) − Acc(0)) / B(t), B(t) the cumulative uplink payload bits of "
-            "all workers, shown per megabit; bits/entry include all side information.\n")
+            "all workers, shown per megabit; bits/entry include all side information. The test accuracy of one "
+            "run moves by several points between evaluations, so the mean of the last three evaluations is "
+            "shown beside the final one.\n")
     return head + "\n".join(lines) + "\n" + note
 
 

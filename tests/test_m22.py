@@ -499,3 +499,23 @@ def test_encoder_statistics_match_the_decoded_tensor(rescale):
     mu = float(np.frombuffer(msg.payload[5:9], "<f4")[0])
     assert st["relative_sq_error"] == pytest.approx(np.sum((x - out) ** 2) / np.sum(x**2), rel=1e-4)
     assert st["norm_ratio"] == pytest.approx(np.linalg.norm(out - mu) / np.linalg.norm(x - mu), rel=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=hs.sampled_from([1, 2, 3, 9, 255, 256, 257, 1000]),
+    bits=hs.integers(1, 4),
+    dist=hs.sampled_from(m22.DISTS),
+    coder=hs.sampled_from(m22.CODERS),
+    seed=hs.integers(0, 2**16),
+)
+def test_edge_sizes_round_trip(n, bits, dist, coder, seed):
+    codec = create_codec(f"m22:bits={bits},M=1.5,dist={dist},coder={coder}")
+    enc, dec = codec.make_encoder(), codec.make_decoder()
+    spec = TensorSpec("t", (n,))
+    rng = np.random.default_rng(seed)
+    for r in range(2):
+        x = _grad_like(n, rng)
+        out = dec.decode(enc.encode(x, spec, _ctx(r)), _ctx(r))
+        assert out.shape == (n,) and np.isfinite(out).all()
+        assert np.unique(out).size <= 2**bits

@@ -332,6 +332,9 @@ def plot(runs: list[dict], summaries: dict[str, dict], path: Path, args: argpars
     if "rescale=none" not in args.options and 1 in Rs:
         note += (".  R=1 is a sign quantizer whose rescaled level depends neither on M nor on the family: "
                  "those runs coincide.")
+    failures = [f"{r['label']} ({r['failure']})" for r in runs if r.get("failure") and r["label"] not in summaries]
+    if failures:
+        note += ("" if note.endswith(".") else ".") + "  Not plotted: " + ", ".join(failures) + "."
     fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8.5, color="0.25")
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -69,7 +69,8 @@ def build_summary(coord) -> dict[str, Any]:
         elapsed = (coord.finished_at or time.monotonic()) - coord.started_at
     return {
         "protocol": PROTOCOL,
-        "codec": coord.codec.spec,
+        "codec": cfg.codec,  # as the user gave it; codec_spec drops options equal to their defaults
+        "codec_spec": coord.codec.spec,
         "dataset": cfg.dataset,
         "model": coord.task.model_name,
         "batch_size": "full" if cfg.batch_size == 0 else cfg.batch_size,

@@ -438,8 +438,46 @@ def _trigger(cfg: PredictorConfig, r2: float, g2: float, ctx: RoundContext) -> b
 # ------------------------------------------------------------ encoder / decoder
 
 
-class PredictiveEncoder(Encoder):
+class _HistoryHolder:
+    """What the worker's encoder and the PS's decoder keep alike: one core per tensor.
+
+    Both ends hold the same histories (closed loop), so reset and checkpoints are
+    one piece of code; ``_worker`` says which side's core to rebuild.
+    """
+
+    _worker: bool
+    cfg: PredictorConfig
+    cores: dict[str, _TensorCore]
+    _stats: _Stats
+
+    def history(self, name: str) -> np.ndarray:
+        """Held reconstructions of tensor ``name``, newest first (for tests and tools)."""
+        return self.cores[name].history.newest_first()
+
+    def reset(self) -> None:
+        self.cores.clear()
+        self._stats.add(resets=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tensors": {name: core.state_dict() for name, core in self.cores.items()},
+            "numel": {name: core.history.numel for name, core in self.cores.items()},
+            "stats": dict(self._stats.values),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.cores = {}
+        for name, sub in state["tensors"].items():
+            core = _TensorCore(self.cfg, int(state["numel"][name]), worker=self._worker)
+            core.load_state_dict(sub)
+            self.cores[name] = core
+        self._stats.values = {k: float(state["stats"].get(k, 0.0)) for k in _Stats.KEYS}
+
+
+class PredictiveEncoder(_HistoryHolder, Encoder):
     """Worker side of TPC / LAG: one history per tensor name."""
+
+    _worker = True
 
     def __init__(self, cfg: PredictorConfig):
         self.cfg = cfg
@@ -521,29 +559,6 @@ class PredictiveEncoder(Encoder):
             )
         return msg
 
-    def history(self, name: str) -> np.ndarray:
-        """Held reconstructions of tensor ``name``, newest first (for tests and tools)."""
-        return self.cores[name].history.newest_first()
-
-    def reset(self) -> None:
-        self.cores.clear()
-        self._stats.add(resets=1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "tensors": {name: core.state_dict() for name, core in self.cores.items()},
-            "numel": {name: core.history.numel for name, core in self.cores.items()},
-            "stats": dict(self._stats.values),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.cores = {}
-        for name, sub in state["tensors"].items():
-            core = _TensorCore(self.cfg, int(state["numel"][name]), worker=True)
-            core.load_state_dict(sub)
-            self.cores[name] = core
-        self._stats.values = {k: float(state["stats"].get(k, 0.0)) for k in _Stats.KEYS}
-
     def stats(self) -> dict[str, float]:
         out = self._stats.summary(len(self.cores))
         for core in self.cores.values():
@@ -553,8 +568,10 @@ class PredictiveEncoder(Encoder):
         return out
 
 
-class PredictiveDecoder(Decoder):
+class PredictiveDecoder(_HistoryHolder, Decoder):
     """PS side of TPC / LAG, one per worker: mirrors the worker's histories."""
+
+    _worker = False
 
     def __init__(self, cfg: PredictorConfig):
         self.cfg = cfg
@@ -635,28 +652,6 @@ class PredictiveDecoder(Decoder):
             entries=spec.numel,
         )
         return g_hat.reshape(spec.shape)
-
-    def history(self, name: str) -> np.ndarray:
-        return self.cores[name].history.newest_first()
-
-    def reset(self) -> None:
-        self.cores.clear()
-        self._stats.add(resets=1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "tensors": {name: core.state_dict() for name, core in self.cores.items()},
-            "numel": {name: core.history.numel for name, core in self.cores.items()},
-            "stats": dict(self._stats.values),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.cores = {}
-        for name, sub in state["tensors"].items():
-            core = _TensorCore(self.cfg, int(state["numel"][name]), worker=False)
-            core.load_state_dict(sub)
-            self.cores[name] = core
-        self._stats.values = {k: float(state["stats"].get(k, 0.0)) for k in _Stats.KEYS}
 
     def stats(self) -> dict[str, float]:
         return self._stats.summary(len(self.cores))

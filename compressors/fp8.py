@@ -30,7 +30,6 @@ Biased (round to nearest). ``ef=1`` adds error feedback. Statistics as for
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 
@@ -62,10 +61,11 @@ from compressors.huffman import (
     KIND_RAW32,
     PMF_FLOOR,
     SymbolStats,
-    decode_raw,
+    begin_decode,
     fit_model,
     normal_fit_pmf,
-    read_counts,
+    read_header_float,
+    read_model_pmf,
     smallest_payload,
     write_counts,
 )
@@ -196,46 +196,23 @@ class _FP8Decoder(Decoder):
         spec, payload = msg.spec, msg.payload
         numel = spec.numel
         where = f"{c.name} payload for {spec.name!r}"
-        if numel == 0:
-            if payload:
-                raise CodecError(f"{where}: {len(payload)} bytes for an empty tensor")
-            return np.zeros(spec.shape, dtype=np.float32)
-        if not payload:
-            raise CodecError(f"{where} is empty")
-        kind = payload[0]
-        if kind in (KIND_RAW16, KIND_RAW32):
-            return decode_raw(payload, spec, where)
+        kind = begin_decode(payload, spec, where)
+        if isinstance(kind, np.ndarray):
+            return kind
         if kind not in (KIND_PLAIN, KIND_CODED):
             raise CodecError(f"{where}: unknown payload kind {kind}")
         if kind == KIND_CODED and c.coder == "none":
             raise CodecError(f"{where}: entropy-coded payload (kind {kind}) but coder=none")
-        if len(payload) < 5:
-            raise CodecError(f"{where}: payload too short for its header")
-        (scale,) = struct.unpack_from("<f", payload, 1)
-        if not (math.isfinite(scale) and scale >= 0):
-            raise CodecError(f"{where}: invalid scale {scale}")
+        scale = read_header_float(payload, where, "scale")
         if kind == KIND_PLAIN:
             if len(payload) != 5 + numel:
                 raise CodecError(f"{where} is {len(payload)} bytes, expected {5 + numel}")
             codes = np.frombuffer(payload, dtype=np.uint8, offset=5)
         else:
-            offset = 5
-            counts = None
-            if c.model in MODEL_PARAMS:
-                nparams = MODEL_PARAMS[c.model]
-                if len(payload) < offset + 4 * nparams:
-                    raise CodecError(f"{where}: payload too short for the model parameters")
-                params = tuple(float(v) for v in np.frombuffer(payload, dtype="<f4", count=nparams, offset=offset))
-                offset += 4 * nparams
-                try:
-                    pmf = model_code_pmf(c.model, c.format, scale, params)
-                except (CodecError, ValueError) as exc:
-                    raise CodecError(f"{where}: bad model parameters {params}: {exc}") from None
-            else:
-                counts, offset = read_counts(payload, offset, ALPHABET, where)
-                if int(counts.sum()) != numel:
-                    raise CodecError(f"{where}: histogram sums to {int(counts.sum())}, tensor has {numel}")
-                pmf = counts / numel
+            pmf, counts, offset = read_model_pmf(
+                payload, 5, MODEL_PARAMS.get(c.model, 0), ALPHABET, numel, where,
+                lambda params: model_code_pmf(c.model, c.format, scale, params),
+            )
             data = payload[offset:]
             if c.coder == "huffman":
                 codes = huffman_decode(data, huffman_code_lengths(pmf), numel)

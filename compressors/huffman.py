@@ -451,6 +451,52 @@ def normal_fit_pmf(sample: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return normal_cell_pmf(edges, f32(mu), f32(sigma), PMF_FLOOR)
 
 
+def begin_decode(payload: bytes, spec: TensorSpec, where: str) -> np.ndarray | int:
+    """The start every quantizer payload shares: the decoded array when the
+    payload is complete on its own (empty tensor, raw fallback), else its kind byte."""
+    if spec.numel == 0:
+        if payload:
+            raise CodecError(f"{where}: {len(payload)} bytes for an empty tensor")
+        return np.zeros(spec.shape, dtype=np.float32)
+    if not payload:
+        raise CodecError(f"{where} is empty")
+    kind = payload[0]
+    if kind in (KIND_RAW16, KIND_RAW32):
+        return decode_raw(payload, spec, where)
+    return kind
+
+
+def read_header_float(payload: bytes, where: str, what: str) -> float:
+    """The float32 after the kind byte (range or scale): finite and non-negative."""
+    if len(payload) < 5:
+        raise CodecError(f"{where}: payload too short for its header")
+    (value,) = struct.unpack_from("<f", payload, 1)
+    if not (math.isfinite(value) and value >= 0):
+        raise CodecError(f"{where}: invalid {what} {value}")
+    return value
+
+
+def read_model_pmf(
+    payload: bytes, offset: int, nparams: int, alphabet: int, numel: int, where: str, pmf_from_params
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(pmf, sent histogram or None, offset after them): ``nparams`` float32 model
+    parameters turned into a pmf by ``pmf_from_params``, or, with no parameters, a
+    histogram of ``alphabet`` counts that must sum to ``numel``."""
+    if nparams:
+        if len(payload) < offset + 4 * nparams:
+            raise CodecError(f"{where}: payload too short for the model parameters")
+        params = tuple(float(v) for v in np.frombuffer(payload, dtype="<f4", count=nparams, offset=offset))
+        try:
+            pmf = pmf_from_params(params)
+        except (CodecError, ValueError) as exc:
+            raise CodecError(f"{where}: bad model parameters {params}: {exc}") from None
+        return pmf, None, offset + 4 * nparams
+    counts, offset = read_counts(payload, offset, alphabet, where)
+    if int(counts.sum()) != numel:
+        raise CodecError(f"{where}: histogram sums to {int(counts.sum())}, tensor has {numel}")
+    return counts / numel, counts, offset
+
+
 def decode_raw(payload: bytes, spec: TensorSpec, where: str) -> np.ndarray:
     """Decode a raw-fallback payload (kind byte KIND_RAW16 or KIND_RAW32)."""
     width = 2 if payload[0] == KIND_RAW16 else 4
@@ -511,43 +557,20 @@ class _Decoder(Decoder):
         spec, payload = msg.spec, msg.payload
         numel = spec.numel
         where = f"{c.name} payload for {spec.name!r}"
-        if numel == 0:
-            if payload:
-                raise CodecError(f"{where}: {len(payload)} bytes for an empty tensor")
-            return np.zeros(spec.shape, dtype=np.float32)
-        if not payload:
-            raise CodecError(f"{where} is empty")
-        kind = payload[0]
-        if kind in (KIND_RAW16, KIND_RAW32):
-            return decode_raw(payload, spec, where)
+        kind = begin_decode(payload, spec, where)
+        if isinstance(kind, np.ndarray):
+            return kind
         if kind != KIND_CODED:
             raise CodecError(f"{where}: unknown payload kind {kind}")
-        if len(payload) < 5:
-            raise CodecError(f"{where}: payload too short for its header")
-        (clip,) = struct.unpack_from("<f", payload, 1)
-        if not (math.isfinite(clip) and clip >= 0):
-            raise CodecError(f"{where}: invalid clip value {clip}")
+        clip = read_header_float(payload, where, "clip value")
         try:
             quantizer = UniformQuantizer(c.bits, clip, c.grid_kind)
         except ValueError as exc:
             raise CodecError(f"{where}: {exc}") from None
-        offset = 5
-        nparams = MODEL_PARAMS[c.model]
-        if nparams:
-            if len(payload) < offset + 4 * nparams:
-                raise CodecError(f"{where}: payload too short for the model parameters")
-            params = tuple(float(v) for v in np.frombuffer(payload, dtype="<f4", count=nparams, offset=offset))
-            offset += 4 * nparams
-            try:
-                pmf = _model_pmf(c.model, quantizer, params, c.rounding)
-            except (CodecError, ValueError) as exc:
-                raise CodecError(f"{where}: bad model parameters {params}: {exc}") from None
-            counts = None
-        else:
-            counts, offset = read_counts(payload, offset, quantizer.alphabet_size, where)
-            if int(counts.sum()) != numel:
-                raise CodecError(f"{where}: histogram sums to {int(counts.sum())}, tensor has {numel}")
-            pmf = counts / numel
+        pmf, counts, offset = read_model_pmf(
+            payload, 5, MODEL_PARAMS[c.model], quantizer.alphabet_size, numel, where,
+            lambda params: _model_pmf(c.model, quantizer, params, c.rounding),
+        )
         lengths = c.code_for(pmf)
         symbols = c.entropy_decode(payload[offset:], pmf, lengths, numel)
         if counts is not None and not np.array_equal(np.bincount(symbols, minlength=counts.size), counts):

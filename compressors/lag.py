@@ -32,20 +32,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressors.base import Codec, Coordinator, Decoder, Encoder
 from compressors.registry import register
-from compressors.tpc import (
-    GRANULARITIES,
-    PredictiveDecoder,
-    PredictiveEncoder,
-    PredictorConfig,
-    validate_common,
-)
+from compressors.tpc import PredictiveCodecBase, PredictorConfig
 
 
 @register
 @dataclass(frozen=True)
-class LAGCodec(Codec):
+class LAGCodec(PredictiveCodecBase):
     """Lazy aggregation: p = 1, coefficient 1, LAG trigger (see module doc)."""
 
     name = "lag"
@@ -62,17 +55,7 @@ class LAGCodec(Codec):
     granularity: str = "model"
 
     def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        inner = validate_common(
-            self.trigger, self.eps, self.tau, self.alpha, self.window, self.max_stale, self.check, self.residual
-        )
-        object.__setattr__(self, "_residual_codec", inner)
-        object.__setattr__(self, "residual", inner.spec)
-
-    @property
-    def scope(self) -> str:  # type: ignore[override]
-        return "model" if self.granularity == "model" else "tensor"
+        self._resolve_residual()
 
     def config(self) -> PredictorConfig:
         return PredictorConfig(
@@ -92,9 +75,3 @@ class LAGCodec(Codec):
             check=self.check,
             ef=self.ef,
         )
-
-    def make_encoder(self) -> Encoder:
-        return PredictiveEncoder(self.config())
-
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
-        return PredictiveDecoder(self.config())

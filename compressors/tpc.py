@@ -660,9 +660,38 @@ class PredictiveDecoder(_HistoryHolder, Decoder):
 # ------------------------------------------------------------ the codec
 
 
+class PredictiveCodecBase(Codec):
+    """What ``tpc`` and ``lag`` share: the residual codec, the scope, and the
+    encoder/decoder pair built from ``config()``. Subclasses are frozen dataclasses
+    with ``trigger, eps, tau, alpha, window, max_stale, check, residual, granularity``."""
+
+    def _resolve_residual(self) -> None:
+        """Validate the options both codecs have; store the residual codec, canonical."""
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        inner = validate_common(
+            self.trigger, self.eps, self.tau, self.alpha, self.window, self.max_stale, self.check, self.residual
+        )
+        object.__setattr__(self, "_residual_codec", inner)
+        object.__setattr__(self, "residual", inner.spec)  # canonical, so both ends compare equal
+
+    @property
+    def scope(self) -> str:  # type: ignore[override]
+        return "model" if self.granularity == "model" else "tensor"
+
+    def config(self) -> PredictorConfig:
+        raise NotImplementedError
+
+    def make_encoder(self) -> Encoder:
+        return PredictiveEncoder(self.config())
+
+    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+        return PredictiveDecoder(self.config())
+
+
 @register
 @dataclass(frozen=True)
-class TPCCodec(Codec):
+class TPCCodec(PredictiveCodecBase):
     """Temporal predictive coding with closed-loop least-squares prediction (see module doc)."""
 
     name = "tpc"
@@ -691,17 +720,7 @@ class TPCCodec(Codec):
             raise ValueError(f"ridge must be finite and >= 0, got {self.ridge}")
         if self.warmup not in WARMUPS:
             raise ValueError(f"warmup must be one of {', '.join(WARMUPS)}, got {self.warmup!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        inner = validate_common(
-            self.trigger, self.eps, self.tau, self.alpha, self.window, self.max_stale, self.check, self.residual
-        )
-        object.__setattr__(self, "_residual_codec", inner)
-        object.__setattr__(self, "residual", inner.spec)  # canonical, so both ends compare equal
-
-    @property
-    def scope(self) -> str:  # type: ignore[override]
-        return "model" if self.granularity == "model" else "tensor"
+        self._resolve_residual()
 
     def config(self) -> PredictorConfig:
         return PredictorConfig(
@@ -714,16 +733,10 @@ class TPCCodec(Codec):
             alpha=self.alpha,
             window=self.window,
             max_stale=self.max_stale,
-            residual=self._residual_codec,  # type: ignore[attr-defined]
+            residual=self._residual_codec,
             coef=self.coef,
             ridge=self.ridge,
             warmup=self.warmup,
             check=self.check,
             ef=self.ef,
         )
-
-    def make_encoder(self) -> Encoder:
-        return PredictiveEncoder(self.config())
-
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
-        return PredictiveDecoder(self.config())

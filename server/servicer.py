@@ -10,6 +10,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gradwire import wire
+from gradwire.netstats import read_counters
 from gradwire.v1 import exchange_pb2 as pb
 from server.coordinator import Coordinator, Rejected, Session
 
@@ -120,8 +121,6 @@ class GradientExchangeServicer:
 
 
 def _now_counters(coord: Coordinator):
-    from gradwire.netstats import read_counters
-
     iface = (coord.interface_start or {}).get("interface")
     return read_counters(iface) if iface else None
 

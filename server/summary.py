@@ -39,10 +39,11 @@ def accuracy_curve(initial_accuracy: float | None, rounds_log: list[dict]) -> li
 
 def per_bit_accuracy(curve: list[list[float]]) -> float | None:
     """max_t (Acc(t) − Acc(0)) / B(t), ALGORITHMS.md §4 (accuracy points per bit)."""
-    if len(curve) < 2:
+    if not curve:
         return None
     acc0 = curve[0][1]
-    return max((acc - acc0) / bits for bits, acc in curve[1:] if bits > 0) if any(b > 0 for b, _ in curve[1:]) else None
+    gains = [(acc - acc0) / bits for bits, acc in curve[1:] if bits > 0]
+    return max(gains) if gains else None
 
 
 def build_summary(coord) -> dict[str, Any]:

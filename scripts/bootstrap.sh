@@ -37,13 +37,20 @@ t0=$(date +%s)
 
 # One bootstrap at a time on this machine (the engine and its images are shared): a second one
 # waits here, then finds everything in place.
+# Children never get the lock's descriptor (9>&- below, and detach.sh for the daemons), so the lock
+# is released when this script exits; the wait is bounded anyway, with a message saying why.
+LOCK="${TMPDIR:-/tmp}/gradwire-bootstrap.lock"
+LOCK_WAIT_S=${GRADWIRE_BOOTSTRAP_LOCK_WAIT_S:-1800}
 if command -v flock >/dev/null 2>&1; then
-    exec 9>"${TMPDIR:-/tmp}/gradwire-bootstrap.lock"
-    flock 9
+    exec 9>"$LOCK"
+    if ! flock -n 9; then
+        log "another bootstrap holds $LOCK; waiting up to ${LOCK_WAIT_S} s"
+        flock -w "$LOCK_WAIT_S" 9 || die "$LOCK is still held after ${LOCK_WAIT_S} s (holders: $(fuser "$LOCK" 2>/dev/null || echo unknown)); stop them or remove the file"
+    fi
 fi
 
 # 1. engine --------------------------------------------------------------------------------
-bash "$ROOT/scripts/install_docker.sh"
+bash "$ROOT/scripts/install_docker.sh" 9>&-
 
 # 2. wheelhouse ----------------------------------------------------------------------------
 PY=${PYTHON:-}

@@ -74,7 +74,10 @@ if ! engine_up; then
 fi
 if ! engine_up; then
     log "starting dockerd by hand (log: /var/log/dockerd.log)"
-    (setsid dockerd >/var/log/dockerd.log 2>&1 &)
+    # detach.sh closes inherited descriptors: a dockerd holding bootstrap.sh's lock fd would
+    # block every later bootstrap for as long as the engine runs.
+    : > /var/log/dockerd.log
+    bash "$(dirname "${BASH_SOURCE[0]}")/detach.sh" /var/log/dockerd.log dockerd >/dev/null
     for _ in $(seq 1 90); do engine_up && break; sleep 1; done
 fi
 engine_up || die "dockerd did not answer within 90 s; see /var/log/dockerd.log"

@@ -196,6 +196,14 @@ class Codec(ABC):
         return None
 
     @property
+    def worker_momentum(self) -> float:
+        """Heavy-ball momentum the workers' encoders already apply (DGC momentum correction).
+
+        When it is nonzero the PS steps with plain SGD by default: momentum is applied once.
+        """
+        return 0.0
+
+    @property
     def spec(self) -> str:
         """Canonical spec string: the name plus every option that differs from its default."""
         parts = []

@@ -5,6 +5,17 @@ worker's encoder and is keyed by tensor name; the PS needs no state for it, so
 the decoder is the inner codec's decoder unchanged. A local mirror decoder gives
 the worker exactly what the PS will decode, so this also works for stateful
 inner codecs.
+
+**Momentum correction** (Lin et al., 2018, "Deep Gradient Compression", §3.2),
+for sparsifying codecs (``topk``, ``randk``) with ``momentum=m``: the worker
+keeps the heavy-ball velocity itself and feeds *it* to error feedback,
+``u ← m·u + x;  v = u + decay·e;  send C(v);  e ← v − C⁻¹(C(v))``, and clears
+the velocity where an entry was sent (momentum factor masking, ``masking=1``,
+the default), so a sent coordinate does not keep pushing from stale momentum.
+Without masking, ``ratio=1`` is exactly heavy-ball SGD; with it, the velocity of
+an entry sent every round never builds up, so masking suits small ratios. The PS then applies plain
+SGD: a second, server-side momentum would delay the memory's already delayed
+corrections once more, which is why top-k with PS momentum trains poorly.
 """
 
 from __future__ import annotations
@@ -18,19 +29,30 @@ from compressors.base import Decoder, Encoded, Encoder, RoundContext, TensorSpec
 
 
 class ErrorFeedbackEncoder(Encoder):
-    def __init__(self, inner: Encoder, mirror: Decoder, decay: float = 1.0):
+    def __init__(self, inner: Encoder, mirror: Decoder, decay: float = 1.0, momentum: float = 0.0,
+                 masking: bool = True):
         self.inner = inner
         self.mirror = mirror
         self.decay = float(decay)
+        self.momentum = float(momentum)
+        self.masking = bool(masking)
         self.residuals: dict[str, np.ndarray] = {}
+        self.velocities: dict[str, np.ndarray] = {}
 
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
         flat = check_input(x, spec)
+        if self.momentum:
+            velocity = self.velocities.get(spec.name)
+            flat = flat.copy() if velocity is None else np.float32(self.momentum) * velocity + flat
+            self.velocities[spec.name] = flat
         memory = self.residuals.get(spec.name)
         corrected = flat if memory is None else flat + np.float32(self.decay) * memory
         msg = self.inner.encode(corrected, spec, ctx)
         decoded = self.mirror.decode(msg, ctx).reshape(-1).astype(np.float32)
         self.residuals[spec.name] = corrected - decoded
+        if self.momentum:
+            if self.masking:  # momentum factor masking: a sent entry stops pushing from stale momentum
+                self.velocities[spec.name][decoded != 0] = 0.0
         return msg
 
     def residual_norm_sq(self) -> float:
@@ -38,29 +60,44 @@ class ErrorFeedbackEncoder(Encoder):
 
     def reset(self) -> None:
         self.residuals.clear()
+        self.velocities.clear()
         self.inner.reset()
         self.mirror.reset()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "residuals": {k: v.copy() for k, v in self.residuals.items()},
+            "velocities": {k: v.copy() for k, v in self.velocities.items()},
             "inner": self.inner.state_dict(),
             "mirror": self.mirror.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.residuals = {k: np.array(v, dtype=np.float32) for k, v in state["residuals"].items()}
+        self.velocities = {k: np.array(v, dtype=np.float32) for k, v in state.get("velocities", {}).items()}
         self.inner.load_state_dict(state["inner"])
         self.mirror.load_state_dict(state["mirror"])
 
     def stats(self) -> dict[str, float]:
         out = dict(self.inner.stats())
         out["ef_residual_norm"] = float(np.sqrt(self.residual_norm_sq()))
+        if self.momentum:
+            out["velocity_norm"] = float(np.sqrt(sum(float(np.dot(u, u)) for u in self.velocities.values())))
         return out
 
 
 def maybe_error_feedback(
-    encoder: Encoder, mirror: Decoder, enabled: bool, decay: float = 1.0
+    encoder: Encoder, mirror: Decoder, enabled: bool, decay: float = 1.0, momentum: float = 0.0,
+    masking: bool = True,
 ) -> Encoder:
     """``encoder`` wrapped in error feedback when ``enabled`` (``mirror`` decodes its output)."""
-    return ErrorFeedbackEncoder(encoder, mirror, decay) if enabled else encoder
+    return ErrorFeedbackEncoder(encoder, mirror, decay, momentum, masking) if enabled else encoder
+
+
+def check_momentum_correction(momentum: float, ef: bool) -> None:
+    """Validation shared by the codecs that offer ``momentum=`` (momentum correction)."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if momentum and not ef:
+        raise ValueError("momentum correction (momentum>0) needs error feedback (ef=1): "
+                         "the velocity is accumulated in the memory")

@@ -20,7 +20,8 @@ Two modes:
 Payload layout (little-endian): ``k × float32`` (or float16 with
 ``values=fp16``), nothing else; ``32·k/d`` bits per entry. An empty tensor has
 an empty payload. Options: ``ratio`` (0.01), ``ef`` (1), ``decay`` (1),
-``scale`` (0), ``values`` (``fp32`` or ``fp16``).
+``scale`` (0), ``values`` (``fp32`` or ``fp16``), ``momentum`` (DGC momentum
+correction at the worker, 0) and ``masking`` (momentum factor masking, 1).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from compressors.base import (
     check_input,
     expect_payload_size,
 )
-from compressors.feedback import maybe_error_feedback
+from compressors.feedback import check_momentum_correction, maybe_error_feedback
 from compressors.registry import register
 from compressors.topk import VALUE_DTYPES, check_value_kind, quantize_values, sparse_count
 
@@ -110,6 +111,8 @@ class RandKCodec(Codec):
     decay: float = 1.0
     scale: bool = False
     values: str = "fp32"
+    momentum: float = 0.0  # DGC momentum correction at the worker (needs ef=1)
+    masking: bool = True  # DGC momentum factor masking (with momentum > 0)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -122,9 +125,15 @@ class RandKCodec(Codec):
                 "by (d/k - 1)·v every round; use scale=1,ef=0 or scale=0,ef=1"
             )
         check_value_kind(self.values)
+        check_momentum_correction(self.momentum, self.ef)
 
     def make_encoder(self) -> Encoder:
-        return maybe_error_feedback(RandKEncoder(self), RandKDecoder(self), self.ef, self.decay)
+        return maybe_error_feedback(RandKEncoder(self), RandKDecoder(self), self.ef, self.decay,
+                                   self.momentum, self.masking)
+
+    @property
+    def worker_momentum(self) -> float:
+        return self.momentum
 
     def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
         return RandKDecoder(self)

@@ -37,7 +37,9 @@ Payload layout (little-endian)::
 An empty tensor has an empty payload. Options: ``ratio`` (default 0.01),
 ``ef`` (default 1), ``decay`` (memory decay γ, default 1), ``values``
 (``fp32`` or ``fp16``; fp16 values saturate at ±65504 and the error goes to
-the memory).
+the memory),
+``momentum`` (DGC momentum correction at the worker, default 0; see
+``compressors.feedback``) and ``masking`` (momentum factor masking, default 1).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from compressors.base import (
     TensorSpec,
     check_input,
 )
-from compressors.feedback import maybe_error_feedback
+from compressors.feedback import check_momentum_correction, maybe_error_feedback
 from compressors.registry import register
 
 INDEX_RICE = 0
@@ -344,6 +346,8 @@ class TopKCodec(Codec):
     ef: bool = True
     decay: float = 1.0
     values: str = "fp32"
+    momentum: float = 0.0  # DGC momentum correction at the worker (needs ef=1)
+    masking: bool = True  # DGC momentum factor masking (with momentum > 0)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -351,9 +355,15 @@ class TopKCodec(Codec):
         if not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {self.decay}")
         check_value_kind(self.values)
+        check_momentum_correction(self.momentum, self.ef)
 
     def make_encoder(self) -> Encoder:
-        return maybe_error_feedback(TopKEncoder(self), SparseDecoder(self.name), self.ef, self.decay)
+        return maybe_error_feedback(TopKEncoder(self), SparseDecoder(self.name), self.ef, self.decay,
+                                   self.momentum, self.masking)
+
+    @property
+    def worker_momentum(self) -> float:
+        return self.momentum
 
     def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
         return SparseDecoder(self.name)

@@ -48,7 +48,7 @@ def run_simulation(args) -> int:
         "--codec", args.codec, "--dataset", args.dataset, "--model", args.model, "--data-dir", args.data_dir,
         "--batch-size", "full" if args.batch_size == 0 else str(args.batch_size), "--partition", args.partition,
         "--dirichlet-alpha", str(args.dirichlet_alpha), "--seed", str(args.seed), "--lr", str(args.lr),
-        "--momentum", str(args.momentum), "--weight-decay", str(args.weight_decay),
+        "--momentum", "auto" if args.momentum is None else str(args.momentum), "--weight-decay", str(args.weight_decay),
         "--lr-schedule", args.lr_schedule, "--eval-every", str(args.eval_every),
         "--round-timeout-s", str(args.round_timeout_s), "--max-message-mb", str(args.max_message_mb),
         "--json", str(json_path), "--start-timeout-s", "600",

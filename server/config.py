@@ -30,6 +30,19 @@ def parse_batch_size(text: str | int) -> int:
     return value
 
 
+DEFAULT_SERVER_MOMENTUM = 0.9
+
+
+def parse_momentum(text: str | float | None) -> float | None:
+    """``auto`` (None): 0.9, or 0 when the codec applies momentum at the workers (DGC)."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("auto", "", "none")):
+        return None
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"momentum must be in [0, 1) or 'auto', got {text}")
+    return value
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     address: str = "127.0.0.1:50051"
@@ -45,7 +58,7 @@ class ServerConfig:
     dirichlet_alpha: float = 0.5
     seed: int = 0
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float | None = None  # None = auto, see server_momentum()
     weight_decay: float = 0.0
     lr_schedule: str = "constant"  # constant | cosine | step
     eval_every: int = 5
@@ -77,9 +90,16 @@ class ServerConfig:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.max_message_mb < 1:
             raise ValueError(f"max_message_mb must be >= 1, got {self.max_message_mb}")
+        parse_momentum(self.momentum)
         from compressors.registry import create_codec
 
         create_codec(self.codec)  # fail at startup, with the registry's reason
+
+    def server_momentum(self, worker_momentum: float) -> float:
+        """The PS's heavy-ball momentum: as given, or by default 0.9 unless the workers apply it."""
+        if self.momentum is not None:
+            return self.momentum
+        return 0.0 if worker_momentum else DEFAULT_SERVER_MOMENTUM
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -105,7 +125,9 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dirichlet-alpha", type=float, default=env("DIRICHLET_ALPHA", d.dirichlet_alpha))
     p.add_argument("--seed", type=int, default=env("SEED", d.seed))
     p.add_argument("--lr", type=float, default=env("LR", d.lr))
-    p.add_argument("--momentum", type=float, default=env("MOMENTUM", d.momentum))
+    p.add_argument("--momentum", type=parse_momentum, default=env("MOMENTUM", "auto"),
+                   help="PS heavy-ball momentum, or 'auto': 0.9, or 0 when the codec applies momentum "
+                        "at the workers (e.g. topk:momentum=0.9)")
     p.add_argument("--weight-decay", type=float, default=env("WEIGHT_DECAY", d.weight_decay))
     p.add_argument("--lr-schedule", default=env("LR_SCHEDULE", d.lr_schedule), choices=("constant", "cosine", "step"))
     p.add_argument("--eval-every", type=int, default=env("EVAL_EVERY", d.eval_every))

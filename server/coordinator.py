@@ -98,8 +98,13 @@ class Coordinator:
         self.model = task.build_model()
         self.specs = tensor_specs(self.model)
         self.params = sum(s.numel for s in self.specs)
+        self.server_momentum = config.server_momentum(self.codec.worker_momentum)
+        if self.codec.worker_momentum and self.server_momentum:
+            log.warning("codec %s applies momentum %g at the workers and the PS adds momentum %g: momentum is "
+                        "applied twice (use --momentum auto or 0)", self.codec.spec, self.codec.worker_momentum,
+                        self.server_momentum)
         self.optimizer = ServerOptimizer(
-            self.model, config.lr, config.momentum, config.weight_decay, config.lr_schedule, config.rounds
+            self.model, config.lr, self.server_momentum, config.weight_decay, config.lr_schedule, config.rounds
         )
         self.cond = threading.Condition()
         self.phase = "waiting"  # waiting -> collecting <-> aggregating -> finished

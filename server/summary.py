@@ -77,6 +77,8 @@ def build_summary(coord) -> dict[str, Any]:
         "batch_size": "full" if cfg.batch_size == 0 else cfg.batch_size,
         "partition": cfg.partition,
         "seed": cfg.seed,
+        "server_momentum": coord.server_momentum,
+        "worker_momentum": coord.codec.worker_momentum,
         "workers": len(participating),
         "rounds": len(log),
         "params": coord.params,

@@ -38,6 +38,8 @@ SPECS = [
     "randk",
     "randk:ratio=0.5,ef=0,scale=1",
     "randk:ratio=0.2,values=fp16",
+    "topk:momentum=0.9",
+    "randk:ratio=0.3,momentum=0.5,masking=0",
     "qsgd",
     "qsgd:levels=1",
     "qsgd:levels=5,bucket=7,coder=fixed",
@@ -97,6 +99,10 @@ def test_registered_with_canonical_specs():
         "sign:decay=-1",
         "powersgd:rank=0",
         "topk:k=3",
+        "topk:momentum=1",
+        "topk:momentum=-0.1",
+        "topk:momentum=0.9,ef=0",  # the velocity lives in the memory
+        "randk:momentum=0.9,ef=0",
     ],
 )
 def test_bad_options_rejected_with_reason(bad):
@@ -472,6 +478,62 @@ def test_error_feedback_telescopes(spec_text):
         total = got[s.name] + enc.residuals[s.name].reshape(s.shape)
         np.testing.assert_allclose(total, sent[s.name], rtol=0, atol=1e-4)
     assert enc.stats()["ef_residual_norm"] > 0
+
+
+def _heavy_ball(inputs: list[np.ndarray], m: float) -> list[np.ndarray]:
+    velocity, out = None, []
+    for g in inputs:
+        velocity = g.astype(np.float32) if velocity is None else np.float32(m) * velocity + g
+        out.append(velocity.copy())
+    return out
+
+
+def test_momentum_correction_without_masking_at_full_density_is_heavy_ball():
+    """ratio=1 sends everything, so each round decodes to the heavy-ball velocity u_t = m·u_{t-1} + g_t."""
+    _, enc, dec = pair("topk:ratio=1,momentum=0.9,masking=0")
+    spec = TensorSpec("w", (5, 8))
+    inputs = [gaussian((5, 8), 40 + t) for t in range(6)]
+    for t, (g, u) in enumerate(zip(inputs, _heavy_ball(inputs, 0.9), strict=True)):
+        np.testing.assert_allclose(dec.decode(enc.encode(g, spec, ctx(t)), ctx(t)), u, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec_text", ["topk:ratio=0.1,momentum=0.9", "randk:ratio=0.2,momentum=0.7,masking=0"])
+def test_momentum_correction_telescopes_and_masks(spec_text):
+    """Σ decoded + final memory = Σ velocities fed in; with masking, sent entries restart their velocity."""
+    codec, enc, dec = pair(spec_text)
+    spec = TensorSpec("w", (60,))
+    rng = np.random.default_rng(3)
+    fed = np.zeros(60, np.float64)
+    got = np.zeros(60, np.float64)
+    for t in range(12):
+        g = rng.standard_normal(60).astype(np.float32)
+        before = enc.velocities.get("w")
+        velocity = g if before is None else np.float32(codec.momentum) * before + g
+        fed += velocity
+        out = dec.decode(enc.encode(g, spec, ctx(t)), ctx(t))
+        got += out
+        sent = out != 0
+        assert sent.any()
+        if codec.masking:
+            assert not enc.velocities["w"][sent].any() and np.array_equal(enc.velocities["w"][~sent], velocity[~sent])
+        else:
+            np.testing.assert_array_equal(enc.velocities["w"], velocity)
+    np.testing.assert_allclose(got + enc.residuals["w"], fed, rtol=0, atol=1e-4)
+    assert enc.stats()["velocity_norm"] > 0
+    state = enc.state_dict()
+    _, twin, _ = pair(spec_text)
+    twin.load_state_dict(state)
+    x = rng.standard_normal(60).astype(np.float32)
+    assert enc.encode(x, spec, ctx(12)).payload == twin.encode(x, spec, ctx(12)).payload
+    enc.reset()
+    assert enc.velocities == {} and enc.residuals == {}
+
+
+def test_worker_momentum_is_declared_by_the_codec():
+    assert create_codec("topk:momentum=0.9").worker_momentum == 0.9
+    assert create_codec("randk:momentum=0.5").worker_momentum == 0.5
+    for text in ("topk", "randk", "dense", "sign", "powersgd", "qsgd"):
+        assert create_codec(text).worker_momentum == 0.0
 
 
 def test_error_feedback_state_dict_roundtrip():

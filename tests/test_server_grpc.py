@@ -112,3 +112,21 @@ def test_run_ends_when_every_worker_is_gone(make_server, manual_workers):
     assert not running.thread.is_alive()
     s = running.summary()
     assert s["rounds"] == 0 and "every worker left" in s["finish_reason"]
+
+
+def test_momentum_is_applied_once_when_the_codec_carries_it(make_server):
+    """topk:momentum=0.9 (DGC momentum correction) keeps the velocity at the workers: with the default
+    ``--momentum auto`` the PS steps with plain SGD; dense keeps the PS's heavy ball."""
+    corrected = make_server(workers=2, rounds=3, codec="topk:ratio=0.05,momentum=0.9")
+    _run_workers(corrected.port, 2, prefix="mc")
+    corrected.thread.join(30)
+    s = corrected.summary()
+    assert s["rounds"] == 3 and s["server_momentum"] == 0.0 and s["worker_momentum"] == 0.9
+    assert corrected.coordinator.optimizer.opt.param_groups[0]["momentum"] == 0.0
+    assert s["codec_stats"]["velocity_norm"] > 0
+
+    dense = make_server(workers=1, rounds=1)
+    assert dense.coordinator.server_momentum == 0.9
+    assert dense.coordinator.optimizer.opt.param_groups[0]["momentum"] == 0.9
+    explicit = make_server(workers=1, rounds=1, codec="topk:momentum=0.9", momentum=0.5)
+    assert explicit.coordinator.server_momentum == 0.5  # as asked, with a warning in the log

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bytes", help="wire bytes per container and round of a compose project", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
 
-    sub.add_parser("codecs", help="list the registered codecs")
+    codecs = sub.add_parser("codecs", help="list the registered codecs")
+    codecs.add_argument("--options", action="store_true", help="also list every spec option with its default")
     return p
 
 
@@ -104,8 +105,23 @@ def main(argv: list[str] | None = None) -> int:
         for name in available_codecs():
             doc = (CODECS[name].__doc__ or "").strip().splitlines()
             print(f"{name:12s} {doc[0] if doc else ''}")
+            if args.options:
+                print(f"{'':12s} options: {codec_options(CODECS[name]) or '(none)'}")
         return 0
     return 2
+
+
+def codec_options(cls) -> str:
+    """``key=default`` for every spec option of a codec class, in declaration order."""
+    import dataclasses
+
+    from compressors.base import format_option
+
+    parts = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        parts.append(f.name if default is dataclasses.MISSING else f"{f.name}={format_option(default)}")
+    return ",".join(parts)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,14 @@ def test_server_entry_point_prints_address(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_codecs_lists_every_codec_with_its_options():
+    proc = subprocess.run([*GRADWIRE, "codecs", "--options"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    names = {line.split()[0] for line in lines if line and not line[0].isspace()}
+    assert {"dense", "fp16", "huffman", "ans", "fp8", "m22", "tpc", "lag", "lgc", "topk", "randk", "qsgd", "sign",
+            "powersgd"} <= names
+    topk_options = lines[[i for i, line in enumerate(lines) if line.startswith("topk ")][0] + 1]
+    assert "ratio=0.01" in topk_options and "momentum=0" in topk_options and "masking=1" in topk_options

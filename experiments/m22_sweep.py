@@ -24,12 +24,11 @@ import argparse
 import csv
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from experiments.runner import run_simulation
 
 DEFAULT_MS = "0,2,4"
 DEFAULT_BITS = "1,2,3"
@@ -97,53 +96,6 @@ def _summary_matches(path: Path, run: dict, args: argparse.Namespace) -> bool:
     return ok and s.get("rounds") == args.rounds and s.get("workers") == args.workers and s.get("seed") == args.seed
 
 
-DIVERGED_MARKERS = ("contains NaN or Inf", "decodes to NaN or Inf")
-
-
-def _end_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _run_simulation(cmd: list[str], log: Path, timeout_s: float) -> tuple[str, list[str]]:
-    """Run one simulation in its own process group; returns (status, last output lines).
-
-    status is "ok", "diverged" (a worker refused NaN/Inf input: the training blew up,
-    after which the PS would wait for workers that died, so the group is ended at
-    once), "timeout" or "exit <code>". Ending the group also ends the simulation's PS
-    and workers, which a plain subprocess timeout would orphan.
-    """
-    with open(log.with_suffix(".out"), "w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        status = None
-        while status is None:
-            try:
-                proc.wait(timeout=2.0)
-                status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
-            except subprocess.TimeoutExpired:
-                text = log.read_text(errors="replace") if log.exists() else ""
-                if any(marker in text for marker in DIVERGED_MARKERS):
-                    status = "diverged"
-                elif time.monotonic() > deadline:
-                    status = "timeout"
-                if status is not None:
-                    _end_group(proc)
-    tail = log.with_suffix(".out").read_text(errors="replace").strip().splitlines()[-2:]
-    if status != "ok" and log.exists():
-        hits = [ln for ln in log.read_text(errors="replace").splitlines() if any(m in ln for m in DIVERGED_MARKERS)]
-        tail = (hits[-1:] or tail)
-    return status, tail
-
-
 def run_one(run: dict, args: argparse.Namespace, run_dir: Path) -> dict | None:
     """Run (or reuse) one simulation; returns its summary or None when it failed."""
     out = run_dir / f"{run['label']}.json"
@@ -171,7 +123,7 @@ def run_one(run: dict, args: argparse.Namespace, run_dir: Path) -> dict | None:
         log.unlink(missing_ok=True)
         start = time.perf_counter()
         print(f"[m22-sweep] {run['label']}: {' '.join(cmd[2:])}", flush=True)
-        status, tail = _run_simulation(cmd, log, args.timeout_s)
+        status, tail = run_simulation(cmd, log, args.timeout_s)
         wall = time.perf_counter() - start
         if status == "ok" and out.exists():
             summary = json.loads(out.read_text())

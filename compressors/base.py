@@ -185,6 +185,9 @@ class Codec(ABC):
     # "tensor": one Encoded per parameter tensor; "model": the whole update is
     # flattened into one vector named MODEL_TENSOR_NAME (global predictors, LGC).
     scope: ClassVar[str] = "tensor"
+    # False when a decoder carries state from round to round (a predictor history): such a
+    # codec cannot encode the PS's broadcast, which workers start decoding at any round.
+    stateless_decoder: ClassVar[bool] = True
 
     @abstractmethod
     def make_encoder(self) -> Encoder: ...

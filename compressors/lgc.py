@@ -331,6 +331,7 @@ class LGCCodec(Codec):
 
     name = "lgc"
     scope = "model"
+    stateless_decoder = False  # per-worker decoders trained over rounds
     warmup: int = 10
     train: int = 40
     k: float = 0.05

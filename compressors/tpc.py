@@ -665,6 +665,8 @@ class PredictiveCodecBase(Codec):
     encoder/decoder pair built from ``config()``. Subclasses are frozen dataclasses
     with ``trigger, eps, tau, alpha, window, max_stale, check, residual, granularity``."""
 
+    stateless_decoder = False  # the decoder holds the predictor history
+
     def _resolve_residual(self) -> None:
         """Validate the options both codecs have; store the residual codec, canonical."""
         if self.granularity not in GRANULARITIES:

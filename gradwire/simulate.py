@@ -45,7 +45,7 @@ def run_simulation(args) -> int:
     log_file = open(log_path, "w")
     server_args = [
         "server", "--address", "127.0.0.1:0", "--workers", str(args.workers), "--rounds", str(args.rounds),
-        "--codec", args.codec, "--dataset", args.dataset, "--model", args.model, "--data-dir", args.data_dir,
+        "--codec", args.codec, "--downlink-codec", args.downlink_codec, "--dataset", args.dataset, "--model", args.model, "--data-dir", args.data_dir,
         "--batch-size", "full" if args.batch_size == 0 else str(args.batch_size), "--partition", args.partition,
         "--dirichlet-alpha", str(args.dirichlet_alpha), "--seed", str(args.seed), "--lr", str(args.lr),
         "--momentum", "auto" if args.momentum is None else str(args.momentum), "--weight-decay", str(args.weight_decay),

@@ -50,6 +50,7 @@ class ServerConfig:
     join_grace_s: float = 0.0  # after the minimum joined, wait for more until quiet this long
     rounds: int = 60
     codec: str = "dense"
+    downlink_codec: str = "dense"  # "dense": full float32 models; else codec-encoded model deltas
     dataset: str = "digits"
     model: str = ""  # "" = the dataset's default model
     data_dir: str = ""
@@ -94,6 +95,9 @@ class ServerConfig:
         from compressors.registry import create_codec
 
         create_codec(self.codec)  # fail at startup, with the registry's reason
+        from gradwire.downlink import check_downlink_codec
+
+        check_downlink_codec(self.downlink_codec)
 
     def server_momentum(self, worker_momentum: float) -> float:
         """The PS's heavy-ball momentum: as given, or by default 0.9 unless the workers apply it."""
@@ -116,6 +120,8 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     d = _defaults()
     p.add_argument("--rounds", type=int, default=env("ROUNDS", d.rounds))
     p.add_argument("--codec", default=env("CODEC", d.codec), help="codec spec, e.g. huffman:bits=4")
+    p.add_argument("--downlink-codec", default=env("DOWNLINK_CODEC", d.downlink_codec),
+                   help="codec of the PS's broadcast: dense (full models) or a spec for model deltas, e.g. fp16")
     p.add_argument("--dataset", default=env("DATASET", d.dataset), choices=DATASETS)
     p.add_argument("--model", default=env("MODEL", d.model), help=f"one of {', '.join(MODELS)} (default: per dataset)")
     p.add_argument("--data-dir", default=env("DATA_DIR", d.data_dir), help="folder with MNIST/CIFAR files")

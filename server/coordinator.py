@@ -29,6 +29,7 @@ from compressors.base import RoundContext
 from compressors.registry import create_codec
 from compressors.update import InvalidUpdate, UpdateDecoder
 from gradwire import wire
+from gradwire.downlink import DENSE, Broadcast, DownlinkEncoder, check_downlink_codec
 from gradwire.netstats import read_counters
 from gradwire.tasks import Task, shard_indices, tensor_specs
 from gradwire.v1 import exchange_pb2 as pb
@@ -61,6 +62,8 @@ class WorkerRecord:
     uplink_message_bytes: int = 0
     uplink_control_bytes: int = 0  # hello and report messages
     downlink_message_bytes: int = 0
+    downlink_payload_bytes: int = 0  # model floats, or the downlink codec's delta bytes
+    downlink_models: int = 0  # messages that carried a model or a model delta
     rejected_messages: int = 0
     rejected_message_bytes: int = 0
     last_rejection: str = ""
@@ -77,6 +80,7 @@ class Session:
     decoder: UpdateDecoder
     start_round: int = 0
     alive: bool = True
+    reference_round: int = -1  # the broadcast reference the worker holds (downlink deltas)
 
 
 @dataclass
@@ -93,6 +97,7 @@ class Coordinator:
         self.config = config
         self.task = task
         self.codec = create_codec(config.codec)
+        self.downlink_codec = check_downlink_codec(config.downlink_codec)
         self.codec_coordinator = self.codec.make_coordinator()
         torch.manual_seed(config.seed)
         self.model = task.build_model()
@@ -130,11 +135,32 @@ class Coordinator:
         if config.resume:
             self._load_checkpoint(config.resume)
         self.model_msg = self._model_proto()
+        # With a downlink codec the workers hold the broadcast reference θ̂, moved by encoded
+        # deltas; it starts (and, after a resume, restarts) as the model itself.
+        self.downlink: DownlinkEncoder | None = None
+        self.broadcast: Broadcast | None = None
+        if self.downlink_codec.spec != DENSE:
+            self.downlink = DownlinkEncoder(self.downlink_codec, self.specs, config.seed)
+            self.broadcast = self.downlink.start(self._params(), len(self.rounds_log))
+            self.model_msg = self.broadcast.model
 
     # ------------------------------------------------------------ helpers
 
+    def _params(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().numpy() for n, p in self.model.named_parameters()}
+
     def _model_proto(self) -> pb.Model:
-        return wire.model_to_proto({n: p.detach().numpy() for n, p in self.model.named_parameters()})
+        return wire.model_to_proto(self._params())
+
+    def _model_reply(self, session: Session, **fields) -> pb.RoundResult:
+        """A RoundResult with the model delta when the worker holds its base, else the full model."""
+        b = self.broadcast
+        if b is not None and b.delta is not None and session.reference_round == b.delta.base_round:
+            result = pb.RoundResult(model_delta=b.delta, **fields)
+        else:
+            result = pb.RoundResult(model=self.model_msg, **fields)
+        session.reference_round = b.round if b is not None else -1
+        return result
 
     def _ctx(self, rank: int, round_: int) -> RoundContext:
         return RoundContext(
@@ -194,6 +220,7 @@ class Coordinator:
                 return pb.ServerMessage(finished=pb.Finished(rounds=self.round, reason=self.finish_reason or "finished"))
             rank = session.record.rank
             session.start_round = self.round
+            session.reference_round = self.broadcast.round if self.broadcast is not None else -1
             self.expected.add(session.record.worker_id)
             return pb.ServerMessage(
                 welcome=pb.Welcome(
@@ -201,6 +228,7 @@ class Coordinator:
                     task=self._task_spec(rank), codec_spec=self.codec.spec, round=self.round,
                     total_rounds=self.config.rounds, model=self.model_msg,
                     directive=self._directive_proto(rank, self.round), workers=len(self.expected),
+                    downlink_codec_spec=self.downlink_codec.spec,
                 )
             )
 
@@ -262,18 +290,22 @@ class Coordinator:
             if self.phase == "finished":
                 return pb.ServerMessage(finished=pb.Finished(rounds=self.round, reason=self.finish_reason))
             return pb.ServerMessage(
-                round_result=pb.RoundResult(
-                    round=self.round, model=self.model_msg,
-                    directive=self._directive_proto(record.rank, self.round),
+                round_result=self._model_reply(
+                    session, round=self.round, directive=self._directive_proto(record.rank, self.round),
                     update_aggregated=record.worker_id in self.aggregated_last, workers=len(self.expected),
                 )
             )
 
-    def count_downlink(self, session: Session, nbytes: int) -> None:
+    def count_downlink(self, session: Session, nbytes: int, payload: int = 0, models: int = 0) -> None:
+        """``payload``: model bytes the message carries (floats, or delta codec bytes) in ``models`` models."""
         with self.cond:
             session.record.downlink_message_bytes += nbytes
+            session.record.downlink_payload_bytes += payload
+            session.record.downlink_models += models
             if self.rounds_log and self.phase != "waiting":
-                self.rounds_log[-1]["downlink_message_bytes"] += nbytes
+                entry = self.rounds_log[-1]
+                entry["downlink_message_bytes"] += nbytes
+                entry["downlink_payload_bytes"] = entry.get("downlink_payload_bytes", 0) + payload
 
     def report(self, session: Session, report: pb.WorkerReport, message_bytes: int) -> None:
         with self.cond:
@@ -323,7 +355,7 @@ class Coordinator:
             self.directive = {k: float(v) for k, v in self.codec_coordinator.directive(round_, ranks).items()}
         self.rounds_log.append({
             "round": round_, "uplink_payload_bytes": 0, "uplink_message_bytes": 0, "downlink_message_bytes": 0,
-            "workers": 0, "stragglers": 0, "train_loss": None, "test_accuracy": None, "test_loss": None,
+            "downlink_payload_bytes": 0, "workers": 0, "stragglers": 0, "train_loss": None, "test_accuracy": None, "test_loss": None,
             "lr": self.optimizer.lr_at(round_),
         })
 
@@ -410,10 +442,15 @@ class Coordinator:
             for w in contributions:
                 self.records[w].rounds_aggregated += 1
             new_model = self._model_proto()
+            broadcast = None
+            if self.downlink is not None and r + 1 < self.config.rounds:  # after the last round: Finished
+                broadcast = self.downlink.advance(self.broadcast, self._params(), r + 1)
+                new_model = broadcast.model
             if self.config.checkpoint_every and self.config.out and (r + 1) % self.config.checkpoint_every == 0:
                 self.save_checkpoint(Path(self.config.out) / "checkpoint.pt")
             with self.cond:
                 self.model_msg = new_model
+                self.broadcast = broadcast or self.broadcast
                 self.aggregated_last = set(contributions)
                 if r + 1 < self.config.rounds:
                     self._open_round(r + 1)

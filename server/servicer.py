@@ -10,6 +10,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gradwire import wire
+from gradwire.downlink import downlink_payload_bytes
 from gradwire.netstats import read_counters
 from gradwire.v1 import exchange_pb2 as pb
 from server.coordinator import Coordinator, Rejected, Session
@@ -45,7 +46,9 @@ class GradientExchangeServicer:
         self.coord = coordinator
 
     def _send(self, session: Session, message: pb.ServerMessage) -> pb.ServerMessage:
-        self.coord.count_downlink(session, message.ByteSize())
+        payload = downlink_payload_bytes(message)
+        models = 1 if message.WhichOneof("body") in ("welcome", "round_result") else 0
+        self.coord.count_downlink(session, message.ByteSize(), payload, models)
         return message
 
     def Train(self, request_iterator, context):
@@ -95,7 +98,7 @@ class GradientExchangeServicer:
         c = self.coord
         resp = pb.StatusResponse(
             protocol=wire.PROTOCOL, round=snap["round"], total_rounds=c.config.rounds, codec_spec=c.codec.spec,
-            params=c.params, finished=snap["phase"] == "finished",
+            params=c.params, finished=snap["phase"] == "finished", downlink_codec_spec=c.downlink_codec.spec,
             server_interface_start=wire.counters_to_proto(c.interface_start),
             server_interface_now=wire.counters_to_proto(c.interface_end or _now_counters(c)),
         )
@@ -104,7 +107,7 @@ class GradientExchangeServicer:
                 worker_id=r["worker_id"], rank=r["rank"], connected=r["connected"], hostname=r["hostname"],
                 rounds_aggregated=r["rounds_aggregated"], uplink_payload_bytes=r["uplink_payload_bytes"],
                 uplink_message_bytes=r["uplink_message_bytes"], downlink_message_bytes=r["downlink_message_bytes"],
-                rejected_messages=r["rejected_messages"],
+                downlink_payload_bytes=r["downlink_payload_bytes"], rejected_messages=r["rejected_messages"],
                 interface_start=wire.counters_to_proto(r["interface_start"]),
                 interface_end=wire.counters_to_proto(r["interface_end"]),
             ))
@@ -112,6 +115,7 @@ class GradientExchangeServicer:
             resp.rounds.append(pb.RoundStatus(
                 round=e["round"], uplink_payload_bytes=e["uplink_payload_bytes"],
                 uplink_message_bytes=e["uplink_message_bytes"], downlink_message_bytes=e["downlink_message_bytes"],
+                downlink_payload_bytes=e.get("downlink_payload_bytes", 0),
                 workers_aggregated=e["workers"], stragglers=e["stragglers"],
                 train_loss=e["train_loss"] if e["train_loss"] is not None else math.nan,
                 test_accuracy=e["test_accuracy"] if e["test_accuracy"] is not None else math.nan,

@@ -56,6 +56,8 @@ def build_summary(coord) -> dict[str, Any]:
     up_payload = sum(e["uplink_payload_bytes"] for e in log)
     up_message = sum(e["uplink_message_bytes"] for e in log)
     down = sum(r["downlink_message_bytes"] for r in records)
+    down_payload = sum(r["downlink_payload_bytes"] for r in records)
+    down_models = sum(r["downlink_models"] for r in records)
     evaluated = [e for e in log if e["test_loss"] is not None]
     final = evaluated[-1] if evaluated else None
     curve = accuracy_curve(coord.initial_accuracy, log)
@@ -90,6 +92,11 @@ def build_summary(coord) -> dict[str, Any]:
         "uplink_payload_bytes": up_payload,
         "uplink_message_bytes": up_message,
         "downlink_message_bytes": down,
+        "downlink_codec": coord.downlink_codec.spec,
+        "downlink_payload_bytes": down_payload,
+        # over every model the workers received: the full ones (welcomes, resyncs) and the deltas
+        "downlink_bits_per_entry": 8.0 * down_payload / (coord.params * down_models) if down_models else None,
+        "downlink_codec_stats": coord.downlink.stats() if coord.downlink is not None else {},
         "uplink_bits_per_entry": 8.0 * up_payload / (coord.params * updates) if updates else None,
         "per_bit_accuracy": per_bit_accuracy(curve),
         "accuracy_vs_uplink_bits": curve,
@@ -106,6 +113,7 @@ def build_summary(coord) -> dict[str, Any]:
                 "rounds_aggregated": r["rounds_aggregated"], "sessions": r["sessions"],
                 "uplink_payload_bytes": r["uplink_payload_bytes"], "uplink_message_bytes": r["uplink_message_bytes"],
                 "uplink_control_bytes": r["uplink_control_bytes"], "downlink_message_bytes": r["downlink_message_bytes"],
+                "downlink_payload_bytes": r["downlink_payload_bytes"],
                 "rejected_messages": r["rejected_messages"], "last_rejection": r["last_rejection"],
                 "interface_start": r["interface_start"], "interface_end": r["interface_end"],
                 "codec_stats": r["codec_stats"],

@@ -20,8 +20,9 @@ import torch
 
 from compressors.base import RoundContext
 from compressors.registry import available_codecs, create_codec
-from compressors.update import UpdateEncoder
+from compressors.update import InvalidUpdate, UpdateEncoder
 from gradwire import wire
+from gradwire.downlink import DownlinkDecoder, model_digest
 from gradwire.netstats import read_counters
 from gradwire.tasks import Task, make_task, shard_indices, tensor_specs
 from gradwire.v1 import exchange_pb2 as pb
@@ -45,6 +46,7 @@ class WorkerResult:
     sessions: int = 0
     rejections: list[str] = field(default_factory=list)
     finished: bool = False
+    model_digest: str = ""  # model_digest() of the last model received from the PS
 
 
 class Trainer:
@@ -148,7 +150,10 @@ class Worker:
             codec = create_codec(welcome.codec_spec)
             trainer = Trainer(self._task(welcome.task), welcome.task, welcome.rank)
             encoder = UpdateEncoder(codec, trainer.specs)  # fresh state: the session is a resync
+            downlink = DownlinkDecoder(welcome.downlink_codec_spec, trainer.specs, int(welcome.task.seed))
             params = wire.model_from_proto(welcome.model)
+            reference_round = int(welcome.round)
+            result.model_digest = model_digest(params)
             trainer.load(params)
             round_, directive, workers = int(welcome.round), welcome.directive, int(welcome.workers)
             motions: list[float] = []
@@ -174,11 +179,21 @@ class Worker:
                     self._finish(stream, reply.finished, encoder, result)
                     return
                 rr = reply.round_result
-                new_params = wire.model_from_proto(rr.model)
+                if rr.HasField("model_delta"):
+                    try:
+                        new_params = downlink.apply(params, reference_round, rr.model_delta, int(rr.round))
+                    except (wire.MalformedMessage, InvalidUpdate) as exc:
+                        # Never train on a model we could not rebuild: a new session brings the full one.
+                        log.warning("cannot apply the PS's model delta (%s); reconnecting for the full model", exc)
+                        return
+                else:
+                    new_params = wire.model_from_proto(rr.model)
+                reference_round = int(rr.round)
                 motion = _motion(params, new_params)
                 if motion is not None:
                     motions.append(motion)
                 params = new_params
+                result.model_digest = model_digest(params)
                 trainer.load(params)
                 round_, directive, workers = int(rr.round), rr.directive, int(rr.workers)
                 result.rounds += 1

@@ -91,7 +91,7 @@ class TaskSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., batch_size: _Optional[int] = ..., num_shards: _Optional[int] = ..., shard_index: _Optional[int] = ..., partition: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., seed: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol", "worker_id", "rank", "task", "codec_spec", "round", "total_rounds", "model", "directive", "workers")
+    __slots__ = ("protocol", "worker_id", "rank", "task", "codec_spec", "round", "total_rounds", "model", "directive", "workers", "downlink_codec_spec")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class Welcome(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_CODEC_SPEC_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     worker_id: str
     rank: int
@@ -112,7 +113,8 @@ class Welcome(_message.Message):
     model: Model
     directive: CodecDirective
     workers: int
-    def __init__(self, protocol: _Optional[str] = ..., worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., codec_spec: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., workers: _Optional[int] = ...) -> None: ...
+    downlink_codec_spec: str
+    def __init__(self, protocol: _Optional[str] = ..., worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., codec_spec: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., workers: _Optional[int] = ..., downlink_codec_spec: _Optional[str] = ...) -> None: ...
 
 class EncodedTensor(_message.Message):
     __slots__ = ("name", "shape", "dtype", "codec_spec", "payload", "predictor_coefficients", "residual")
@@ -162,18 +164,28 @@ class CodecDirective(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, float]] = ..., blob: _Optional[bytes] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("round", "model", "directive", "update_aggregated", "workers")
+    __slots__ = ("round", "model", "directive", "update_aggregated", "workers", "model_delta")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_AGGREGATED_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DELTA_FIELD_NUMBER: _ClassVar[int]
     round: int
     model: Model
     directive: CodecDirective
     update_aggregated: bool
     workers: int
-    def __init__(self, round: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., update_aggregated: _Optional[bool] = ..., workers: _Optional[int] = ...) -> None: ...
+    model_delta: ModelDelta
+    def __init__(self, round: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., update_aggregated: _Optional[bool] = ..., workers: _Optional[int] = ..., model_delta: _Optional[_Union[ModelDelta, _Mapping]] = ...) -> None: ...
+
+class ModelDelta(_message.Message):
+    __slots__ = ("base_round", "tensors")
+    BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    base_round: int
+    tensors: _containers.RepeatedCompositeFieldContainer[EncodedTensor]
+    def __init__(self, base_round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[EncodedTensor, _Mapping]]] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("rounds", "reason")
@@ -205,7 +217,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "rank", "connected", "hostname", "rounds_aggregated", "uplink_payload_bytes", "uplink_message_bytes", "downlink_message_bytes", "rejected_messages", "interface_start", "interface_end")
+    __slots__ = ("worker_id", "rank", "connected", "hostname", "rounds_aggregated", "uplink_payload_bytes", "uplink_message_bytes", "downlink_message_bytes", "rejected_messages", "interface_start", "interface_end", "downlink_payload_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +229,7 @@ class WorkerStatus(_message.Message):
     REJECTED_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     INTERFACE_START_FIELD_NUMBER: _ClassVar[int]
     INTERFACE_END_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     rank: int
     connected: bool
@@ -228,10 +241,11 @@ class WorkerStatus(_message.Message):
     rejected_messages: int
     interface_start: InterfaceCounters
     interface_end: InterfaceCounters
-    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., connected: _Optional[bool] = ..., hostname: _Optional[str] = ..., rounds_aggregated: _Optional[int] = ..., uplink_payload_bytes: _Optional[int] = ..., uplink_message_bytes: _Optional[int] = ..., downlink_message_bytes: _Optional[int] = ..., rejected_messages: _Optional[int] = ..., interface_start: _Optional[_Union[InterfaceCounters, _Mapping]] = ..., interface_end: _Optional[_Union[InterfaceCounters, _Mapping]] = ...) -> None: ...
+    downlink_payload_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., connected: _Optional[bool] = ..., hostname: _Optional[str] = ..., rounds_aggregated: _Optional[int] = ..., uplink_payload_bytes: _Optional[int] = ..., uplink_message_bytes: _Optional[int] = ..., downlink_message_bytes: _Optional[int] = ..., rejected_messages: _Optional[int] = ..., interface_start: _Optional[_Union[InterfaceCounters, _Mapping]] = ..., interface_end: _Optional[_Union[InterfaceCounters, _Mapping]] = ..., downlink_payload_bytes: _Optional[int] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "uplink_payload_bytes", "uplink_message_bytes", "downlink_message_bytes", "workers_aggregated", "stragglers", "train_loss", "test_accuracy", "test_loss")
+    __slots__ = ("round", "uplink_payload_bytes", "uplink_message_bytes", "downlink_message_bytes", "workers_aggregated", "stragglers", "train_loss", "test_accuracy", "test_loss", "downlink_payload_bytes")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     UPLINK_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPLINK_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +255,7 @@ class RoundStatus(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     uplink_payload_bytes: int
     uplink_message_bytes: int
@@ -250,10 +265,11 @@ class RoundStatus(_message.Message):
     train_loss: float
     test_accuracy: float
     test_loss: float
-    def __init__(self, round: _Optional[int] = ..., uplink_payload_bytes: _Optional[int] = ..., uplink_message_bytes: _Optional[int] = ..., downlink_message_bytes: _Optional[int] = ..., workers_aggregated: _Optional[int] = ..., stragglers: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ...) -> None: ...
+    downlink_payload_bytes: int
+    def __init__(self, round: _Optional[int] = ..., uplink_payload_bytes: _Optional[int] = ..., uplink_message_bytes: _Optional[int] = ..., downlink_message_bytes: _Optional[int] = ..., workers_aggregated: _Optional[int] = ..., stragglers: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., downlink_payload_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("protocol", "round", "total_rounds", "codec_spec", "params", "finished", "workers", "rounds", "server_interface_start", "server_interface_now")
+    __slots__ = ("protocol", "round", "total_rounds", "codec_spec", "params", "finished", "workers", "rounds", "server_interface_start", "server_interface_now", "downlink_codec_spec")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +280,7 @@ class StatusResponse(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_INTERFACE_START_FIELD_NUMBER: _ClassVar[int]
     SERVER_INTERFACE_NOW_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_CODEC_SPEC_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     round: int
     total_rounds: int
@@ -274,4 +291,5 @@ class StatusResponse(_message.Message):
     rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
     server_interface_start: InterfaceCounters
     server_interface_now: InterfaceCounters
-    def __init__(self, protocol: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., codec_spec: _Optional[str] = ..., params: _Optional[int] = ..., finished: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., server_interface_start: _Optional[_Union[InterfaceCounters, _Mapping]] = ..., server_interface_now: _Optional[_Union[InterfaceCounters, _Mapping]] = ...) -> None: ...
+    downlink_codec_spec: str
+    def __init__(self, protocol: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., codec_spec: _Optional[str] = ..., params: _Optional[int] = ..., finished: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., server_interface_start: _Optional[_Union[InterfaceCounters, _Mapping]] = ..., server_interface_now: _Optional[_Union[InterfaceCounters, _Mapping]] = ..., downlink_codec_spec: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,124 @@
+"""Downlink compression: codec-encoded model deltas from the PS, applied identically by every worker."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from compressors.base import TensorSpec
+from gradwire import wire
+from gradwire.downlink import DownlinkDecoder, DownlinkEncoder, check_downlink_codec, model_digest
+from worker.config import WorkerConfig
+from worker.loop import Worker
+
+SPECS = [TensorSpec("layer.weight", (12, 7)), TensorSpec("layer.bias", (12,))]
+
+
+def _params(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in SPECS}
+
+
+@pytest.mark.parametrize("spec", ["fp16", "topk:ratio=0.1", "qsgd:levels=4", "huffman:bits=6", "randk:ratio=0.2"])
+def test_worker_and_ps_references_stay_bitwise_equal(spec):
+    rng = np.random.default_rng(5)
+    theta = _params(rng)
+    ps = DownlinkEncoder(check_downlink_codec(spec), SPECS, seed=3)
+    broadcast = ps.start(theta, 0)
+    worker = DownlinkDecoder(spec, SPECS, seed=3)
+    held, held_round = wire.model_from_proto(broadcast.model), 0
+    for round_ in range(1, 9):
+        theta = {n: v - 0.05 * rng.standard_normal(v.shape).astype(np.float32) for n, v in theta.items()}
+        broadcast = ps.advance(broadcast, theta, round_)
+        assert broadcast.delta.base_round == held_round
+        held = worker.apply(held, held_round, broadcast.delta, round_)
+        held_round = round_
+        assert model_digest(held) == model_digest(broadcast.reference)
+        assert broadcast.delta_payload_bytes == sum(len(t.payload) for t in broadcast.delta.tensors)
+
+
+def test_the_reference_catches_up_with_a_model_that_stops_moving():
+    """What a lossy delta drops stays in θ − θ̂ and is sent later: top-10 % reaches θ within ~10 rounds."""
+    rng = np.random.default_rng(6)
+    start, theta = _params(rng), _params(rng)
+    ps = DownlinkEncoder(check_downlink_codec("topk:ratio=0.1,ef=0"), SPECS, seed=0)
+    broadcast = ps.start(start, 0)
+    gaps = []
+    for round_ in range(1, 16):
+        broadcast = ps.advance(broadcast, theta, round_)
+        gaps.append(max(float(np.abs(theta[n] - broadcast.reference[n]).max()) for n in theta))
+    assert gaps[0] > 0.1 and gaps[-1] < 1e-6
+    assert all(b <= a + 1e-7 for a, b in zip(gaps, gaps[1:], strict=False))
+
+
+@pytest.mark.parametrize("spec", ["tpc", "lag", "lgc"])
+def test_codecs_with_stateful_decoders_are_refused_with_a_reason(spec):
+    with pytest.raises(ValueError, match="cannot be a downlink codec"):
+        check_downlink_codec(spec)
+
+
+def test_downlink_error_feedback_is_the_reference_so_codec_memory_is_off():
+    """θ − θ̂ already carries what a delta dropped; a codec memory would send it twice (top-k diverged)."""
+    assert check_downlink_codec("topk:ratio=0.1").spec == "topk:ratio=0.1,ef=0"
+    assert check_downlink_codec("sign").spec == "sign:ef=0"
+    assert check_downlink_codec("fp16").spec == "fp16"
+    with pytest.raises(ValueError, match="momentum"):
+        check_downlink_codec("topk:momentum=0.9")
+
+
+def test_a_delta_for_another_base_round_is_refused():
+    rng = np.random.default_rng(7)
+    theta = _params(rng)
+    ps = DownlinkEncoder(check_downlink_codec("fp16"), SPECS, seed=0)
+    broadcast = ps.advance(ps.start(theta, 0), _params(rng), 1)
+    with pytest.raises(wire.MalformedMessage, match="reference round 0"):
+        DownlinkDecoder("fp16", SPECS, seed=0).apply(theta, 5, broadcast.delta, 1)
+
+
+def _run_workers(port: int, n: int, prefix: str) -> list:
+    workers = [Worker(WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"{prefix}{i}", connect_timeout_s=30))
+               for i in range(n)]
+    results: list = [None] * n
+
+    def run(i):
+        results[i] = workers[i].run()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_loopback_run_with_a_compressed_downlink(make_server):
+    rounds, workers = 4, 2
+    running = make_server(workers=workers, rounds=rounds, downlink_codec="topk:ratio=0.1")
+    results = _run_workers(running.port, workers, "dl")
+    running.thread.join(30)
+    assert all(r is not None and r.finished for r in results)
+    s = running.summary()
+    params = s["params"]
+    assert s["downlink_codec"] == "topk:ratio=0.1,ef=0" and s["rounds"] == rounds
+    # Each worker: the full model in its Welcome, then rounds - 1 deltas (the last answer is Finished).
+    full = 4 * params
+    per_worker = [w["downlink_payload_bytes"] for w in s["per_worker"]]
+    assert all(full < b < full + (rounds - 1) * full * 0.2 for b in per_worker), per_worker
+    assert s["downlink_payload_bytes"] == sum(per_worker)
+    assert s["downlink_message_bytes"] > s["downlink_payload_bytes"]
+    assert s["downlink_bits_per_entry"] < 32 * (1 + (rounds - 1) * 0.2) / rounds
+    # Every worker ends on the PS's broadcast reference, bit for bit.
+    reference = model_digest(running.coordinator.broadcast.reference)
+    assert [r.model_digest for r in results] == [reference] * workers
+    assert running.coordinator.broadcast.round == rounds - 1
+
+
+def test_dense_downlink_sends_the_full_model_every_round(make_server):
+    running = make_server(workers=1, rounds=3)
+    results = _run_workers(running.port, 1, "dd")
+    running.thread.join(30)
+    s = running.summary()
+    assert results[0].finished and s["downlink_codec"] == "dense" and s["downlink_bits_per_entry"] == 32.0
+    assert s["downlink_payload_bytes"] == 4 * s["params"] * 3  # welcome + 2 round results
+    assert len(results[0].model_digest) == 64

@@ -71,6 +71,7 @@ class WorkerRun:
     uplink_control_bytes: int  # Hello and WorkerReport (0 where the source does not say)
     downlink_message_bytes: int
     connected: bool | None = None
+    downlink_payload_bytes: int = 0  # model floats or downlink-codec delta bytes
     interface_start: dict[str, Any] | None = None
     interface_end: dict[str, Any] | None = None
 
@@ -83,6 +84,7 @@ class RoundRun:
     uplink_message_bytes: int
     downlink_message_bytes: int
     train_loss: float | None = None
+    downlink_payload_bytes: int = 0
     test_accuracy: float | None = None
 
 
@@ -99,6 +101,7 @@ class RunData:
     server_interface_start: dict[str, Any] | None = None
     server_interface_end: dict[str, Any] | None = None
     final_accuracy: float | None = None
+    downlink_codec: str = "dense"
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -132,6 +135,7 @@ def run_from_status(d: Mapping[str, Any]) -> RunData:
             uplink_message_bytes=_int(w.get("uplink_message_bytes")), uplink_control_bytes=0,
             downlink_message_bytes=_int(w.get("downlink_message_bytes")), connected=bool(w.get("connected", False)),
             interface_start=_counters(w.get("interface_start")), interface_end=_counters(w.get("interface_end")),
+            downlink_payload_bytes=_int(w.get("downlink_payload_bytes")),
         )
         for w in d.get("workers", [])
     ]
@@ -140,7 +144,7 @@ def run_from_status(d: Mapping[str, Any]) -> RunData:
             round=_int(r.get("round")), workers=_int(r.get("workers_aggregated")),
             uplink_payload_bytes=_int(r.get("uplink_payload_bytes")), uplink_message_bytes=_int(r.get("uplink_message_bytes")),
             downlink_message_bytes=_int(r.get("downlink_message_bytes")), train_loss=_float(r.get("train_loss")),
-            test_accuracy=_float(r.get("test_accuracy")),
+            test_accuracy=_float(r.get("test_accuracy")), downlink_payload_bytes=_int(r.get("downlink_payload_bytes")),
         )
         for r in d.get("rounds", [])
     ]
@@ -150,6 +154,7 @@ def run_from_status(d: Mapping[str, Any]) -> RunData:
         total_rounds=_int(d.get("total_rounds")), finished=bool(d.get("finished", False)), workers=workers, rounds=rounds,
         server_interface_start=_counters(d.get("server_interface_start")),
         server_interface_end=_counters(d.get("server_interface_now")), final_accuracy=accs[-1] if accs else None,
+        downlink_codec=str(d.get("downlink_codec_spec") or "dense"),
     )
 
 
@@ -162,6 +167,7 @@ def run_from_summary(d: Mapping[str, Any]) -> RunData:
             uplink_message_bytes=_int(w.get("uplink_message_bytes")), uplink_control_bytes=_int(w.get("uplink_control_bytes")),
             downlink_message_bytes=_int(w.get("downlink_message_bytes")), connected=False,
             interface_start=_counters(w.get("interface_start")), interface_end=_counters(w.get("interface_end")),
+            downlink_payload_bytes=_int(w.get("downlink_payload_bytes")),
         )
         for w in d.get("per_worker", [])
     ]
@@ -170,7 +176,7 @@ def run_from_summary(d: Mapping[str, Any]) -> RunData:
             round=_int(r.get("round")), workers=_int(r.get("workers")),
             uplink_payload_bytes=_int(r.get("uplink_payload_bytes")), uplink_message_bytes=_int(r.get("uplink_message_bytes")),
             downlink_message_bytes=_int(r.get("downlink_message_bytes")), train_loss=_float(r.get("train_loss")),
-            test_accuracy=_float(r.get("test_accuracy")),
+            test_accuracy=_float(r.get("test_accuracy")), downlink_payload_bytes=_int(r.get("downlink_payload_bytes")),
         )
         for r in d.get("rounds_log", [])
     ]
@@ -181,7 +187,7 @@ def run_from_summary(d: Mapping[str, Any]) -> RunData:
         source="summary", codec=str(d.get("codec", "")), params=_int(d.get("params")), round=n_rounds,
         total_rounds=_int(config.get("rounds"), n_rounds), finished=True, workers=workers, rounds=rounds,
         server_interface_start=_counters(server.get("start")), server_interface_end=_counters(server.get("end")),
-        final_accuracy=_float(d.get("final_accuracy")),
+        final_accuracy=_float(d.get("final_accuracy")), downlink_codec=str(d.get("downlink_codec") or "dense"),
     )
 
 
@@ -292,6 +298,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
             "worker_id": w.worker_id, "hostname": w.hostname, "rank": w.rank, "rounds": w.rounds,
             "uplink_payload_bytes": w.uplink_payload_bytes, "uplink_message_bytes": w.uplink_message_bytes,
             "uplink_control_bytes": w.uplink_control_bytes, "downlink_message_bytes": w.downlink_message_bytes,
+            "downlink_payload_bytes": w.downlink_payload_bytes,
             "interface": (w.interface_start or w.interface_end or {}).get("interface"),
             "interface_source": source, "interface_tx_bytes": tx, "interface_rx_bytes": rx,
             "tx_over_message": ratio(tx, up_msg), "rx_over_downlink": ratio(rx, w.downlink_message_bytes),
@@ -312,7 +319,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         rows.append({
             "container": c.name, "container_id": c.id[:12], "state": c.state, "worker_id": None, "hostname": c.hostname,
             "rank": None, "rounds": 0, "uplink_payload_bytes": 0, "uplink_message_bytes": 0, "uplink_control_bytes": 0,
-            "downlink_message_bytes": 0, "interface": None, "interface_source": source, "interface_tx_bytes": tx,
+            "downlink_message_bytes": 0, "downlink_payload_bytes": 0, "interface": None, "interface_source": source, "interface_tx_bytes": tx,
             "interface_rx_bytes": rx, "tx_over_message": None, "rx_over_downlink": None, "message_over_payload": None,
             "payload_bits_per_entry": None, "interface_bits_per_entry": None, "dense_equivalent_bytes": 0,
             "payload_compression": None, "interface_compression": None, "uplink_within_allowance": None,
@@ -323,6 +330,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
     total_payload = sum(r["uplink_payload_bytes"] for r in joined)
     total_msg = sum(r["uplink_message_bytes"] + r["uplink_control_bytes"] for r in joined)
     total_down = sum(r["downlink_message_bytes"] for r in joined)
+    total_down_payload = sum(r["downlink_payload_bytes"] for r in joined)
     txs = [r["interface_tx_bytes"] for r in joined]
     rxs = [r["interface_rx_bytes"] for r in joined]
     total_tx = sum(txs) if txs and None not in txs else None
@@ -342,7 +350,8 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
     }
     ranks = [r["rank"] for r in joined]
     return {
-        "project": project, "source": run.source, "codec": run.codec, "params": run.params, "round": run.round,
+        "project": project, "source": run.source, "codec": run.codec, "downlink_codec": run.downlink_codec,
+        "params": run.params, "round": run.round,
         "total_rounds": run.total_rounds, "finished": run.finished, "final_accuracy": run.final_accuracy,
         "distinct_ranks": len(set(ranks)) == len(ranks),
         "allowance": {"relative": ALLOWANCE_RELATIVE, "per_message_bytes": ALLOWANCE_PER_MESSAGE_BYTES,
@@ -352,7 +361,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         "totals": {
             "workers": len(joined), "updates": updates, "uplink_payload_bytes": total_payload,
             "uplink_message_bytes": total_msg, "downlink_message_bytes": total_down,
-            "interface_tx_bytes": total_tx, "interface_rx_bytes": total_rx,
+            "downlink_payload_bytes": total_down_payload, "interface_tx_bytes": total_tx, "interface_rx_bytes": total_rx,
             "tx_over_message": ratio(total_tx, total_msg), "rx_over_downlink": ratio(total_rx, total_down),
             "payload_bits_per_entry": _bits_per_entry(total_payload, run.params, updates),
             "interface_bits_per_entry": _bits_per_entry(total_tx, run.params, updates),
@@ -363,6 +372,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         "rounds": [
             {"round": r.round, "workers": r.workers, "uplink_payload_bytes": r.uplink_payload_bytes,
              "uplink_message_bytes": r.uplink_message_bytes, "downlink_message_bytes": r.downlink_message_bytes,
+             "downlink_payload_bytes": r.downlink_payload_bytes,
              "payload_bits_per_entry": _bits_per_entry(r.uplink_payload_bytes, run.params, r.workers),
              "train_loss": r.train_loss, "test_accuracy": r.test_accuracy}
             for r in run.rounds

@@ -224,3 +224,24 @@ def test_wait_for_summary_wants_a_fresh_file(tmp_path, monkeypatch):
     since = time.time()
     path.write_text(json.dumps(fake_summary()))  # written now: accepted at once
     br.wait_for_summary(str(path), since, ps_host="ps", poll_s=0.01)
+
+
+def test_downlink_payload_and_codec_are_reported_from_both_sources():
+    summary = fake_summary(rounds=3)
+    summary["downlink_codec"] = "ans:bits=6"
+    for w in summary["per_worker"]:
+        w["downlink_payload_bytes"] = 5000
+    for r in summary["rounds_log"]:
+        r["downlink_payload_bytes"] = 3000
+    rep = br.build_report(br.run_from_summary(summary))
+    assert rep["downlink_codec"] == "ans:bits=6"
+    assert [w["downlink_payload_bytes"] for w in rep["workers"]] == [5000, 5000]
+    assert rep["totals"]["downlink_payload_bytes"] == 10000
+    assert [r["downlink_payload_bytes"] for r in rep["rounds"]] == [3000] * 3
+
+    status = fake_status()
+    status["downlink_codec_spec"] = "fp16"
+    status["workers"][0]["downlink_payload_bytes"] = "777"
+    rep = br.build_report(br.run_from_status(status))
+    assert rep["downlink_codec"] == "fp16" and rep["workers"][0]["downlink_payload_bytes"] == 777
+    assert br.build_report(br.run_from_summary(fake_summary()))["downlink_codec"] == "dense"  # older summaries

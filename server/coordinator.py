@@ -142,7 +142,6 @@ class Coordinator:
         if self.downlink_codec.spec != DENSE:
             self.downlink = DownlinkEncoder(self.downlink_codec, self.specs, config.seed)
             self.broadcast = self.downlink.start(self._params(), len(self.rounds_log))
-            self.model_msg = self.broadcast.model
 
     # ------------------------------------------------------------ helpers
 
@@ -158,9 +157,13 @@ class Coordinator:
         if b is not None and b.delta is not None and session.reference_round == b.delta.base_round:
             result = pb.RoundResult(model_delta=b.delta, **fields)
         else:
-            result = pb.RoundResult(model=self.model_msg, **fields)
+            result = pb.RoundResult(model=self._full_model(), **fields)
         session.reference_round = b.round if b is not None else -1
         return result
+
+    def _full_model(self) -> pb.Model:
+        """What a worker trains on, in full: the broadcast reference, or the model itself."""
+        return self.broadcast.model if self.broadcast is not None else self.model_msg
 
     def _ctx(self, rank: int, round_: int) -> RoundContext:
         return RoundContext(
@@ -226,7 +229,7 @@ class Coordinator:
                 welcome=pb.Welcome(
                     protocol=wire.PROTOCOL, worker_id=session.record.worker_id, rank=rank,
                     task=self._task_spec(rank), codec_spec=self.codec.spec, round=self.round,
-                    total_rounds=self.config.rounds, model=self.model_msg,
+                    total_rounds=self.config.rounds, model=self._full_model(),
                     directive=self._directive_proto(rank, self.round), workers=len(self.expected),
                     downlink_codec_spec=self.downlink_codec.spec,
                 )
@@ -445,7 +448,6 @@ class Coordinator:
             broadcast = None
             if self.downlink is not None and r + 1 < self.config.rounds:  # after the last round: Finished
                 broadcast = self.downlink.advance(self.broadcast, self._params(), r + 1)
-                new_model = broadcast.model
             if self.config.checkpoint_every and self.config.out and (r + 1) % self.config.checkpoint_every == 0:
                 self.save_checkpoint(Path(self.config.out) / "checkpoint.pt")
             with self.cond:

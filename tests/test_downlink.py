@@ -122,3 +122,19 @@ def test_dense_downlink_sends_the_full_model_every_round(make_server):
     assert results[0].finished and s["downlink_codec"] == "dense" and s["downlink_bits_per_entry"] == 32.0
     assert s["downlink_payload_bytes"] == 4 * s["params"] * 3  # welcome + 2 round results
     assert len(results[0].model_digest) == 64
+
+
+def test_a_worker_without_the_base_gets_the_full_reference(make_server):
+    from server.coordinator import Session, WorkerRecord
+
+    running = make_server(workers=1, rounds=3, downlink_codec="fp16")
+    coord = running.coordinator
+    moved = {n: v + np.float32(0.01) for n, v in coord._params().items()}
+    coord.broadcast = coord.downlink.advance(coord.broadcast, moved, 1)
+    session = Session(WorkerRecord("w", 0), decoder=None, reference_round=0)
+    reply = coord._model_reply(session, round=1)
+    assert reply.HasField("model_delta") and not reply.HasField("model") and session.reference_round == 1
+    session.reference_round = 7  # missed a delta (straggled, or joined from another reference)
+    reply = coord._model_reply(session, round=1)
+    assert reply.HasField("model") and not reply.HasField("model_delta")
+    assert model_digest(wire.model_from_proto(reply.model)) == model_digest(coord.broadcast.reference)

@@ -12,7 +12,7 @@ runs each row of ``ROWS`` (a codec spec plus, where a row needs them, extra simu
                                 protobuf / payload bytes, per-bit accuracy
     accuracy_vs_bits.png        test accuracy against cumulative uplink bits, first seed
 
-``--only LABEL,...`` runs a subset (dense is always run); ``--row LABEL=SPEC[|FLAGS]`` adds a row.
+``--table downlink`` runs the downlink-compression rows instead. ``--only LABEL,...`` runs a subset (dense is always run); ``--row LABEL=SPEC[|FLAGS]`` adds a row.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Row:
 PLAIN_SGD = ("--momentum", "0", "--lr", "0.5")  # the default's effective step without PS momentum
 ROWS: tuple[Row, ...] = (
     Row("dense", "dense"),
+    Row("dense_sgd", "dense", PLAIN_SGD),  # the baseline of the rows with the same flags
     Row("fp16", "fp16"),
     Row("huffman4", "huffman:bits=4"),
     Row("ans4", "ans:bits=4"),
@@ -59,6 +60,18 @@ ROWS: tuple[Row, ...] = (
     Row("sign_sgd", "sign", PLAIN_SGD),
     Row("randk1pct", "randk:ratio=0.01"),
 )
+# --table downlink: compressed broadcasts (model deltas), dense uplink unless stated.
+DOWNLINK_ROWS: tuple[Row, ...] = (
+    Row("dense", "dense"),
+    Row("down_fp16", "dense", ("--downlink-codec", "fp16")),
+    Row("down_ans6", "dense", ("--downlink-codec", "ans:bits=6")),
+    Row("down_ans4", "dense", ("--downlink-codec", "ans:bits=4")),
+    Row("down_topk10", "dense", ("--downlink-codec", "topk:ratio=0.1")),
+    Row("down_topk1", "dense", ("--downlink-codec", "topk:ratio=0.01")),
+    Row("down_qsgd16", "dense", ("--downlink-codec", "qsgd:levels=16")),
+    Row("both_ans", "ans:bits=4", ("--downlink-codec", "ans:bits=6")),
+)
+TABLES = {"uplink": ROWS, "downlink": DOWNLINK_ROWS}
 
 
 def parse_row(text: str) -> Row:
@@ -75,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--out", default="runs/codec_table")
+    p.add_argument("--table", choices=sorted(TABLES), default="uplink",
+                   help="uplink: every codec; downlink: compressed broadcasts (--downlink-codec)")
     p.add_argument("--only", default="", help="comma-separated row labels (dense is always run)")
     p.add_argument("--row", type=parse_row, action="append", default=[], help="extra row LABEL=SPEC[|FLAGS]")
     p.add_argument("--force", action="store_true", help="rerun rows whose summary already exists")
@@ -91,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def selected_rows(args: argparse.Namespace) -> list[Row]:
-    rows = list(ROWS) + list(args.row)
+    rows = list(TABLES[args.table]) + list(args.row)
     if args.only:
         # dense is the reference of every Δ; rows given with --row were asked for explicitly
         wanted = {w.strip() for w in args.only.split(",") if w.strip()} | {"dense"} | {r.label for r in args.row}
@@ -111,7 +126,8 @@ def _command(row: Row, seed: int, args: argparse.Namespace, out: Path, log: Path
             *args.simulate_args, "--json", str(out), "--log", str(log), "--quiet"]
 
 
-def run_one(row: Row, seed: int, args: argparse.Namespace, run_dir: Path) -> dict | None:
+def run_one(row: Row, seed: int, args: argparse.Namespace, run_dir: Path,
+            failures: dict[tuple[str, int], str] | None = None) -> dict | None:
     out = run_dir / f"{row.label}_s{seed}.json"
     log = run_dir / f"{row.label}_s{seed}.log"
     cmd = _command(row, seed, args, out, log)
@@ -127,6 +143,8 @@ def run_one(row: Row, seed: int, args: argparse.Namespace, run_dir: Path) -> dic
     status, tail = run_simulation(cmd, log, args.timeout_s)
     if status != "ok" or not out.exists():
         print(f"[codec-table] {row.label} seed {seed}: {status}: {' | '.join(tail)}", flush=True)
+        if failures is not None:
+            failures[(row.label, seed)] = status if status != "ok" else "no summary"
         return None
     summary = json.loads(out.read_text())
     summary["codec_table_command"] = stamp
@@ -136,14 +154,15 @@ def run_one(row: Row, seed: int, args: argparse.Namespace, run_dir: Path) -> dic
     return summary
 
 
-def build_results(rows: list[Row], seeds: list[int], summaries: dict[tuple[str, int], dict]) -> list[dict]:
+def build_results(rows: list[Row], seeds: list[int], summaries: dict[tuple[str, int], dict],
+                  failures: dict[tuple[str, int], str] | None = None) -> list[dict]:
     results = []
     for row in rows:
         for seed in seeds:
             s = summaries.get((row.label, seed))
             dense = summaries.get(("dense", seed))
             entry = {"label": row.label, "spec": row.spec, "flags": list(row.flags), "seed": seed,
-                     "status": "ok" if s else "failed"}
+                     "status": "ok" if s else (failures or {}).get((row.label, seed), "failed")}
             if s:
                 entry.update({
                     "final_accuracy": s["final_accuracy"],
@@ -151,6 +170,8 @@ def build_results(rows: list[Row], seeds: list[int], summaries: dict[tuple[str, 
                     "delta_vs_dense": (s["final_accuracy"] - dense["final_accuracy"]
                                        if dense and s["final_accuracy"] is not None else None),
                     "uplink_bits_per_entry": s["uplink_bits_per_entry"],
+                    "downlink_codec": s.get("downlink_codec"),
+                    "downlink_bits_per_entry": s.get("downlink_bits_per_entry"),
                     "uplink_payload_bytes": s["uplink_payload_bytes"],
                     "uplink_message_bytes": s["uplink_message_bytes"],
                     "per_bit_accuracy": s["per_bit_accuracy"],
@@ -173,13 +194,14 @@ def table(rows: list[Row], results: list[dict], args: argparse.Namespace) -> str
             + (f", simulate args `{' '.join(args.simulate_args)}`" if args.simulate_args else "") + ".", "",
             "| codec (and flags) | " + " | ".join(f"acc. seed {s}" for s in seeds)
             + (" | mean acc. | mean Δ vs dense" if len(seeds) > 1 else " | Δ vs dense")
-            + " | uplink bits/entry | protobuf / payload | per-bit acc. (/Mbit) | PS / worker momentum |",
-            "|---" * (len(seeds) + (7 if len(seeds) > 1 else 6)) + "|"]
+            + " | uplink bits/entry | downlink bits/entry | protobuf / payload | per-bit acc. (/Mbit)"
+            " | PS / worker momentum |",
+            "|---" * (len(seeds) + (8 if len(seeds) > 1 else 7)) + "|"]
     for row in rows:
         got = [by_key.get((row.label, s)) for s in seeds]
         ok = [g for g in got if g and g["status"] == "ok"]
         accs = [g["final_accuracy"] if g and g["status"] == "ok" else None for g in got]
-        cells = [_fmt(a) if a is not None else "failed" for a in accs]
+        cells = [_fmt(a) if a is not None else (g["status"] if g else "failed") for a, g in zip(accs, got, strict=True)]
         deltas = [g["delta_vs_dense"] for g in ok if g["delta_vs_dense"] is not None]
         valid_accs = [a for a in accs if a is not None]
         if len(seeds) > 1:
@@ -187,6 +209,7 @@ def table(rows: list[Row], results: list[dict], args: argparse.Namespace) -> str
         cells.append(_fmt(statistics.fmean(deltas), "+.4f") if deltas else "–")
         first = ok[0] if ok else None
         cells.append(_fmt(first and first["uplink_bits_per_entry"], ".3f"))
+        cells.append(_fmt(first and first.get("downlink_bits_per_entry"), ".3f"))
         cells.append(_fmt(first and first["uplink_message_bytes"] / max(first["uplink_payload_bytes"], 1), ".4f"))
         pba = first and first["per_bit_accuracy"]
         cells.append(_fmt(pba * 1e6 if pba is not None else None, ".3f"))
@@ -194,9 +217,21 @@ def table(rows: list[Row], results: list[dict], args: argparse.Namespace) -> str
                      if first and first.get("server_momentum") is not None else "–")
         head.append(f"| {row.shown} | " + " | ".join(cells) + " |")
     head += ["", "Bits per entry are 8 × uplink payload bytes / (params × workers × rounds), side information "
-             "included, from the first seed (they barely move across seeds). Per-bit accuracy = max_t "
+             "included, from the first seed (they barely move across seeds). Downlink bits per entry: 8 × model "
+             "payload bytes the workers received / (params × models received), the full model of each Welcome "
+             "included. Per-bit accuracy = max_t "
              "(Acc(t) − Acc(0)) / B(t), B(t) the cumulative uplink payload bits of all workers, per megabit."]
     return "\n".join(head) + "\n"
+
+
+def total_bits_curve(summary: dict) -> list[tuple[float, float]]:
+    """(cumulative uplink + downlink payload bits, test accuracy) at every evaluated round."""
+    points, total = [], 0.0
+    for entry in summary.get("rounds_log") or []:
+        total += 8.0 * (entry.get("uplink_payload_bytes", 0) + entry.get("downlink_payload_bytes", 0))
+        if entry.get("test_accuracy") is not None:
+            points.append((total, entry["test_accuracy"]))
+    return points
 
 
 def plot(rows: list[Row], seed: int, summaries: dict[tuple[str, int], dict], path: Path,
@@ -212,16 +247,19 @@ def plot(rows: list[Row], seed: int, summaries: dict[tuple[str, int], dict], pat
         s = summaries.get((row.label, seed))
         if not s:
             continue
-        pts = [(b, a) for b, a in s.get("accuracy_vs_uplink_bits") or [] if b > 0 and a is not None]
+        pts = total_bits_curve(s) if args.table == "downlink" else [
+            (b, a) for b, a in s.get("accuracy_vs_uplink_bits") or [] if b > 0 and a is not None]
         if not pts:
             continue
-        style = dict(color="black", ls="--", lw=1.6) if row.label == "dense" else dict(color=cmap(i % 20), lw=1.2)
+        style = dict(color="black", ls="--", lw=1.6, zorder=10) if row.label == "dense" else dict(color=cmap(i % 20), lw=1.2)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=2.5,
                 label=row.spec + (" " + " ".join(row.flags) if row.flags else ""), **style)
     ax.set_xscale("log")
-    ax.set_xlabel("cumulative uplink bits, all workers, side information included")
+    ax.set_xlabel("cumulative uplink + downlink payload bits, all workers" if args.table == "downlink"
+                  else "cumulative uplink bits, all workers, side information included")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"accuracy against uplink bits: {args.workers} workers × {args.rounds} rounds, seed {seed}")
+    what = "uplink + downlink" if args.table == "downlink" else "uplink"
+    ax.set_title(f"accuracy against {what} bits: {args.workers} workers × {args.rounds} rounds, seed {seed}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.tight_layout()
@@ -237,20 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     summaries: dict[tuple[str, int], dict] = {}
+    failures: dict[tuple[str, int], str] = {}
     for seed in args.seed_list:
         for row in rows:
-            s = run_one(row, seed, args, run_dir)
+            s = run_one(row, seed, args, run_dir, failures)
             if s is not None:
                 summaries[(row.label, seed)] = s
-    results = build_results(rows, args.seed_list, summaries)
+    results = build_results(rows, args.seed_list, summaries, failures)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(rows, results, args)
     (out / "table.md").write_text(text)
     plot(rows, args.seed_list[0], summaries, out / "accuracy_vs_bits.png", args)
     print(text)
-    failed = [f"{r['label']} seed {r['seed']}" for r in results if r["status"] != "ok"]
-    print(f"[codec-table] {len(results) - len(failed)}/{len(results)} runs in {time.perf_counter() - start:.0f} s; "
+    # A diverged run is a result (the method does not train there), not a failure of the command.
+    diverged = [f"{r['label']} seed {r['seed']}" for r in results if r["status"] == "diverged"]
+    failed = [f"{r['label']} seed {r['seed']}" for r in results if r["status"] not in ("ok", "diverged")]
+    print(f"[codec-table] {len(results) - len(failed) - len(diverged)}/{len(results)} runs in {time.perf_counter() - start:.0f} s; "
           f"wrote {out}/table.md, results.json, accuracy_vs_bits.png", flush=True)
+    if diverged:
+        print(f"[codec-table] diverged: {', '.join(diverged)}", flush=True)
     if failed:
         print(f"[codec-table] failed: {', '.join(failed)}", flush=True)
     return 1 if failed else 0

@@ -22,6 +22,7 @@ class LedgerCollector:
             "uplink_payload_bytes": "Codec payload bytes received (what the codec claims to send)",
             "uplink_message_bytes": "Serialized protobuf bytes of update messages received",
             "downlink_message_bytes": "Serialized protobuf bytes sent to the worker",
+            "downlink_payload_bytes": "Model payload bytes sent to the worker (float32 models or downlink-codec deltas)",
             "rejected_messages": "Messages refused with a gRPC status",
             "rounds_aggregated": "Rounds in which the worker's update was aggregated",
         }

@@ -100,6 +100,9 @@ def test_prometheus_metrics_match_the_ledger(make_server):
     payload = running.summary()["per_worker"][0]["uplink_payload_bytes"]
     assert f'gradwire_worker_uplink_payload_bytes_total{{rank="0",worker_id="m0"}} {float(payload)}' in text
     assert "gradwire_test_accuracy" in text and "gradwire_round 2.0" in text
+    down = running.summary()["per_worker"][0]["downlink_payload_bytes"]
+    assert down == 2 * 4 * running.summary()["params"]  # welcome + one round result, dense
+    assert f'gradwire_worker_downlink_payload_bytes_total{{rank="0",worker_id="m0"}} {float(down)}' in text
 
 
 def test_run_ends_when_every_worker_is_gone(make_server, manual_workers):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make this machine ready to run `docker compose up`:
-#   1. a Docker engine with Compose v2 (scripts/install_docker.sh; installing needs root),
+#   1. a Docker engine with Compose v2 (scripts/install_docker.sh; installing needs root: the
+#      script re-runs itself through sudo when it is not root and no engine answers),
 #   2. ./wheelhouse: every runtime wheel, downloaded on the host with pip (the image build then
 #      needs no registry and no package index),
 #   3. the base image python:3.11-slim: pulled when a registry answers; otherwise a stand-in
@@ -28,6 +29,7 @@ done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+
 BASE_IMAGE=${GRADWIRE_BASE_IMAGE:-python:3.11-slim}
 WHEELHOUSE="$ROOT/wheelhouse"
 
@@ -39,7 +41,7 @@ t0=$(date +%s)
 # waits here, then finds everything in place.
 # Children never get the lock's descriptor (9>&- below, and detach.sh for the daemons), so the lock
 # is released when this script exits; the wait is bounded anyway, with a message saying why.
-LOCK="${TMPDIR:-/tmp}/gradwire-bootstrap.lock"
+LOCK="${TMPDIR:-/tmp}/gradwire-bootstrap-$(id -u).lock"  # per user: a root-owned file would block others
 LOCK_WAIT_S=${GRADWIRE_BOOTSTRAP_LOCK_WAIT_S:-1800}
 if command -v flock >/dev/null 2>&1; then
     exec 9>"$LOCK"
@@ -47,6 +49,14 @@ if command -v flock >/dev/null 2>&1; then
         log "another bootstrap holds $LOCK; waiting up to ${LOCK_WAIT_S} s"
         flock -w "$LOCK_WAIT_S" 9 || die "$LOCK is still held after ${LOCK_WAIT_S} s (holders: $(fuser "$LOCK" 2>/dev/null || echo unknown)); stop them or remove the file"
     fi
+fi
+
+# Root is needed only to install or start the engine (and for a stand-in base image). Without
+# it, and with no engine this user can reach, run again through sudo when there is one (the
+# lock is released first: 9>&-).
+if [ "$(id -u)" != 0 ] && ! docker info >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then
+    log "no Docker engine answers for $(id -un): continuing as root through sudo"
+    exec sudo -E bash "$ROOT/scripts/bootstrap.sh" "$@" 9>&-
 fi
 
 # 1. engine --------------------------------------------------------------------------------
@@ -111,7 +121,7 @@ elif timeout 120 docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
     log "pulled $BASE_IMAGE"
 else
     log "$BASE_IMAGE cannot be pulled (no registry): building a stand-in from a Debian rootfs"
-    [ "$(id -u)" = 0 ] || die "building the stand-in base image needs root (debootstrap); run: sudo bash $0"
+    [ "$(id -u)" = 0 ] || die "building the stand-in base image needs root (debootstrap); run it as root"
     if ! command -v debootstrap >/dev/null 2>&1; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null \
             || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }

@@ -20,7 +20,7 @@ fi
 
 if [ "$(id -u)" != 0 ]; then
     die "no Docker engine with Compose v2 answers, and installing one needs root.
-  Either run this script as root (sudo bash $0), or install Docker Engine + the Compose v2
+  Either run this script as root, or install Docker Engine + the Compose v2
   plugin yourself (https://docs.docker.com/engine/install/), start it, and make sure
   'docker info' and 'docker compose version' work for your user (e.g. add it to the 'docker' group)."
 fi

@@ -64,7 +64,7 @@ def engine() -> None:
     if reason is None:
         return
     message = (f"!!! CONTAINER TESTS NOT RUN: {reason}. Install and start an engine with "
-               "`sudo bash scripts/install_docker.sh` to run them. !!!")
+               "`bash scripts/install_docker.sh` (as root) to run them. !!!")
     if os.environ.get("GRADWIRE_REQUIRE_CONTAINERS") == "1":
         pytest.fail(message + " (GRADWIRE_REQUIRE_CONTAINERS=1)")
     warnings.warn(message, stacklevel=1)

@@ -59,7 +59,7 @@ def test_detach_gives_the_daemon_none_of_the_callers_descriptors(tmp_path):
 
 @pytest.mark.skipif(shutil.which("flock") is None, reason="needs util-linux flock")
 def test_bootstrap_waits_a_bounded_time_for_its_lock_and_says_who_holds_it(tmp_path):
-    lock = tmp_path / "gradwire-bootstrap.lock"
+    lock = tmp_path / f"gradwire-bootstrap-{os.getuid()}.lock"
     with lock.open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         env = dict(os.environ, TMPDIR=str(tmp_path), GRADWIRE_BOOTSTRAP_LOCK_WAIT_S="1")

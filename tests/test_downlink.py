@@ -138,3 +138,26 @@ def test_a_worker_without_the_base_gets_the_full_reference(make_server):
     reply = coord._model_reply(session, round=1)
     assert reply.HasField("model") and not reply.HasField("model_delta")
     assert model_digest(wire.model_from_proto(reply.model)) == model_digest(coord.broadcast.reference)
+
+
+def test_a_delta_the_worker_cannot_apply_makes_it_reconnect_for_the_full_model(make_server, monkeypatch):
+    """The worker never trains on a model it could not rebuild: it starts a new session instead."""
+    import gradwire.downlink as downlink
+
+    real_apply = downlink.DownlinkDecoder.apply
+    calls = {"n": 0}
+
+    def apply_failing_once(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise wire.MalformedMessage("simulated corrupt delta")
+        return real_apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(downlink.DownlinkDecoder, "apply", apply_failing_once)
+    rounds = 5
+    running = make_server(workers=1, rounds=rounds, downlink_codec="fp16", round_timeout_s=5.0)
+    [result] = _run_workers(running.port, 1, "re")
+    running.thread.join(60)
+    assert result is not None and result.finished and result.sessions == 2
+    assert result.model_digest == model_digest(running.coordinator.broadcast.reference)
+    assert running.summary()["per_worker"][0]["sessions"] == 2

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire.v1 import exchange_pb2 as pb
 from server.servicer import SERVICE_NAME
@@ -31,19 +32,32 @@ def open_channel(target: str, max_message_mb: int) -> grpc.Channel:
 
 
 def wait_for_server(channel: grpc.Channel, timeout_s: float) -> None:
-    """Wait until the channel connects, with exponential backoff and jitter."""
+    """Wait until the PS's health service says SERVING, with exponential backoff and jitter.
+
+    A health Check with wait_for_ready rather than grpc.channel_ready_future: the future's
+    connectivity-polling thread outlives it and raises "Channel closed!" when the channel is
+    closed later (grpc/grpc#29848), and SERVING also says the PS is ready, not just listening.
+    """
     deadline = time.monotonic() + timeout_s
+    stub = health_pb2_grpc.HealthStub(channel)
     delay = 0.2
     while True:
+        attempt = min(delay * 4, max(0.1, deadline - time.monotonic()))
         try:
-            grpc.channel_ready_future(channel).result(timeout=min(delay * 4, max(0.1, deadline - time.monotonic())))
-            return
-        except grpc.FutureTimeoutError:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"parameter server not reachable within {timeout_s:.0f} s") from None
-            log.info("parameter server not up yet; retrying in %.1f s", delay)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=attempt,
+                               wait_for_ready=True)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            reason = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            reason = err.code().name
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"parameter server not ready within {timeout_s:.0f} s (last: {reason})")
+        log.info("parameter server not ready yet (%s); retrying in %.1f s", reason, delay)
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 5.0)
 
 
 class TrainStream:

@@ -415,11 +415,13 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None):
 
     state = "finished" if report["finished"] else "running"
     where = f"project {report['project']}" if report["project"] else f"from {report['source']}"
-    title = (f"gradwire bytes · {where} · codec {report['codec'] or '–'} · "
+    downlink = report.get("downlink_codec") or "dense"
+    title = (f"gradwire bytes · {where} · codec {report['codec'] or '–'}"
+             f"{'' if downlink == 'dense' else f' · downlink {downlink}'} · "
              f"{report['params']:,} params · round {report['round']}/{report['total_rounds']} ({state})")
     t = Table(title=title, title_justify="left", header_style="bold")
     for name in ("container", "rank", "rounds", "↑ payload\nB", "↑ protobuf\nB", "↑ iface\nB", "↑ iface\n/proto",
-                 "↓ protobuf\nB", "↓ iface\nB", "↓ iface\n/proto", "payload\nb/entry", "iface\nb/entry",
+                 "↓ payload\nB", "↓ protobuf\nB", "↓ iface\nB", "↓ iface\n/proto", "payload\nb/entry", "iface\nb/entry",
                  "vs dense\n(iface)", "src"):
         t.add_column(name, justify="left" if name in ("container", "src") else "right", no_wrap=True)
     project = report["project"]
@@ -429,7 +431,8 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None):
         t.add_row(
             _short(r["container"], project) or r["hostname"] or "?", "–" if r["rank"] is None else str(r["rank"]),
             str(r["rounds"]), _b(r["uplink_payload_bytes"]), _b(r["uplink_message_bytes"] + r["uplink_control_bytes"]),
-            _b(r["interface_tx_bytes"]), ratio_text, _b(r["downlink_message_bytes"]), _b(r["interface_rx_bytes"]),
+            _b(r["interface_tx_bytes"]), ratio_text, _b(r.get("downlink_payload_bytes")),
+            _b(r["downlink_message_bytes"]), _b(r["interface_rx_bytes"]),
             _r(r["rx_over_downlink"]), _r(r["payload_bits_per_entry"], 2), _r(r["interface_bits_per_entry"], 2),
             _x(r["interface_compression"]), _SOURCE.get(r["interface_source"], r["interface_source"]),
         )
@@ -438,7 +441,7 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None):
     t.add_row(
         Text("workers", style="bold"), "", str(tot["updates"]), _b(tot["uplink_payload_bytes"]),
         _b(tot["uplink_message_bytes"]), _b(tot["interface_tx_bytes"]), _r(tot["tx_over_message"]),
-        _b(tot["downlink_message_bytes"]), _b(tot["interface_rx_bytes"]), _r(tot["rx_over_downlink"]),
+        _b(tot.get("downlink_payload_bytes")), _b(tot["downlink_message_bytes"]), _b(tot["interface_rx_bytes"]), _r(tot["rx_over_downlink"]),
         _r(tot["payload_bits_per_entry"], 2), _r(tot["interface_bits_per_entry"], 2), _x(tot["interface_compression"]), "",
     )
     ps = report["ps"]
@@ -446,19 +449,19 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None):
     t.add_row(
         Text(f"{_short(ps['container'], project) or 'ps'} (PS)", style="bold"), "", "", _b(ps["uplink_payload_bytes"]),
         _b(ps["uplink_message_bytes"]), _b(ps["interface_rx_bytes"]), _r(ps["rx_over_uplink_message"]),
-        _b(ps["downlink_message_bytes"]), _b(ps["interface_tx_bytes"]), _r(ps["tx_over_downlink"]), "", "", "",
+        "", _b(ps["downlink_message_bytes"]), _b(ps["interface_tx_bytes"]), _r(ps["tx_over_downlink"]), "", "", "",
         _SOURCE.get(ps["interface_source"], ps["interface_source"]),
     )
     rounds = report["rounds"]
     shown = rounds[-max_rounds:] if max_rounds else rounds
     rt = Table(title=f"per round (PS counts){'' if len(shown) == len(rounds) else f', last {len(shown)} of {len(rounds)}'}",
                title_justify="left", header_style="bold")
-    for name in ("round", "workers", "↑ payload B", "↑ protobuf B", "↓ protobuf B", "payload b/entry",
+    for name in ("round", "workers", "↑ payload B", "↑ protobuf B", "↓ payload B", "↓ protobuf B", "payload b/entry",
                  "train loss", "test acc"):
         rt.add_column(name, justify="right", no_wrap=True)
     for r in shown:
         rt.add_row(str(r["round"]), str(r["workers"]), _b(r["uplink_payload_bytes"]), _b(r["uplink_message_bytes"]),
-                   _b(r["downlink_message_bytes"]), _r(r["payload_bits_per_entry"], 2), _r(r["train_loss"], 4),
+                   _b(r.get("downlink_payload_bytes")), _b(r["downlink_message_bytes"]), _r(r["payload_bits_per_entry"], 2), _r(r["train_loss"], 4),
                    _r(r["test_accuracy"], 4))
     notes = Text(
         "↑ uplink (worker → PS): iface = the worker's tx, on the PS row the PS's rx; ↓ downlink: the worker's rx, the "

@@ -245,3 +245,8 @@ def test_downlink_payload_and_codec_are_reported_from_both_sources():
     rep = br.build_report(br.run_from_status(status))
     assert rep["downlink_codec"] == "fp16" and rep["workers"][0]["downlink_payload_bytes"] == 777
     assert br.build_report(br.run_from_summary(fake_summary()))["downlink_codec"] == "dense"  # older summaries
+
+    console = Console(file=io.StringIO(), width=260)
+    console.print(br.render(br.build_report(br.run_from_summary(summary))))
+    text = console.file.getvalue()
+    assert "downlink ans:bits=6" in text and "10,000" in text and "3,000" in text

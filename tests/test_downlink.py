@@ -161,3 +161,20 @@ def test_a_delta_the_worker_cannot_apply_makes_it_reconnect_for_the_full_model(m
     assert result is not None and result.finished and result.sessions == 2
     assert result.model_digest == model_digest(running.coordinator.broadcast.reference)
     assert running.summary()["per_worker"][0]["sessions"] == 2
+
+
+def test_resume_restarts_the_reference_from_the_checkpointed_model(make_server, tmp_path):
+    """After a PS restart the broadcast reference is the model itself, sent in full to every worker."""
+    first = make_server(workers=1, rounds=4, checkpoint_every=2, out=str(tmp_path), downlink_codec="ans:bits=6")
+    _run_workers(first.port, 1, "ck")
+    first.thread.join(30)
+    resumed = make_server(workers=1, rounds=6, resume=str(tmp_path / "checkpoint.pt"), out=str(tmp_path / "b"),
+                          downlink_codec="ans:bits=6")
+    coord = resumed.coordinator
+    assert coord.broadcast.round == 4 and coord.broadcast.delta is None
+    assert model_digest(coord.broadcast.reference) == model_digest(coord._params())
+    [result] = _run_workers(resumed.port, 1, "ck")
+    resumed.thread.join(30)
+    s = resumed.summary()
+    assert result.finished and s["rounds"] == 6
+    assert result.model_digest == model_digest(coord.broadcast.reference) and coord.broadcast.round == 5

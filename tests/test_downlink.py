@@ -155,7 +155,7 @@ def test_a_delta_the_worker_cannot_apply_makes_it_reconnect_for_the_full_model(m
 
     monkeypatch.setattr(downlink.DownlinkDecoder, "apply", apply_failing_once)
     rounds = 5
-    running = make_server(workers=1, rounds=rounds, downlink_codec="fp16", round_timeout_s=5.0)
+    running = make_server(workers=1, rounds=rounds, downlink_codec="fp16")
     [result] = _run_workers(running.port, 1, "re")
     running.thread.join(60)
     assert result is not None and result.finished and result.sessions == 2

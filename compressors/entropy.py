@@ -350,33 +350,54 @@ def huffman_bits(symbols: np.ndarray, lengths: np.ndarray) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _write_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+VARINT_MAX_BYTES = 10  # a u64 needs at most 10 LEB128 bytes
 
 
-def _read_varint(data: bytes, what: str) -> tuple[int, int]:
-    value = shift = 0
-    for i, byte in enumerate(data[:10]):
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i + 1
-        shift += 7
-    raise CodecError(f"{what} payload has no valid symbol count header")
+def varint_encode(values: np.ndarray) -> bytes:
+    """LEB128 encoding of non-negative integers (vectorized): counts, histograms, headers."""
+    v = np.asarray(values, dtype=np.uint64).reshape(-1)
+    if v.size == 0:
+        return b""
+    shifts = np.uint64(7) * np.arange(VARINT_MAX_BYTES, dtype=np.uint64)
+    groups = (v[:, None] >> shifts) & np.uint64(0x7F)
+    nbytes = 1 + np.sum((v[:, None] >> shifts[1:]) > 0, axis=1)
+    cols = np.arange(VARINT_MAX_BYTES)
+    cont = cols[None, :] < (nbytes[:, None] - 1)
+    out = (groups | np.where(cont, np.uint64(0x80), np.uint64(0))).astype(np.uint8)
+    return out[cols[None, :] < nbytes[:, None]].tobytes()
+
+
+def varint_decode(payload: bytes, offset: int, count: int, where: str,
+                  table: str = "count table") -> tuple[np.ndarray, int]:
+    """``count`` LEB128 integers starting at ``offset``; returns (values, end offset).
+
+    ``table`` names what the integers are, for the error messages.
+    """
+    if count == 0:
+        return np.zeros(0, dtype=np.int64), offset
+    if offset > len(payload):
+        raise CodecError(f"{where}: payload ends inside the {table}")
+    window = np.frombuffer(payload, dtype=np.uint8, offset=offset)[: count * VARINT_MAX_BYTES]
+    ends = np.flatnonzero((window & 0x80) == 0)
+    if ends.size < count:
+        raise CodecError(f"{where}: payload ends inside the {table}")
+    ends = ends[:count]
+    used = window[: int(ends[-1]) + 1].astype(np.uint64)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if int(lengths.max()) > 9:  # 9 bytes hold 63 bits: plenty for counts
+        raise CodecError(f"{where}: {table} entry too long")
+    pos = np.arange(used.size) - np.repeat(starts, lengths)
+    parts = (used & np.uint64(0x7F)) << (np.uint64(7) * pos.astype(np.uint64))
+    values = np.add.reduceat(parts, starts).astype(np.int64)
+    return values, offset + used.size
 
 
 def _check_count(data: bytes, count: int, what: str) -> bytes:
     count = int(count)
     if count < 0:
         raise CodecError(f"negative symbol count {count}")
-    stored, used = _read_varint(data, what)
+    [stored], used = varint_decode(data, 0, 1, f"{what} payload", "symbol count header")
     if stored != count:
         raise CodecError(f"{what} payload holds {stored} symbols, expected {count}")
     return data[used:]
@@ -441,7 +462,7 @@ def huffman_encode(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
     code = _code(_lengths_key(lengths))
     sym = _as_symbols(symbols, code.alphabet)
     count = sym.size
-    head = _write_varint(count)
+    head = varint_encode([count])
     if count == 0:
         return head
     if code.group == 1:
@@ -618,7 +639,7 @@ def ans_encode(symbols: np.ndarray, pmf: np.ndarray) -> bytes:
 
     p = _as_pmf(pmf)
     sym = _as_symbols(symbols, p.size)
-    head = _write_varint(sym.size)
+    head = varint_encode([sym.size])
     if sym.size == 0:
         return head
     coder = constriction.stream.stack.AnsCoder()

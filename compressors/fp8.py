@@ -52,6 +52,7 @@ from compressors.entropy import (
     huffman_code_lengths,
     huffman_decode,
     huffman_encode,
+    varint_encode,
 )
 from compressors.feedback import maybe_error_feedback
 from compressors.gennorm import gennorm_cell_pmf, subsample
@@ -67,7 +68,6 @@ from compressors.huffman import (
     read_header_float,
     read_model_pmf,
     smallest_payload,
-    write_counts,
 )
 from compressors.quantize import FP8_FORMATS, fp8_cell_edges, fp8_dequantize, fp8_quantize
 from compressors.registry import register
@@ -166,7 +166,7 @@ class _FP8Encoder(Encoder):
                 model_bytes = np.asarray(params, dtype="<f4").tobytes()
             else:
                 pmf = counts / counts.sum()
-                model_bytes = write_counts(counts)
+                model_bytes = varint_encode(counts)
             head = struct.pack("<Bf", KIND_CODED, s) + model_bytes
             if c.coder == "huffman":
                 lengths = huffman_code_lengths(pmf)

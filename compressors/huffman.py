@@ -100,6 +100,8 @@ from compressors.entropy import (
     huffman_code_lengths,
     huffman_decode,
     huffman_encode,
+    varint_decode,
+    varint_encode,
 )
 from compressors.feedback import maybe_error_feedback
 from compressors.gennorm import (
@@ -123,40 +125,6 @@ PMF_FLOOR = 1e-12
 FLOAT16_MAX = 65504.0
 FLOAT16_MIN_NORMAL = 2.0**-14
 FIT_SAMPLES = 50_000
-
-
-# ---------------------------------------------------------------- varints
-
-
-def write_counts(values: np.ndarray) -> bytes:
-    out = bytearray()
-    for v in np.asarray(values, dtype=np.int64).tolist():  # one per symbol of the alphabet (<= 256)
-        while True:
-            byte = v & 0x7F
-            v >>= 7
-            if v:
-                out.append(byte | 0x80)
-            else:
-                out.append(byte)
-                break
-    return bytes(out)
-
-
-def read_counts(payload: bytes, offset: int, count: int, where: str) -> tuple[np.ndarray, int]:
-    vals = np.zeros(count, dtype=np.int64)
-    for i in range(count):  # one per symbol of the alphabet (<= 256)
-        value = shift = 0
-        while True:
-            if offset >= len(payload) or shift > 56:
-                raise CodecError(f"{where}: payload ends inside the symbol histogram")
-            byte = payload[offset]
-            offset += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        vals[i] = value
-    return vals, offset
 
 
 # ---------------------------------------------------------------- shared model logic
@@ -491,7 +459,7 @@ def read_model_pmf(
         except (CodecError, ValueError) as exc:
             raise CodecError(f"{where}: bad model parameters {params}: {exc}") from None
         return pmf, None, offset + 4 * nparams
-    counts, offset = read_counts(payload, offset, alphabet, where)
+    counts, offset = varint_decode(payload, offset, alphabet, where, "symbol histogram")
     if int(counts.sum()) != numel:
         raise CodecError(f"{where}: histogram sums to {int(counts.sum())}, tensor has {numel}")
     return counts / numel, counts, offset
@@ -526,7 +494,7 @@ class _Encoder(Encoder):
         quantizer, symbols, params, gparams, sample = q.quantizer, q.symbols, q.params, q.gparams, q.sample
         counts = np.bincount(symbols, minlength=quantizer.alphabet_size)
         if c.model == "empirical":
-            head = write_counts(counts)
+            head = varint_encode(counts)
             pmf = counts / counts.sum()
         else:
             head = np.asarray(params, dtype="<f4").tobytes()

@@ -56,7 +56,7 @@ from compressors.base import (
     TensorSpec,
     check_input,
 )
-from compressors.entropy import ans_decode, ans_encode, entropy_from_counts
+from compressors.entropy import ans_decode, ans_encode, entropy_from_counts, varint_decode, varint_encode
 from compressors.registry import register
 
 MODE_FIXED = 0
@@ -64,44 +64,9 @@ MODE_ANS = 1
 MAX_LEVELS = 2**16 - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 CODERS = ("auto", "ans", "fixed")
-VARINT_MAX_BYTES = 10  # a u64 needs at most 10 LEB128 bytes
 
 
 # ---------------------------------------------------------------- bit helpers
-
-
-def varint_encode(values: np.ndarray) -> bytes:
-    """LEB128 encoding of non-negative integers (vectorized)."""
-    v = np.asarray(values, dtype=np.uint64).reshape(-1)
-    if v.size == 0:
-        return b""
-    shifts = np.uint64(7) * np.arange(VARINT_MAX_BYTES, dtype=np.uint64)
-    groups = (v[:, None] >> shifts) & np.uint64(0x7F)
-    nbytes = 1 + np.sum((v[:, None] >> shifts[1:]) > 0, axis=1)
-    cols = np.arange(VARINT_MAX_BYTES)
-    cont = cols[None, :] < (nbytes[:, None] - 1)
-    out = (groups | np.where(cont, np.uint64(0x80), np.uint64(0))).astype(np.uint8)
-    return out[cols[None, :] < nbytes[:, None]].tobytes()
-
-
-def varint_decode(payload: bytes, offset: int, count: int, where: str) -> tuple[np.ndarray, int]:
-    """``count`` LEB128 integers starting at ``offset``; returns (values, end offset)."""
-    if count == 0:
-        return np.zeros(0, dtype=np.int64), offset
-    window = np.frombuffer(payload, dtype=np.uint8, offset=offset)[: count * VARINT_MAX_BYTES]
-    ends = np.flatnonzero((window & 0x80) == 0)
-    if ends.size < count:
-        raise CodecError(f"{where}: payload ends inside the count table")
-    ends = ends[:count]
-    used = window[: int(ends[-1]) + 1].astype(np.uint64)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    lengths = ends - starts + 1
-    if int(lengths.max()) > 9:  # 9 bytes hold 63 bits: plenty for counts
-        raise CodecError(f"{where}: count table entry too long")
-    pos = np.arange(used.size) - np.repeat(starts, lengths)
-    parts = (used & np.uint64(0x7F)) << (np.uint64(7) * pos.astype(np.uint64))
-    values = np.add.reduceat(parts, starts).astype(np.int64)
-    return values, offset + used.size
 
 
 def _uint_container(width: int) -> np.dtype:

@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compressors.base import CodecError, Encoded, RoundContext, TensorSpec
+from compressors.entropy import varint_decode, varint_encode
 from compressors.feedback import ErrorFeedbackEncoder
 from compressors.powersgd import lowrank_bits_per_entry, lowrank_layout
-from compressors.qsgd import MODE_ANS, MODE_FIXED, varint_decode, varint_encode
+from compressors.qsgd import MODE_ANS, MODE_FIXED
 from compressors.randk import randk_indices
 from compressors.registry import available_codecs, create_codec
 from compressors.spec import SpecError

@@ -94,10 +94,30 @@ def maybe_error_feedback(
     return ErrorFeedbackEncoder(encoder, mirror, decay, momentum, masking) if enabled else encoder
 
 
-def check_momentum_correction(momentum: float, ef: bool) -> None:
-    """Validation shared by the codecs that offer ``momentum=`` (momentum correction)."""
+def check_feedback_options(decay: float, ef: bool, momentum: float = 0.0) -> None:
+    """Validation shared by the error-feedback codecs' options ``decay``, ``ef`` and ``momentum``."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     if momentum and not ef:
         raise ValueError("momentum correction (momentum>0) needs error feedback (ef=1): "
                          "the velocity is accumulated in the memory")
+
+
+class MomentumCorrected:
+    """For the sparsifying codecs with the options ``ef``, ``decay``, ``momentum`` and ``masking``
+    (``topk``, ``randk``): their error feedback with momentum correction, and the momentum it
+    applies at the workers (so that the PS does not apply it again)."""
+
+    ef: bool
+    decay: float
+    momentum: float
+    masking: bool
+
+    @property
+    def worker_momentum(self) -> float:
+        return self.momentum
+
+    def with_error_feedback(self, encoder: Encoder, mirror: Decoder) -> Encoder:
+        return maybe_error_feedback(encoder, mirror, self.ef, self.decay, self.momentum, self.masking)

@@ -48,7 +48,7 @@ from compressors.base import (
     check_input,
     expect_payload_size,
 )
-from compressors.feedback import maybe_error_feedback
+from compressors.feedback import check_feedback_options, maybe_error_feedback
 from compressors.registry import register
 
 POWERSGD_SALT = 0x5057  # "PW": keeps the initial Q independent of other codecs' draws
@@ -175,8 +175,7 @@ class PowerSGDCodec(Codec):
     def __post_init__(self) -> None:
         if not 1 <= self.rank <= 1024:
             raise ValueError(f"rank must be in 1..1024, got {self.rank}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+        check_feedback_options(self.decay, self.ef)
 
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(PowerSGDEncoder(self), PowerSGDDecoder(self), self.ef, self.decay)

@@ -42,9 +42,9 @@ from compressors.base import (
     check_input,
     expect_payload_size,
 )
-from compressors.feedback import check_momentum_correction, maybe_error_feedback
+from compressors.feedback import MomentumCorrected, check_feedback_options
 from compressors.registry import register
-from compressors.topk import VALUE_DTYPES, check_value_kind, quantize_values, sparse_count
+from compressors.topk import VALUE_DTYPES, check_ratio, check_value_kind, quantize_values, sparse_count
 
 
 def randk_indices(numel: int, k: int, spec_name: str, ctx: RoundContext) -> np.ndarray:
@@ -102,7 +102,7 @@ class RandKDecoder(Decoder):
 
 @register
 @dataclass(frozen=True)
-class RandKCodec(Codec):
+class RandKCodec(MomentumCorrected, Codec):
     """Random-k with PS-reproduced indices; 32·k/d bits per entry. Biased unless ``scale=1``."""
 
     name = "randk"
@@ -115,25 +115,17 @@ class RandKCodec(Codec):
     masking: bool = True  # DGC momentum factor masking (with momentum > 0)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+        check_ratio(self.ratio)
+        check_feedback_options(self.decay, self.ef, self.momentum)
         if self.scale and self.ef:
             raise ValueError(
                 "scale=1 (unbiased d/k scaling) cannot be combined with ef=1: the memory would grow "
                 "by (d/k - 1)·v every round; use scale=1,ef=0 or scale=0,ef=1"
             )
         check_value_kind(self.values)
-        check_momentum_correction(self.momentum, self.ef)
 
     def make_encoder(self) -> Encoder:
-        return maybe_error_feedback(RandKEncoder(self), RandKDecoder(self), self.ef, self.decay,
-                                   self.momentum, self.masking)
-
-    @property
-    def worker_momentum(self) -> float:
-        return self.momentum
+        return self.with_error_feedback(RandKEncoder(self), RandKDecoder(self))
 
     def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
         return RandKDecoder(self)

@@ -40,7 +40,7 @@ from compressors.base import (
     check_input,
     expect_payload_size,
 )
-from compressors.feedback import maybe_error_feedback
+from compressors.feedback import check_feedback_options, maybe_error_feedback
 from compressors.registry import register
 
 SCALE_BYTES = 4
@@ -113,8 +113,7 @@ class SignCodec(Codec):
     decay: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+        check_feedback_options(self.decay, self.ef)
 
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(SignEncoder(self), SignDecoder(self), self.ef, self.decay)

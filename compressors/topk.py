@@ -62,7 +62,7 @@ from compressors.base import (
     TensorSpec,
     check_input,
 )
-from compressors.feedback import check_momentum_correction, maybe_error_feedback
+from compressors.feedback import MomentumCorrected, check_feedback_options
 from compressors.registry import register
 
 INDEX_RICE = 0
@@ -75,6 +75,11 @@ MAX_RICE_BITS = 32
 # Wire dtypes of the value options.
 VALUE_DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2")}
 FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
 
 
 def sparse_count(numel: int, ratio: float) -> int:
@@ -338,7 +343,7 @@ class SparseDecoder(Decoder):
 
 @register
 @dataclass(frozen=True)
-class TopKCodec(Codec):
+class TopKCodec(MomentumCorrected, Codec):
     """Top-k by magnitude with error feedback; (k/d)(value bits + ~log2(d/k)+1.5) bits per entry. Biased."""
 
     name = "topk"
@@ -350,20 +355,12 @@ class TopKCodec(Codec):
     masking: bool = True  # DGC momentum factor masking (with momentum > 0)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+        check_ratio(self.ratio)
+        check_feedback_options(self.decay, self.ef, self.momentum)
         check_value_kind(self.values)
-        check_momentum_correction(self.momentum, self.ef)
 
     def make_encoder(self) -> Encoder:
-        return maybe_error_feedback(TopKEncoder(self), SparseDecoder(self.name), self.ef, self.decay,
-                                   self.momentum, self.masking)
-
-    @property
-    def worker_momentum(self) -> float:
-        return self.momentum
+        return self.with_error_feedback(TopKEncoder(self), SparseDecoder(self.name))
 
     def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
         return SparseDecoder(self.name)

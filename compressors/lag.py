@@ -58,20 +58,5 @@ class LAGCodec(PredictiveCodecBase):
         self._resolve_residual()
 
     def config(self) -> PredictorConfig:
-        return PredictorConfig(
-            codec_spec=self.spec,
-            order=1,
-            fixed_unit=True,
-            trigger=self.trigger,
-            eps=self.eps,
-            tau=self.tau,
-            alpha=self.alpha,
-            window=self.window,
-            max_stale=self.max_stale,
-            residual=self._residual_codec,  # type: ignore[attr-defined]
-            coef="fp32",
-            ridge=0.0,
-            warmup="order",
-            check=self.check,
-            ef=self.ef,
-        )
+        # p = 1 with the coefficient fixed at 1: the last reconstruction is the prediction.
+        return self._predictor_config(order=1, fixed_unit=True, coef="fp32", ridge=0.0, warmup="order")

@@ -684,6 +684,22 @@ class PredictiveCodecBase(Codec):
     def config(self) -> PredictorConfig:
         raise NotImplementedError
 
+    def _predictor_config(self, **specific) -> PredictorConfig:
+        """The PredictorConfig of the options both codecs have, plus the ``specific`` ones."""
+        return PredictorConfig(
+            codec_spec=self.spec,
+            trigger=self.trigger,
+            eps=self.eps,
+            tau=self.tau,
+            alpha=self.alpha,
+            window=self.window,
+            max_stale=self.max_stale,
+            residual=self._residual_codec,
+            check=self.check,
+            ef=self.ef,
+            **specific,
+        )
+
     def make_encoder(self) -> Encoder:
         return PredictiveEncoder(self.config())
 
@@ -725,20 +741,6 @@ class TPCCodec(PredictiveCodecBase):
         self._resolve_residual()
 
     def config(self) -> PredictorConfig:
-        return PredictorConfig(
-            codec_spec=self.spec,
-            order=self.order,
-            fixed_unit=False,
-            trigger=self.trigger,
-            eps=self.eps,
-            tau=self.tau,
-            alpha=self.alpha,
-            window=self.window,
-            max_stale=self.max_stale,
-            residual=self._residual_codec,
-            coef=self.coef,
-            ridge=self.ridge,
-            warmup=self.warmup,
-            check=self.check,
-            ef=self.ef,
+        return self._predictor_config(
+            order=self.order, fixed_unit=False, coef=self.coef, ridge=self.ridge, warmup=self.warmup
         )

@@ -126,28 +126,33 @@ def _counters(value: Any) -> dict[str, Any] | None:
             "rx_bytes": _int(value.get("rx_bytes"))}
 
 
+def _worker_run(w: Mapping[str, Any], *, uplink_control_bytes: int, connected: bool) -> WorkerRun:
+    """One worker's counters; the two sources name them alike (Status and summary.json)."""
+    return WorkerRun(
+        worker_id=str(w.get("worker_id", "")), rank=_int(w.get("rank")), hostname=str(w.get("hostname", "")),
+        rounds=_int(w.get("rounds_aggregated")), uplink_payload_bytes=_int(w.get("uplink_payload_bytes")),
+        uplink_message_bytes=_int(w.get("uplink_message_bytes")), uplink_control_bytes=uplink_control_bytes,
+        downlink_message_bytes=_int(w.get("downlink_message_bytes")), connected=connected,
+        interface_start=_counters(w.get("interface_start")), interface_end=_counters(w.get("interface_end")),
+        downlink_payload_bytes=_int(w.get("downlink_payload_bytes")),
+    )
+
+
+def _round_run(r: Mapping[str, Any], *, workers: int) -> RoundRun:
+    return RoundRun(
+        round=_int(r.get("round")), workers=workers,
+        uplink_payload_bytes=_int(r.get("uplink_payload_bytes")), uplink_message_bytes=_int(r.get("uplink_message_bytes")),
+        downlink_message_bytes=_int(r.get("downlink_message_bytes")), train_loss=_float(r.get("train_loss")),
+        test_accuracy=_float(r.get("test_accuracy")), downlink_payload_bytes=_int(r.get("downlink_payload_bytes")),
+    )
+
+
 def run_from_status(d: Mapping[str, Any]) -> RunData:
     """From ``gradwire status --json`` (protobuf JSON, snake_case field names)."""
-    workers = [
-        WorkerRun(
-            worker_id=str(w.get("worker_id", "")), rank=_int(w.get("rank")), hostname=str(w.get("hostname", "")),
-            rounds=_int(w.get("rounds_aggregated")), uplink_payload_bytes=_int(w.get("uplink_payload_bytes")),
-            uplink_message_bytes=_int(w.get("uplink_message_bytes")), uplink_control_bytes=0,
-            downlink_message_bytes=_int(w.get("downlink_message_bytes")), connected=bool(w.get("connected", False)),
-            interface_start=_counters(w.get("interface_start")), interface_end=_counters(w.get("interface_end")),
-            downlink_payload_bytes=_int(w.get("downlink_payload_bytes")),
-        )
-        for w in d.get("workers", [])
-    ]
-    rounds = [
-        RoundRun(
-            round=_int(r.get("round")), workers=_int(r.get("workers_aggregated")),
-            uplink_payload_bytes=_int(r.get("uplink_payload_bytes")), uplink_message_bytes=_int(r.get("uplink_message_bytes")),
-            downlink_message_bytes=_int(r.get("downlink_message_bytes")), train_loss=_float(r.get("train_loss")),
-            test_accuracy=_float(r.get("test_accuracy")), downlink_payload_bytes=_int(r.get("downlink_payload_bytes")),
-        )
-        for r in d.get("rounds", [])
-    ]
+    # Status does not carry the Hello/WorkerReport bytes; they are counted in the summary only.
+    workers = [_worker_run(w, uplink_control_bytes=0, connected=bool(w.get("connected", False)))
+               for w in d.get("workers", [])]
+    rounds = [_round_run(r, workers=_int(r.get("workers_aggregated"))) for r in d.get("rounds", [])]
     accs = [r.test_accuracy for r in rounds if r.test_accuracy is not None]
     return RunData(
         source="status", codec=str(d.get("codec_spec", "")), params=_int(d.get("params")), round=_int(d.get("round")),
@@ -160,26 +165,9 @@ def run_from_status(d: Mapping[str, Any]) -> RunData:
 
 def run_from_summary(d: Mapping[str, Any]) -> RunData:
     """From the PS's ``summary.json``."""
-    workers = [
-        WorkerRun(
-            worker_id=str(w.get("worker_id", "")), rank=_int(w.get("rank")), hostname=str(w.get("hostname", "")),
-            rounds=_int(w.get("rounds_aggregated")), uplink_payload_bytes=_int(w.get("uplink_payload_bytes")),
-            uplink_message_bytes=_int(w.get("uplink_message_bytes")), uplink_control_bytes=_int(w.get("uplink_control_bytes")),
-            downlink_message_bytes=_int(w.get("downlink_message_bytes")), connected=False,
-            interface_start=_counters(w.get("interface_start")), interface_end=_counters(w.get("interface_end")),
-            downlink_payload_bytes=_int(w.get("downlink_payload_bytes")),
-        )
-        for w in d.get("per_worker", [])
-    ]
-    rounds = [
-        RoundRun(
-            round=_int(r.get("round")), workers=_int(r.get("workers")),
-            uplink_payload_bytes=_int(r.get("uplink_payload_bytes")), uplink_message_bytes=_int(r.get("uplink_message_bytes")),
-            downlink_message_bytes=_int(r.get("downlink_message_bytes")), train_loss=_float(r.get("train_loss")),
-            test_accuracy=_float(r.get("test_accuracy")), downlink_payload_bytes=_int(r.get("downlink_payload_bytes")),
-        )
-        for r in d.get("rounds_log", [])
-    ]
+    workers = [_worker_run(w, uplink_control_bytes=_int(w.get("uplink_control_bytes")), connected=False)
+               for w in d.get("per_worker", [])]
+    rounds = [_round_run(r, workers=_int(r.get("workers"))) for r in d.get("rounds_log", [])]
     server = d.get("server_interface") or {}
     config = d.get("config") or {}
     n_rounds = _int(d.get("rounds"), len(rounds))

@@ -46,7 +46,12 @@ class WorkerResult:
     sessions: int = 0
     rejections: list[str] = field(default_factory=list)
     finished: bool = False
-    model_digest: str = ""  # model_digest() of the last model received from the PS
+    last_model: dict[str, np.ndarray] | None = None  # the last model received from the PS
+
+    @property
+    def model_digest(self) -> str:
+        """sha256 of the last model received: equal to the PS's broadcast reference when in sync."""
+        return model_digest(self.last_model) if self.last_model is not None else ""
 
 
 class Trainer:
@@ -152,8 +157,7 @@ class Worker:
             encoder = UpdateEncoder(codec, trainer.specs)  # fresh state: the session is a resync
             downlink = DownlinkDecoder(welcome.downlink_codec_spec, trainer.specs, int(welcome.task.seed))
             params = wire.model_from_proto(welcome.model)
-            reference_round = int(welcome.round)
-            result.model_digest = model_digest(params)
+            result.last_model = params
             trainer.load(params)
             round_, directive, workers = int(welcome.round), welcome.directive, int(welcome.workers)
             motions: list[float] = []
@@ -181,19 +185,19 @@ class Worker:
                 rr = reply.round_result
                 if rr.HasField("model_delta"):
                     try:
-                        new_params = downlink.apply(params, reference_round, rr.model_delta, int(rr.round))
+                        # params is the reference of round_, the round this worker just trained in
+                        new_params = downlink.apply(params, round_, rr.model_delta, int(rr.round))
                     except (wire.MalformedMessage, InvalidUpdate) as exc:
                         # Never train on a model we could not rebuild: a new session brings the full one.
                         log.warning("cannot apply the PS's model delta (%s); reconnecting for the full model", exc)
                         return
                 else:
                     new_params = wire.model_from_proto(rr.model)
-                reference_round = int(rr.round)
                 motion = _motion(params, new_params)
                 if motion is not None:
                     motions.append(motion)
                 params = new_params
-                result.model_digest = model_digest(params)
+                result.last_model = params
                 trainer.load(params)
                 round_, directive, workers = int(rr.round), rr.directive, int(rr.workers)
                 result.rounds += 1

@@ -134,14 +134,17 @@ class Coordinator:
         self.interface_end: dict | None = None
         if config.resume:
             self._load_checkpoint(config.resume)
-        self.model_msg = self._model_proto()
-        # With a downlink codec the workers hold the broadcast reference θ̂, moved by encoded
-        # deltas; it starts (and, after a resume, restarts) as the model itself.
+        # Dense downlink: the model itself goes out in full (model_msg). With a downlink codec the
+        # workers hold the broadcast reference θ̂ instead, moved by encoded deltas; it starts (and,
+        # after a resume, restarts) as the model itself.
+        self.model_msg: pb.Model | None = None
         self.downlink: DownlinkEncoder | None = None
         self.broadcast: Broadcast | None = None
         if self.downlink_codec.spec != DENSE:
             self.downlink = DownlinkEncoder(self.downlink_codec, self.specs, config.seed)
             self.broadcast = self.downlink.start(self._params(), len(self.rounds_log))
+        else:
+            self.model_msg = self._model_proto()
 
     # ------------------------------------------------------------ helpers
 
@@ -444,15 +447,18 @@ class Coordinator:
                 entry["test_loss"], entry["test_accuracy"] = self._evaluate()
             for w in contributions:
                 self.records[w].rounds_aggregated += 1
-            new_model = self._model_proto()
-            broadcast = None
-            if self.downlink is not None and r + 1 < self.config.rounds:  # after the last round: Finished
+            new_model = broadcast = None
+            if self.downlink is None:
+                new_model = self._model_proto()
+            elif r + 1 < self.config.rounds:  # after the last round the workers get Finished
                 broadcast = self.downlink.advance(self.broadcast, self._params(), r + 1)
             if self.config.checkpoint_every and self.config.out and (r + 1) % self.config.checkpoint_every == 0:
                 self.save_checkpoint(Path(self.config.out) / "checkpoint.pt")
             with self.cond:
-                self.model_msg = new_model
-                self.broadcast = broadcast or self.broadcast
+                if new_model is not None:
+                    self.model_msg = new_model
+                if broadcast is not None:
+                    self.broadcast = broadcast
                 self.aggregated_last = set(contributions)
                 if r + 1 < self.config.rounds:
                     self._open_round(r + 1)

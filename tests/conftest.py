@@ -26,6 +26,31 @@ BASE_CONFIG = ServerConfig(address="127.0.0.1:0", workers=2, rounds=3, codec="de
                            round_timeout_s=60.0, start_timeout_s=60.0, report_timeout_s=5.0)
 
 
+def _run_workers(port: int, n: int, prefix: str = "w") -> list:
+    """Run n real workers (the `gradwire worker` loop) against a PS on 127.0.0.1:port, in threads;
+    returns their WorkerResults in order."""
+    from worker.config import WorkerConfig
+    from worker.loop import Worker
+
+    results: list = [None] * n
+
+    def run(i):
+        results[i] = Worker(WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"{prefix}{i}", connect_timeout_s=30)).run()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+@pytest.fixture
+def run_workers():
+    """``run_workers(port, n, prefix="w")``: n real workers against a loopback PS (see _run_workers)."""
+    return _run_workers
+
+
 @pytest.fixture
 def make_server():
     """Factory: start a real PS on 127.0.0.1 with an OS-chosen port; stopped at teardown."""

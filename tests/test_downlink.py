@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from compressors.base import TensorSpec
 from gradwire import wire
 from gradwire.downlink import DownlinkDecoder, DownlinkEncoder, check_downlink_codec, model_digest
-from worker.config import WorkerConfig
-from worker.loop import Worker
 
 SPECS = [TensorSpec("layer.weight", (12, 7)), TensorSpec("layer.bias", (12,))]
 
@@ -76,26 +72,10 @@ def test_a_delta_for_another_base_round_is_refused():
         DownlinkDecoder("fp16", SPECS, seed=0).apply(theta, 5, broadcast.delta, 1)
 
 
-def _run_workers(port: int, n: int, prefix: str) -> list:
-    workers = [Worker(WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"{prefix}{i}", connect_timeout_s=30))
-               for i in range(n)]
-    results: list = [None] * n
-
-    def run(i):
-        results[i] = workers[i].run()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return results
-
-
-def test_loopback_run_with_a_compressed_downlink(make_server):
+def test_loopback_run_with_a_compressed_downlink(make_server, run_workers):
     rounds, workers = 4, 2
     running = make_server(workers=workers, rounds=rounds, downlink_codec="topk:ratio=0.1")
-    results = _run_workers(running.port, workers, "dl")
+    results = run_workers(running.port, workers, "dl")
     running.thread.join(30)
     assert all(r is not None and r.finished for r in results)
     s = running.summary()
@@ -114,9 +94,9 @@ def test_loopback_run_with_a_compressed_downlink(make_server):
     assert running.coordinator.broadcast.round == rounds - 1
 
 
-def test_dense_downlink_sends_the_full_model_every_round(make_server):
+def test_dense_downlink_sends_the_full_model_every_round(make_server, run_workers):
     running = make_server(workers=1, rounds=3)
-    results = _run_workers(running.port, 1, "dd")
+    results = run_workers(running.port, 1, "dd")
     running.thread.join(30)
     s = running.summary()
     assert results[0].finished and s["downlink_codec"] == "dense" and s["downlink_bits_per_entry"] == 32.0
@@ -140,7 +120,9 @@ def test_a_worker_without_the_base_gets_the_full_reference(make_server):
     assert model_digest(wire.model_from_proto(reply.model)) == model_digest(coord.broadcast.reference)
 
 
-def test_a_delta_the_worker_cannot_apply_makes_it_reconnect_for_the_full_model(make_server, monkeypatch):
+def test_a_delta_the_worker_cannot_apply_makes_it_reconnect_for_the_full_model(
+    make_server, monkeypatch, run_workers
+):
     """The worker never trains on a model it could not rebuild: it starts a new session instead."""
     import gradwire.downlink as downlink
 
@@ -156,24 +138,24 @@ def test_a_delta_the_worker_cannot_apply_makes_it_reconnect_for_the_full_model(m
     monkeypatch.setattr(downlink.DownlinkDecoder, "apply", apply_failing_once)
     rounds = 5
     running = make_server(workers=1, rounds=rounds, downlink_codec="fp16")
-    [result] = _run_workers(running.port, 1, "re")
+    [result] = run_workers(running.port, 1, "re")
     running.thread.join(60)
     assert result is not None and result.finished and result.sessions == 2
     assert result.model_digest == model_digest(running.coordinator.broadcast.reference)
     assert running.summary()["per_worker"][0]["sessions"] == 2
 
 
-def test_resume_restarts_the_reference_from_the_checkpointed_model(make_server, tmp_path):
+def test_resume_restarts_the_reference_from_the_checkpointed_model(make_server, tmp_path, run_workers):
     """After a PS restart the broadcast reference is the model itself, sent in full to every worker."""
     first = make_server(workers=1, rounds=4, checkpoint_every=2, out=str(tmp_path), downlink_codec="ans:bits=6")
-    _run_workers(first.port, 1, "ck")
+    run_workers(first.port, 1, "ck")
     first.thread.join(30)
     resumed = make_server(workers=1, rounds=6, resume=str(tmp_path / "checkpoint.pt"), out=str(tmp_path / "b"),
                           downlink_codec="ans:bits=6")
     coord = resumed.coordinator
     assert coord.broadcast.round == 4 and coord.broadcast.delta is None
     assert model_digest(coord.broadcast.reference) == model_digest(coord._params())
-    [result] = _run_workers(resumed.port, 1, "ck")
+    [result] = run_workers(resumed.port, 1, "ck")
     resumed.thread.join(30)
     s = resumed.summary()
     assert result.finished and s["rounds"] == 6

@@ -8,27 +8,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire.status import fetch_status
-from worker.config import WorkerConfig
-from worker.loop import Worker
 
 
-def _run_workers(port: int, n: int, prefix: str = "w") -> list:
-    results: list = [None] * n
-
-    def run(i):
-        results[i] = Worker(WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"{prefix}{i}", connect_timeout_s=30)).run()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return results
-
-
-def test_three_workers_train_and_account(make_server):
+def test_three_workers_train_and_account(make_server, run_workers):
     running = make_server(workers=3, rounds=4, eval_every=2)
-    results = _run_workers(running.port, 3)
+    results = run_workers(running.port, 3)
     running.thread.join(30)
     assert all(r is not None and r.finished and r.rounds == 3 for r in results)
     s = running.summary()
@@ -45,13 +29,13 @@ def test_three_workers_train_and_account(make_server):
     assert s["codec_stats"]["bits_per_entry"] == 32.0  # reported by every worker at the end
 
 
-def test_status_and_health(make_server):
+def test_status_and_health(make_server, run_workers):
     running = make_server(workers=1, rounds=2)
     target = f"127.0.0.1:{running.port}"
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="gradwire.v1.GradientExchange"))
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        _run_workers(running.port, 1)
+        run_workers(running.port, 1)
         running.thread.join(30)
         st = fetch_status(channel)
     assert st.finished and st.protocol == "gradwire.v1" and st.params == 26122
@@ -59,14 +43,14 @@ def test_status_and_health(make_server):
     assert [r.workers_aggregated for r in st.rounds] == [1, 1]
 
 
-def test_late_joiner_joins_next_round(make_server):
+def test_late_joiner_joins_next_round(make_server, run_workers):
     """A worker that arrives after the start gets its own rank and takes part."""
     running = make_server(workers=1, rounds=30)
-    first = threading.Thread(target=_run_workers, args=(running.port, 1, "early"))
+    first = threading.Thread(target=run_workers, args=(running.port, 1, "early"))
     first.start()
     while running.coordinator.snapshot()["round"] < 2:
         running.thread.join(0.05)
-    late = _run_workers(running.port, 1, "late")
+    late = run_workers(running.port, 1, "late")
     first.join(60)
     running.thread.join(30)
     s = running.summary()
@@ -75,25 +59,25 @@ def test_late_joiner_joins_next_round(make_server):
     assert s["workers"] == 2
 
 
-def test_checkpoint_resume(make_server, tmp_path):
+def test_checkpoint_resume(make_server, tmp_path, run_workers):
     running = make_server(workers=1, rounds=4, checkpoint_every=2, out=str(tmp_path))
-    _run_workers(running.port, 1)
+    run_workers(running.port, 1)
     running.thread.join(30)
     ckpt = tmp_path / "checkpoint.pt"
     assert ckpt.exists()
     resumed = make_server(workers=1, rounds=6, resume=str(ckpt), out=str(tmp_path / "b"))
     assert len(resumed.coordinator.rounds_log) == 4
-    results = _run_workers(resumed.port, 1, "again")
+    results = run_workers(resumed.port, 1, "again")
     resumed.thread.join(30)
     s = resumed.summary()
     assert results[0].finished and s["rounds"] == 6 and [e["round"] for e in s["rounds_log"]] == list(range(6))
 
 
-def test_prometheus_metrics_match_the_ledger(make_server):
+def test_prometheus_metrics_match_the_ledger(make_server, run_workers):
     import urllib.request
 
     running = make_server(workers=1, rounds=2, metrics_address="127.0.0.1:0")
-    _run_workers(running.port, 1, "m")
+    run_workers(running.port, 1, "m")
     running.thread.join(30)
     with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
@@ -117,11 +101,11 @@ def test_run_ends_when_every_worker_is_gone(make_server, manual_workers):
     assert s["rounds"] == 0 and "every worker left" in s["finish_reason"]
 
 
-def test_momentum_is_applied_once_when_the_codec_carries_it(make_server):
+def test_momentum_is_applied_once_when_the_codec_carries_it(make_server, run_workers):
     """topk:momentum=0.9 (DGC momentum correction) keeps the velocity at the workers: with the default
     ``--momentum auto`` the PS steps with plain SGD; dense keeps the PS's heavy ball."""
     corrected = make_server(workers=2, rounds=3, codec="topk:ratio=0.05,momentum=0.9")
-    _run_workers(corrected.port, 2, prefix="mc")
+    run_workers(corrected.port, 2, prefix="mc")
     corrected.thread.join(30)
     s = corrected.summary()
     assert s["rounds"] == 3 and s["server_momentum"] == 0.0 and s["worker_momentum"] == 0.9

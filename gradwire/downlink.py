@@ -65,13 +65,12 @@ def advance_reference(reference: Mapping[str, np.ndarray], decoded: Mapping[str,
 
 @dataclass(frozen=True)
 class Broadcast:
-    """One round's downlink: the new reference, the delta message and its payload bytes."""
+    """One round's downlink: the new reference, in full and as the delta message."""
 
     round: int
     reference: dict[str, np.ndarray]
     model: pb.Model  # the full reference, for workers without the previous one
     delta: pb.ModelDelta | None
-    delta_payload_bytes: int
 
 
 class DownlinkEncoder:
@@ -88,7 +87,7 @@ class DownlinkEncoder:
         """The reference at the start (or after a resume): the model itself, sent in full."""
         self.encoder.reset()
         reference = {n: np.array(params[n], dtype=np.float32) for n in (s.name for s in self.specs)}
-        return Broadcast(round_, reference, wire.model_to_proto(reference), None, 0)
+        return Broadcast(round_, reference, wire.model_to_proto(reference), None)
 
     def advance(self, current: Broadcast, params: Mapping[str, np.ndarray], round_: int) -> Broadcast:
         """Encode θ − θ̂ for ``round_``; returns the next broadcast (the caller swaps it in)."""
@@ -97,7 +96,7 @@ class DownlinkEncoder:
         encoded = self.encoder.encode(delta, ctx)
         reference = advance_reference(current.reference, self.decoder.decode(encoded, ctx))
         message = pb.ModelDelta(base_round=current.round, tensors=[wire.encoded_to_proto(e) for e in encoded])
-        return Broadcast(round_, reference, wire.model_to_proto(reference), message, wire.payload_bytes(encoded))
+        return Broadcast(round_, reference, wire.model_to_proto(reference), message)
 
     def stats(self) -> dict[str, float]:
         return self.encoder.stats()
@@ -143,6 +142,6 @@ def downlink_payload_bytes(message: pb.ServerMessage) -> int:
     if body == "round_result":
         rr = message.round_result
         if rr.HasField("model_delta"):
-            return sum(wire.payload_bytes([wire.encoded_from_proto(t)]) for t in rr.model_delta.tensors)
+            return wire.payload_bytes(wire.encoded_from_proto(t) for t in rr.model_delta.tensors)
         return model_payload_bytes(rr.model)
     return 0

@@ -7,7 +7,14 @@ import pytest
 
 from compressors.base import TensorSpec
 from gradwire import wire
-from gradwire.downlink import DownlinkDecoder, DownlinkEncoder, check_downlink_codec, model_digest
+from gradwire.downlink import (
+    DownlinkDecoder,
+    DownlinkEncoder,
+    check_downlink_codec,
+    downlink_payload_bytes,
+    model_digest,
+)
+from gradwire.v1 import exchange_pb2 as pb
 
 SPECS = [TensorSpec("layer.weight", (12, 7)), TensorSpec("layer.bias", (12,))]
 
@@ -31,7 +38,8 @@ def test_worker_and_ps_references_stay_bitwise_equal(spec):
         held = worker.apply(held, held_round, broadcast.delta, round_)
         held_round = round_
         assert model_digest(held) == model_digest(broadcast.reference)
-        assert broadcast.delta_payload_bytes == sum(len(t.payload) for t in broadcast.delta.tensors)
+        sent = pb.ServerMessage(round_result=pb.RoundResult(model_delta=broadcast.delta))
+        assert downlink_payload_bytes(sent) == sum(len(t.payload) for t in broadcast.delta.tensors)
 
 
 def test_the_reference_catches_up_with_a_model_that_stops_moving():

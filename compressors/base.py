@@ -210,14 +210,20 @@ class Codec(ABC):
     def spec(self) -> str:
         """Canonical spec string: the name plus every option that differs from its default."""
         parts = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
-            if value != default:
-                parts.append(f"{f.name}={format_option(value)}")
+        for name, default in option_defaults(self).items():
+            value = getattr(self, name)
+            if value != (None if default is dataclasses.MISSING else default):
+                parts.append(f"{name}={format_option(value)}")
         return self.name + (":" + ",".join(parts) if parts else "")
+
+
+def option_defaults(codec: Codec | type[Codec]) -> dict[str, Any]:
+    """Each spec option of a codec (class) with its default, in declaration order;
+    ``dataclasses.MISSING`` where an option has none."""
+    return {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        for f in dataclasses.fields(codec)
+    }
 
 
 def format_option(value: Any) -> str:

@@ -115,13 +115,10 @@ def codec_options(cls) -> str:
     """``key=default`` for every spec option of a codec class, in declaration order."""
     import dataclasses
 
-    from compressors.base import format_option
+    from compressors.base import format_option, option_defaults
 
-    parts = []
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        parts.append(f.name if default is dataclasses.MISSING else f"{f.name}={format_option(default)}")
-    return ",".join(parts)
+    return ",".join(name if default is dataclasses.MISSING else f"{name}={format_option(default)}"
+                    for name, default in option_defaults(cls).items())
 
 
 if __name__ == "__main__":

@@ -42,10 +42,9 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-from compressors.base import RoundContext, TensorSpec  # noqa: E402
-from compressors.entropy import entropy_from_counts  # noqa: E402
-from compressors.registry import available_codecs, create_codec  # noqa: E402
+from gradwire.compressors.base import RoundContext, TensorSpec  # noqa: E402
+from gradwire.compressors.entropy import entropy_from_counts  # noqa: E402
+from gradwire.compressors.registry import available_codecs, create_codec  # noqa: E402
 
 DEFAULT_CODECS = [
     "dense",

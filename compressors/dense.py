@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from compressors.base import RoundContext, TensorCodec, TensorSpec, expect_payload_size
-from compressors.registry import register
+from gradwire.compressors.base import RoundContext, TensorCodec, TensorSpec, expect_payload_size
+from gradwire.compressors.registry import register
 
 
 @register

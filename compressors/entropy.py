@@ -50,8 +50,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-
-from compressors.base import CodecError
+from gradwire.compressors.base import CodecError
 
 DEFAULT_MAX_CODE_LENGTH = 16  # decoder table of 2^16 entries; ample for alphabets up to 2^12
 MAX_SUPPORTED_CODE_LENGTH = 20  # multi-symbol decode table of 2^max(L,16) entries

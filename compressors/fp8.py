@@ -34,8 +34,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-
-from compressors.base import (
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -46,7 +45,7 @@ from compressors.base import (
     TensorSpec,
     check_input,
 )
-from compressors.entropy import (
+from gradwire.compressors.entropy import (
     ans_decode,
     ans_encode,
     huffman_code_lengths,
@@ -54,9 +53,9 @@ from compressors.entropy import (
     huffman_encode,
     varint_encode,
 )
-from compressors.feedback import maybe_error_feedback
-from compressors.gennorm import gennorm_cell_pmf, subsample
-from compressors.huffman import (
+from gradwire.compressors.feedback import maybe_error_feedback
+from gradwire.compressors.gennorm import gennorm_cell_pmf, subsample
+from gradwire.compressors.huffman import (
     FIT_SAMPLES,
     KIND_RAW16,
     KIND_RAW32,
@@ -69,8 +68,8 @@ from compressors.huffman import (
     read_model_pmf,
     smallest_payload,
 )
-from compressors.quantize import FP8_FORMATS, fp8_cell_edges, fp8_dequantize, fp8_quantize
-from compressors.registry import register
+from gradwire.compressors.quantize import FP8_FORMATS, fp8_cell_edges, fp8_dequantize, fp8_quantize
+from gradwire.compressors.registry import register
 
 KIND_PLAIN = 0
 KIND_CODED = 3

@@ -21,9 +21,8 @@ import functools
 import math
 
 import numpy as np
+from gradwire.compressors.base import CodecError
 from scipy import optimize, special, stats
-
-from compressors.base import CodecError
 
 BETA_MIN = 0.1
 BETA_MAX = 8.0

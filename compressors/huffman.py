@@ -80,8 +80,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-
-from compressors.base import (
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -92,7 +91,7 @@ from compressors.base import (
     TensorSpec,
     check_input,
 )
-from compressors.entropy import (
+from gradwire.compressors.entropy import (
     ans_decode,
     ans_encode,
     entropy_from_counts,
@@ -103,8 +102,8 @@ from compressors.entropy import (
     varint_decode,
     varint_encode,
 )
-from compressors.feedback import maybe_error_feedback
-from compressors.gennorm import (
+from gradwire.compressors.feedback import maybe_error_feedback
+from gradwire.compressors.gennorm import (
     fit_gennorm,
     fit_normal,
     gennorm_cell_pmf,
@@ -113,8 +112,8 @@ from compressors.gennorm import (
     optimal_uniform_clip,
     subsample,
 )
-from compressors.quantize import GRIDS, ROUNDINGS, UniformQuantizer
-from compressors.registry import register
+from gradwire.compressors.quantize import GRIDS, ROUNDINGS, UniformQuantizer
+from gradwire.compressors.registry import register
 
 KIND_CODED = 0
 KIND_RAW16 = 1

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressors.registry import register
-from compressors.tpc import PredictiveCodecBase, PredictorConfig
+from gradwire.compressors.registry import register
+from gradwire.compressors.tpc import PredictiveCodecBase, PredictorConfig
 
 
 @register

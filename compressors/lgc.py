@@ -90,9 +90,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from compressors import lgc_model
-from compressors.base import (
+from gradwire.compressors import lgc_model
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -103,8 +102,8 @@ from compressors.base import (
     TensorSpec,
     check_input,
 )
-from compressors.registry import register
-from compressors.topk import (
+from gradwire.compressors.registry import register
+from gradwire.compressors.topk import (
     HEADER,
     INDEX_BITMAP,
     INDEX_RICE,

@@ -62,9 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import special
-
-from compressors.base import (
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -76,8 +74,9 @@ from compressors.base import (
     check_input,
     expect_payload_size,
 )
-from compressors.feedback import maybe_error_feedback
-from compressors.registry import register
+from gradwire.compressors.feedback import maybe_error_feedback
+from gradwire.compressors.registry import register
+from scipy import special
 
 DISTS = ("gennorm", "dweibull")
 MAX_BITS = 8
@@ -257,9 +256,8 @@ def fit_dweibull(z: np.ndarray, max_samples: int = 50_000, rng: np.random.Genera
     point); the codec centres the tensor first. The shape solves the Weibull profile
     likelihood equation on |z| by Brent's method, the scale is then closed form.
     """
+    from gradwire.compressors.gennorm import subsample  # the same deterministic subsample as the GenNorm fit
     from scipy import optimize
-
-    from compressors.gennorm import subsample  # the same deterministic subsample as the GenNorm fit
 
     y = np.abs(subsample(z, max_samples, rng))
     y = y[y > 0]
@@ -336,7 +334,7 @@ def model_pmf(dist: str, shape: float, thresholds: np.ndarray) -> np.ndarray:
     GenNorm/Huffman codec uses); double Weibull through the closed form above.
     """
     if dist == "gennorm":
-        from compressors.gennorm import gennorm_cell_pmf
+        from gradwire.compressors.gennorm import gennorm_cell_pmf
 
         edges = np.concatenate([[-np.inf], thresholds, [np.inf]])
         return np.asarray(gennorm_cell_pmf(edges, shape, 0.0, unit_scale(dist, shape), PMF_FLOOR), dtype=np.float64)
@@ -352,7 +350,7 @@ def _tables(dist: str, shape: float, bits: int, M: float, coder: str):
     pmf.setflags(write=False)
     code = None
     if coder == "huffman":
-        from compressors.entropy import huffman_code_lengths
+        from gradwire.compressors.entropy import huffman_code_lengths
 
         code = huffman_code_lengths(pmf)
     # E[Q(Z)²] under the model: the rescale=model factor is 1/sqrt of it.
@@ -403,7 +401,7 @@ class M22Encoder(Encoder):
         if refit:
             rng = ctx.rng(spec.name, salt=22)
             if codec.dist == "gennorm":
-                from compressors.gennorm import fit_gennorm
+                from gradwire.compressors.gennorm import fit_gennorm
 
                 fitted = fit_gennorm(z, max_samples=codec.max_samples, rng=rng)[0]
             else:
@@ -490,7 +488,7 @@ class M22Encoder(Encoder):
         payload = side_bytes + coded
 
         # statistics (encoder only; nothing here goes on the wire)
-        from compressors.entropy import entropy_from_counts
+        from gradwire.compressors.entropy import entropy_from_counts
 
         st["side_bits"] += 8 * len(side_bytes)
         st["index_bits"] += 8 * len(coded)
@@ -639,14 +637,14 @@ class M22Codec(Codec):
         return _tables(dist, shape, bits, M, self.coder)
 
     def entropy_encode(self, idx: np.ndarray, pmf: np.ndarray, code) -> bytes:
-        from compressors import entropy
+        from gradwire.compressors import entropy
 
         if self.coder == "ans":
             return entropy.ans_encode(idx, pmf)
         return entropy.huffman_encode(idx, code)
 
     def entropy_decode(self, data: bytes, pmf: np.ndarray, code, count: int, spec: TensorSpec) -> np.ndarray:
-        from compressors import entropy
+        from gradwire.compressors import entropy
 
         try:
             if self.coder == "ans":

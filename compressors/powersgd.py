@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from compressors.base import (
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -48,8 +47,8 @@ from compressors.base import (
     check_input,
     expect_payload_size,
 )
-from compressors.feedback import check_feedback_options, maybe_error_feedback
-from compressors.registry import register
+from gradwire.compressors.feedback import check_feedback_options, maybe_error_feedback
+from gradwire.compressors.registry import register
 
 POWERSGD_SALT = 0x5057  # "PW": keeps the initial Q independent of other codecs' draws
 FLOAT32_MAX = float(np.finfo(np.float32).max)

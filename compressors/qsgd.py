@@ -44,8 +44,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-
-from compressors.base import (
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -56,8 +55,14 @@ from compressors.base import (
     TensorSpec,
     check_input,
 )
-from compressors.entropy import ans_decode, ans_encode, entropy_from_counts, varint_decode, varint_encode
-from compressors.registry import register
+from gradwire.compressors.entropy import (
+    ans_decode,
+    ans_encode,
+    entropy_from_counts,
+    varint_decode,
+    varint_encode,
+)
+from gradwire.compressors.registry import register
 
 MODE_FIXED = 0
 MODE_ANS = 1

@@ -27,8 +27,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-
-from compressors.base import CodecError
+from gradwire.compressors.base import CodecError
 
 GRIDS = ("midrise", "midtread")
 ROUNDINGS = ("nearest", "stochastic")

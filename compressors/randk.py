@@ -29,8 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from compressors.base import (
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -42,9 +41,15 @@ from compressors.base import (
     check_input,
     expect_payload_size,
 )
-from compressors.feedback import MomentumCorrected, check_feedback_options
-from compressors.registry import register
-from compressors.topk import VALUE_DTYPES, check_ratio, check_value_kind, quantize_values, sparse_count
+from gradwire.compressors.feedback import MomentumCorrected, check_feedback_options
+from gradwire.compressors.registry import register
+from gradwire.compressors.topk import (
+    VALUE_DTYPES,
+    check_ratio,
+    check_value_kind,
+    quantize_values,
+    sparse_count,
+)
 
 
 def randk_indices(numel: int, k: int, spec_name: str, ctx: RoundContext) -> np.ndarray:

@@ -11,8 +11,8 @@ import importlib
 import pkgutil
 import typing
 
-from compressors.base import Codec
-from compressors.spec import SpecError, parse_bool, parse_spec
+from gradwire.compressors.base import Codec
+from gradwire.compressors.spec import SpecError, parse_bool, parse_spec
 
 CODECS: dict[str, type[Codec]] = {}
 _LOADED = False
@@ -29,11 +29,11 @@ def _load_all() -> None:
     global _LOADED
     if _LOADED:
         return
-    import compressors
+    import gradwire.compressors as package
 
-    for info in pkgutil.iter_modules(compressors.__path__):
+    for info in pkgutil.iter_modules(package.__path__):
         if not info.name.startswith("_"):
-            importlib.import_module(f"compressors.{info.name}")
+            importlib.import_module(f"{package.__name__}.{info.name}")
     _LOADED = True
 
 

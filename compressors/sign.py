@@ -27,8 +27,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-
-from compressors.base import (
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -40,8 +39,8 @@ from compressors.base import (
     check_input,
     expect_payload_size,
 )
-from compressors.feedback import check_feedback_options, maybe_error_feedback
-from compressors.registry import register
+from gradwire.compressors.feedback import check_feedback_options, maybe_error_feedback
+from gradwire.compressors.registry import register
 
 SCALE_BYTES = 4
 

@@ -49,9 +49,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import gammaln
-
-from compressors.base import (
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -62,8 +60,9 @@ from compressors.base import (
     TensorSpec,
     check_input,
 )
-from compressors.feedback import MomentumCorrected, check_feedback_options
-from compressors.registry import register
+from gradwire.compressors.feedback import MomentumCorrected, check_feedback_options
+from gradwire.compressors.registry import register
+from scipy.special import gammaln
 
 INDEX_RICE = 0
 INDEX_BITMAP = 1

@@ -95,8 +95,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from compressors.base import (
+from gradwire.compressors.base import (
     Codec,
     CodecError,
     Coordinator,
@@ -107,8 +106,8 @@ from compressors.base import (
     TensorSpec,
     check_input,
 )
-from compressors.registry import create_codec, register
-from compressors.spec import SpecError
+from gradwire.compressors.registry import create_codec, register
+from gradwire.compressors.spec import SpecError
 
 TRIGGERS = ("relative", "absolute", "lag", "always")
 COEF_FORMATS = {"fp32": "<f4", "fp16": "<f2"}

@@ -26,8 +26,8 @@ def _logging(verbose: bool, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from server.config import add_server_flags, add_task_flags, env
-    from worker.config import add_worker_flags
+    from gradwire.server.config import add_server_flags, add_task_flags, env
+    from gradwire.worker.config import add_worker_flags
 
     p = argparse.ArgumentParser(prog="gradwire", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args.verbose, args.command)
     if args.command == "server":
-        from server.app import serve
-        from server.config import config_from_args
+        from gradwire.server.app import serve
+        from gradwire.server.config import config_from_args
 
         return serve(config_from_args(args))
     if args.command == "worker":
-        from worker.config import config_from_args
-        from worker.loop import run_worker
+        from gradwire.worker.config import config_from_args
+        from gradwire.worker.loop import run_worker
 
         return run_worker(config_from_args(args))
     if args.command == "simulate":
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return 0 if is_serving(args.address, args.service) else 1
     if args.command == "codecs":
-        from compressors.registry import CODECS, available_codecs
+        from gradwire.compressors.registry import CODECS, available_codecs
 
         for name in available_codecs():
             doc = (CODECS[name].__doc__ or "").strip().splitlines()
@@ -115,7 +115,7 @@ def codec_options(cls) -> str:
     """``key=default`` for every spec option of a codec class, in declaration order."""
     import dataclasses
 
-    from compressors.base import format_option, option_defaults
+    from gradwire.compressors.base import format_option, option_defaults
 
     return ",".join(name if default is dataclasses.MISSING else f"{name}={format_option(default)}"
                     for name, default in option_defaults(cls).items())

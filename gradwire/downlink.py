@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compressors.base import Codec, RoundContext, TensorSpec
-from compressors.registry import create_codec
-from compressors.update import UpdateDecoder, UpdateEncoder
 from gradwire import wire
+from gradwire.compressors.base import Codec, RoundContext, TensorSpec
+from gradwire.compressors.registry import create_codec
+from gradwire.compressors.update import UpdateDecoder, UpdateEncoder
 from gradwire.v1 import exchange_pb2 as pb
 
 DENSE = "dense"

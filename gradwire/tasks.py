@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressors.base import TensorSpec
 from gradwire.catalog import DATASETS, DEFAULT_MODEL, MODELS  # noqa: F401 - re-exported
+from gradwire.compressors.base import TensorSpec
 
 # The split of the datasets that come without one is fixed, independent of the
 # run's seed, so that runs with different seeds are scored on the same examples.

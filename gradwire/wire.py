@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from compressors.base import Encoded, TensorSpec
+from gradwire.compressors.base import Encoded, TensorSpec
 from gradwire.v1 import exchange_pb2 as pb
 
 PROTOCOL = "gradwire.v1"

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import grpc
 import torch
+from gradwire.server.config import ServerConfig
+from gradwire.server.coordinator import Coordinator
+from gradwire.server.metrics import serve_metrics
+from gradwire.server.servicer import SERVICE_NAME, GradientExchangeServicer, generic_handler
+from gradwire.server.summary import build_summary, write_summary
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradwire.tasks import make_task
-from server.config import ServerConfig
-from server.coordinator import Coordinator
-from server.metrics import serve_metrics
-from server.servicer import SERVICE_NAME, GradientExchangeServicer, generic_handler
-from server.summary import build_summary, write_summary
 
 log = logging.getLogger("gradwire.server")
 # gRPC answers keepalive pings so that a worker behind NAT (compose bridge) keeps

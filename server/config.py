@@ -92,7 +92,7 @@ class ServerConfig:
         if self.max_message_mb < 1:
             raise ValueError(f"max_message_mb must be >= 1, got {self.max_message_mb}")
         parse_momentum(self.momentum)
-        from compressors.registry import create_codec
+        from gradwire.compressors.registry import create_codec
 
         create_codec(self.codec)  # fail at startup, with the registry's reason
         from gradwire.downlink import check_downlink_codec

@@ -24,17 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from gradwire.compressors.base import RoundContext
+from gradwire.compressors.registry import create_codec
+from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
+from gradwire.server.aggregation import ServerOptimizer, mean_update
+from gradwire.server.config import ServerConfig
 
-from compressors.base import RoundContext
-from compressors.registry import create_codec
-from compressors.update import InvalidUpdate, UpdateDecoder
 from gradwire import wire
 from gradwire.downlink import DENSE, Broadcast, DownlinkEncoder, check_downlink_codec
 from gradwire.netstats import read_counters
 from gradwire.tasks import Task, shard_indices, tensor_specs
 from gradwire.v1 import exchange_pb2 as pb
-from server.aggregation import ServerOptimizer, mean_update
-from server.config import ServerConfig
 
 log = logging.getLogger("gradwire.server")
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
+from gradwire.server.coordinator import Coordinator, Rejected, Session
 
 from gradwire import wire
 from gradwire.downlink import downlink_payload_bytes
 from gradwire.netstats import read_counters
 from gradwire.v1 import exchange_pb2 as pb
-from server.coordinator import Coordinator, Rejected, Session
 
 log = logging.getLogger("gradwire.server")
 SERVICE_NAME = "gradwire.v1.GradientExchange"

@@ -10,13 +10,13 @@ from dataclasses import replace
 import grpc
 import numpy as np
 import pytest
+from gradwire.compressors.base import Encoded, TensorSpec
+from gradwire.server.app import RunningServer, start_server
+from gradwire.server.config import ServerConfig
+from gradwire.server.servicer import SERVICE_NAME
 
-from compressors.base import Encoded, TensorSpec
 from gradwire import wire
 from gradwire.v1 import exchange_pb2 as pb
-from server.app import RunningServer, start_server
-from server.config import ServerConfig
-from server.servicer import SERVICE_NAME
 
 _CLOSE = object()
 
@@ -29,8 +29,8 @@ BASE_CONFIG = ServerConfig(address="127.0.0.1:0", workers=2, rounds=3, codec="de
 def _run_workers(port: int, n: int, prefix: str = "w") -> list:
     """Run n real workers (the `gradwire worker` loop) against a PS on 127.0.0.1:port, in threads;
     returns their WorkerResults in order."""
-    from worker.config import WorkerConfig
-    from worker.loop import Worker
+    from gradwire.worker.config import WorkerConfig
+    from gradwire.worker.loop import Worker
 
     results: list = [None] * n
 

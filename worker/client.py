@@ -9,10 +9,10 @@ import time
 from collections.abc import Iterator
 
 import grpc
+from gradwire.server.servicer import SERVICE_NAME
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire.v1 import exchange_pb2 as pb
-from server.servicer import SERVICE_NAME
 
 log = logging.getLogger("gradwire.worker")
 _CLOSE = object()

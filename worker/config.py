@@ -6,7 +6,7 @@ import argparse
 import socket
 from dataclasses import dataclass
 
-from server.config import DEFAULT_MAX_MESSAGE_MB, env
+from gradwire.server.config import DEFAULT_MAX_MESSAGE_MB, env
 
 
 @dataclass(frozen=True)

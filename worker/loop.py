@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import torch
+from gradwire.compressors.base import RoundContext
+from gradwire.compressors.registry import available_codecs, create_codec
+from gradwire.compressors.update import InvalidUpdate, UpdateEncoder
+from gradwire.worker.client import TrainStream, open_channel, wait_for_server
+from gradwire.worker.config import WorkerConfig
 
-from compressors.base import RoundContext
-from compressors.registry import available_codecs, create_codec
-from compressors.update import InvalidUpdate, UpdateEncoder
 from gradwire import wire
 from gradwire.downlink import DownlinkDecoder, model_digest
 from gradwire.netstats import read_counters
 from gradwire.tasks import Task, make_task, shard_indices, tensor_specs
 from gradwire.v1 import exchange_pb2 as pb
-from worker.client import TrainStream, open_channel, wait_for_server
-from worker.config import WorkerConfig
 
 log = logging.getLogger("gradwire.worker")
 # Model moves remembered for LAG-style triggers (ALGORITHMS.md §1 uses D = 10).

@@ -3,8 +3,8 @@ autoencoder training, error feedback, joins and leaves, malformed input, a real 
 
 Most tests drive the codec's PS-side hooks (directive, blob_for, decoders, finalize,
 observe) in the PS's order, in process, on a tiny model; one test runs a real PS on
-loopback with real workers. Golden bytes: tests/golden/lgc.json (regenerate with
-GRADWIRE_UPDATE_GOLDEN=1 pytest tests/test_lgc.py).
+loopback with real workers. Golden bytes: tests/compressors/golden/lgc.json (regenerate with
+GRADWIRE_UPDATE_GOLDEN=1 pytest tests/compressors/test_lgc.py).
 """
 
 from __future__ import annotations
@@ -19,13 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
-
-from compressors import lgc_model
-from compressors.base import CodecError, RoundContext, TensorSpec
-from compressors.lgc import (
+from gradwire.compressors import lgc_model
+from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
+from gradwire.compressors.lgc import (
     BLOB_ENCODER,
     BLOB_FALLBACK,
     KIND_DENSE,
@@ -40,9 +36,12 @@ from compressors.lgc import (
     read_latent,
     unpack_indices,
 )
-from compressors.registry import create_codec
-from compressors.spec import SpecError
-from compressors.update import InvalidUpdate, UpdateDecoder, UpdateEncoder
+from gradwire.compressors.registry import create_codec
+from gradwire.compressors.spec import SpecError
+from gradwire.compressors.update import InvalidUpdate, UpdateDecoder, UpdateEncoder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
 GOLDEN = Path(__file__).parent / "golden" / "lgc.json"
 TINY = "lgc:warmup=2,train=6,k=0.2,innovation=0.02,adopt=2"
@@ -503,7 +502,7 @@ def test_golden_bytes():
     if os.environ.get("GRADWIRE_UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps({
             "_comment": "Golden wire bytes of lgc (payload kinds without torch, downlink blob). Regenerate with "
-                        "GRADWIRE_UPDATE_GOLDEN=1 pytest tests/test_lgc.py and explain the change in the commit.",
+                        "GRADWIRE_UPDATE_GOLDEN=1 pytest tests/compressors/test_lgc.py and explain the change in the commit.",
             "cases": got,
         }, indent=2) + "\n")
     want = json.loads(GOLDEN.read_text())["cases"]
@@ -514,8 +513,8 @@ def test_golden_bytes():
 
 
 def test_real_ps_reaches_stage3_and_adopts_a_late_worker(make_server):
-    from worker.config import WorkerConfig
-    from worker.loop import Worker
+    from gradwire.worker.config import WorkerConfig
+    from gradwire.worker.loop import Worker
 
     spec = "lgc:warmup=1,train=3,k=0.05,innovation=0.005,adopt=1"
     rounds = 40

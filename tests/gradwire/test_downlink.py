@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gradwire.compressors.base import TensorSpec
 
-from compressors.base import TensorSpec
 from gradwire import wire
 from gradwire.downlink import (
     DownlinkDecoder,
@@ -113,7 +113,7 @@ def test_dense_downlink_sends_the_full_model_every_round(make_server, run_worker
 
 
 def test_a_worker_without_the_base_gets_the_full_reference(make_server):
-    from server.coordinator import Session, WorkerRecord
+    from gradwire.server.coordinator import Session, WorkerRecord
 
     running = make_server(workers=1, rounds=3, downlink_codec="fp16")
     coord = running.coordinator

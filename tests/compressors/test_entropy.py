@@ -6,12 +6,8 @@ import heapq
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from scipy import stats
-
-from compressors.base import CodecError
-from compressors.entropy import (
+from gradwire.compressors.base import CodecError
+from gradwire.compressors.entropy import (
     ans_decode,
     ans_encode,
     canonical_codes,
@@ -23,7 +19,10 @@ from compressors.entropy import (
     huffman_decode,
     huffman_encode,
 )
-from compressors.quantize import UniformQuantizer
+from gradwire.compressors.quantize import UniformQuantizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats
 
 
 def _reference_huffman_cost(p: np.ndarray) -> float:

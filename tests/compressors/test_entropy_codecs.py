@@ -1,8 +1,8 @@
 """The entropy-coded codecs: ``huffman``, ``ans`` (uniform quantizer + model) and ``fp8``.
 
-Golden bytes live in ``tests/golden/{huffman,ans,fp8}.json`` (sha256 of each
+Golden bytes live in ``tests/compressors/golden/{huffman,ans,fp8}.json`` (sha256 of each
 payload for one fixed input). A wire change must be deliberate: regenerate with
-``GRADWIRE_UPDATE_GOLDEN=1 pytest tests/test_entropy_codecs.py -k golden``.
+``GRADWIRE_UPDATE_GOLDEN=1 pytest tests/compressors/test_entropy_codecs.py -k golden``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
+from gradwire.compressors.quantize import fp8_values
+from gradwire.compressors.registry import create_codec
+from gradwire.compressors.spec import SpecError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
-
-from compressors.base import CodecError, RoundContext, TensorSpec
-from compressors.quantize import fp8_values
-from compressors.registry import create_codec
-from compressors.spec import SpecError
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("GRADWIRE_UPDATE_GOLDEN") == "1"
@@ -307,7 +306,7 @@ def test_canonical_spec_strings():
 
 def _decode(spec_text, payload, shape):
     codec = create_codec(spec_text)
-    from compressors.base import Encoded
+    from gradwire.compressors.base import Encoded
 
     return codec.make_decoder().decode(Encoded(codec.spec, TensorSpec("w", shape), payload), CTX)
 

@@ -25,7 +25,7 @@ import pytest
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 3
 ROUNDS = 4
 # The honest-accounting bound of the issue: interface tx >= uplink protobuf bytes, and at most
@@ -80,7 +80,7 @@ def image(engine, tmp_path_factory) -> str:
     assert version.returncode == 0, "a Docker engine answers but Compose v2 is missing: run scripts/install_docker.sh"
     log = tmp_path_factory.mktemp("bootstrap") / "bootstrap.log"
     t0 = time.monotonic()
-    # A lock still held after 5 min means something leaked it (see tests/test_scripts.py): fail, not hang.
+    # A lock still held after 5 min means something leaked it (see tests/scripts/test_scripts.py): fail, not hang.
     env.setdefault("GRADWIRE_BOOTSTRAP_LOCK_WAIT_S", "300")
     proc = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=ROOT, env=env, stdout=log.open("w"),
                           stderr=subprocess.STDOUT, timeout=1800)

@@ -1,7 +1,7 @@
 """Pure codec tests of the baselines: ``topk``, ``randk``, ``qsgd``, ``sign``, ``powersgd``.
 
-Golden bytes live in ``tests/golden/<codec>.json``; a wire change must be
-deliberate: regenerate them with ``GRADWIRE_UPDATE_GOLDEN=1 pytest tests/test_baselines.py``
+Golden bytes live in ``tests/compressors/golden/<codec>.json``; a wire change must be
+deliberate: regenerate them with ``GRADWIRE_UPDATE_GOLDEN=1 pytest tests/compressors/test_baselines.py``
 and say why in the commit.
 """
 
@@ -15,19 +15,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
+from gradwire.compressors.entropy import varint_decode, varint_encode
+from gradwire.compressors.feedback import ErrorFeedbackEncoder
+from gradwire.compressors.powersgd import lowrank_bits_per_entry, lowrank_layout
+from gradwire.compressors.qsgd import MODE_ANS, MODE_FIXED
+from gradwire.compressors.randk import randk_indices
+from gradwire.compressors.registry import available_codecs, create_codec
+from gradwire.compressors.spec import SpecError
+from gradwire.compressors.topk import (
+    INDEX_BITMAP,
+    INDEX_RICE,
+    log2_binomial,
+    rice_decode,
+    rice_encode,
+    sparse_count,
+)
+from gradwire.compressors.update import UpdateDecoder, UpdateEncoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from compressors.base import CodecError, Encoded, RoundContext, TensorSpec
-from compressors.entropy import varint_decode, varint_encode
-from compressors.feedback import ErrorFeedbackEncoder
-from compressors.powersgd import lowrank_bits_per_entry, lowrank_layout
-from compressors.qsgd import MODE_ANS, MODE_FIXED
-from compressors.randk import randk_indices
-from compressors.registry import available_codecs, create_codec
-from compressors.spec import SpecError
-from compressors.topk import INDEX_BITMAP, INDEX_RICE, log2_binomial, rice_decode, rice_encode, sparse_count
-from compressors.update import UpdateDecoder, UpdateEncoder
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("GRADWIRE_UPDATE_GOLDEN") == "1"
@@ -712,7 +718,7 @@ def _compare_or_write(codec: str, record: dict) -> dict:
     if UPDATE_GOLDEN:
         record = {
             "_comment": "Golden wire bytes of the codec; a change must be deliberate. Regenerate with "
-            "GRADWIRE_UPDATE_GOLDEN=1 pytest tests/test_baselines.py and explain the change in the commit.",
+            "GRADWIRE_UPDATE_GOLDEN=1 pytest tests/compressors/test_baselines.py and explain the change in the commit.",
             **record,
         }
         path.write_text(json.dumps(record, indent=2) + "\n")

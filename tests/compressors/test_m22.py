@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradwire.compressors import m22
+from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
+from gradwire.compressors.m22 import cell_probabilities, design_quantizer, expected_distortion, fit_dweibull
+from gradwire.compressors.registry import create_codec
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 from scipy import integrate, special, stats
-
-from compressors import m22
-from compressors.base import CodecError, Encoded, RoundContext, TensorSpec
-from compressors.m22 import cell_probabilities, design_quantizer, expected_distortion, fit_dweibull
-from compressors.registry import create_codec
 
 GOLDEN = Path(__file__).parent / "golden" / "m22.json"
 
@@ -460,7 +459,7 @@ def test_design_is_bitwise_identical_in_a_fresh_process():
         "print(hashlib.sha256(t.tobytes() + c.tobytes()).hexdigest())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parent.parent).stdout.strip()
+                         cwd=Path(__file__).resolve().parents[2]).stdout.strip()
     t, c = design_quantizer("dweibull", np.float32(0.7312), 3, 2.5)
     assert out == hashlib.sha256(t.tobytes() + c.tobytes()).hexdigest()
 

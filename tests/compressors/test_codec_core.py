@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
+from gradwire.compressors.registry import available_codecs, create_codec
+from gradwire.compressors.spec import SpecError, parse_spec
+from gradwire.compressors.update import InvalidUpdate, UpdateDecoder, UpdateEncoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
-from compressors.base import CodecError, RoundContext, TensorSpec
-from compressors.registry import available_codecs, create_codec
-from compressors.spec import SpecError, parse_spec
-from compressors.update import InvalidUpdate, UpdateDecoder, UpdateEncoder
 
 
 def test_parse_nested_spec():

@@ -5,12 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
-
-from compressors.base import CodecError
-from compressors.quantize import (
+from gradwire.compressors.base import CodecError
+from gradwire.compressors.quantize import (
     FP8_FORMATS,
     UniformQuantizer,
     fp8_cell_edges,
@@ -20,6 +16,9 @@ from compressors.quantize import (
     fp8_values,
     uniform_quantize,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 TORCH_FP8 = {"152": torch.float8_e5m2, "143": torch.float8_e4m3fn}
 

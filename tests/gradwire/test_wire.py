@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradwire.compressors.base import Encoded, TensorSpec
 
-from compressors.base import Encoded, TensorSpec
 from gradwire import wire
 from gradwire.v1 import exchange_pb2 as pb
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None, reason="grpcio-tools (dev extra) not installed")

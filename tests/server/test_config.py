@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-
-from server.config import ServerConfig, add_server_flags, parse_momentum
+from gradwire.server.config import ServerConfig, add_server_flags, parse_momentum
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -1,0 +1,64 @@
+"""Packaging: one installed namespace, and every package folder is listed in pyproject.toml."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAPPED = {"gradwire": "gradwire", "gradwire.server": "server", "gradwire.worker": "worker",
+          "gradwire.compressors": "compressors"}
+
+
+def _setuptools() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_package_dir_maps_the_design_card_folders_into_gradwire():
+    assert _setuptools()["package-dir"] == MAPPED
+
+
+def test_every_package_folder_is_listed():
+    """A new folder with an __init__.py (a codec family, say) must be in `packages`, or the wheel misses it."""
+    found = set()
+    for name, folder in MAPPED.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([name, *rel.parts]))
+    assert found == set(_setuptools()["packages"])
+
+
+def test_only_the_gradwire_namespace_is_importable_from_outside_the_checkout(tmp_path):
+    code = (
+        "import importlib, sys\n"
+        "for name in ('server', 'worker', 'compressors'):\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError:\n"
+        "        continue\n"
+        "    sys.exit(f'top-level {name} is importable')\n"
+        "import gradwire.compressors, gradwire.server, gradwire.worker\n"
+        "from gradwire.compressors.registry import create_codec\n"
+        "assert create_codec('fp16').spec == 'fp16'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
+
+
+def test_wheel_holds_only_the_gradwire_namespace(tmp_path):
+    import zipfile
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("gradwire-*.whl")
+    tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"gradwire"}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "gradwire/compressors/registry.py" in names and "gradwire/server/coordinator.py" in names
+    assert "gradwire/py.typed" in names

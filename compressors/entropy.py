@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
 from gradwire.compressors.base import CodecError
 
 DEFAULT_MAX_CODE_LENGTH = 16  # decoder table of 2^16 entries; ample for alphabets up to 2^12
@@ -352,7 +353,7 @@ def huffman_bits(symbols: np.ndarray, lengths: np.ndarray) -> int:
 VARINT_MAX_BYTES = 10  # a u64 needs at most 10 LEB128 bytes
 
 
-def varint_encode(values: np.ndarray) -> bytes:
+def varint_encode(values: np.ndarray | list[int]) -> bytes:
     """LEB128 encoding of non-negative integers (vectorized): counts, histograms, headers."""
     v = np.asarray(values, dtype=np.uint64).reshape(-1)
     if v.size == 0:

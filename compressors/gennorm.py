@@ -21,8 +21,9 @@ import functools
 import math
 
 import numpy as np
-from gradwire.compressors.base import CodecError
 from scipy import optimize, special, stats
+
+from gradwire.compressors.base import CodecError
 
 BETA_MIN = 0.1
 BETA_MAX = 8.0

@@ -559,7 +559,7 @@ def _summary_via_archive(container) -> dict | None:
         stream, _ = container.get_archive(f"{out.rstrip('/')}/summary.json")
         with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
             member = next(m for m in tar.getmembers() if m.isfile())
-            return json.load(tar.extractfile(member))
+            return json.load(tar.extractfile(member))  # type: ignore[arg-type]  # a file member has a reader
     except Exception:
         return None
 
@@ -568,7 +568,7 @@ def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
             worker_service: str = DEFAULT_WORKER_SERVICE) -> dict[str, Any]:
     pairs = list_containers(client, project)
     if not pairs:
-        projects = sorted({(c.labels or {}).get(PROJECT_LABEL) for c in client.containers.list(all=True)} - {None})
+        projects = sorted({p for c in client.containers.list(all=True) if (p := (c.labels or {}).get(PROJECT_LABEL))})
         raise ReportError(f"no containers of compose project {project!r}"
                           + (f"; projects found: {', '.join(projects)}" if projects else "; is it up (docker compose up)?"))
     ps = next((c for c, info in pairs if info.service == ps_service), None)

@@ -3,7 +3,7 @@
 Pure, deterministic functions over numpy arrays; no codec is registered here.
 The model (a pmf over the alphabet ``0 .. n-1``) is always given by the caller, so
 both ends rebuild the identical code from whatever parameters they share
-(ALGORITHMS.md §2); nothing about the model is written into the bytes.
+(docs/algorithms.md §2); nothing about the model is written into the bytes.
 
 Huffman
     ``huffman_code_lengths`` builds deterministic, length-limited code lengths

@@ -1,7 +1,7 @@
 """GenNorm-modelled entropy coding of uniformly quantized gradients: ``huffman`` and ``ans``.
 
 Seed 001 (GenNorm modelling + fixed-to-variable Huffman coding of quantized
-gradients), ALGORITHMS.md §2; ``ans`` is the "beyond the paper" variant in which a
+gradients), docs/algorithms.md §2; ``ans`` is the "beyond the paper" variant in which a
 model drives an ANS coder (constriction) instead.
 
 Per tensor and round:

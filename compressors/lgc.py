@@ -1,7 +1,7 @@
 """Learned gradient compression, parameter-server variant (``lgc``).
 
 Abrahamyan, Chen, Bekoulis, Deligiannis, "Learned Gradient Compression for
-Distributed Deep Learning" (IEEE TNNLS 2021; seed 002, ALGORITHMS.md §3).
+Distributed Deep Learning" (IEEE TNNLS 2021; seed 002, docs/algorithms.md §3).
 Workers' gradients are correlated, so an autoencoder trained on them during
 training can carry their common part in one worker's code. Three stages, driven
 by the PS and announced in every round's directive (``stage``, ``leader``):
@@ -28,7 +28,7 @@ order of a hundred steps before it beats passing the innovation through; the
 stats ``reconstruction_error_by_round`` and ``innovation_only_error_by_round``
 (relative squared errors on stage-2 data, before each step) show whether it did.
 
-[design] choices (ALGORITHMS.md §3 follows a third-party reimplementation; all
+[design] choices (docs/algorithms.md §3 follows a third-party reimplementation; all
 are options, and the coordinator's stats record every option's value):
 
 * ``exempt=0`` (default): the whole model is compressed. ``exempt=1`` sends the

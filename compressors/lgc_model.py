@@ -1,7 +1,7 @@
 """The LGC autoencoder (Abrahamyan et al., 2021, seed 002) in torch.
 
 One 1-D convolutional encoder shared by every worker and one decoder per worker
-(ALGORITHMS.md §3). The input is a top-k value vector of length L (the values in
+(docs/algorithms.md §3). The input is a top-k value vector of length L (the values in
 increasing index order, one channel).
 
 * Encoder: ``Conv1d`` 1→64→128→256→64 (kernel 3, stride 2, padding 1, LeakyReLU),

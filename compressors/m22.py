@@ -1,4 +1,4 @@
-"""M22: rate–distortion optimal scalar quantizer for gradients (ALGORITHMS.md §4, seed 003).
+"""M22: rate–distortion optimal scalar quantizer for gradients (docs/algorithms.md §4, seed 003).
 
 The distortion is ``d_M(g, ĝ) = |g|^M (g − ĝ)²`` (M = 0 is the mean squared error).
 Gradient entries are modelled i.i.d. generalized normal (``dist=gennorm``, shape β) or

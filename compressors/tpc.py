@@ -1,4 +1,4 @@
-"""Temporal predictive coding (TPC), ALGORITHMS.md §1 (seed 000).
+"""Temporal predictive coding (TPC), docs/algorithms.md §1 (seed 000).
 
 Each worker predicts its current gradient ``g`` as a linear combination of the
 last ``p`` *reconstructions* ``ĝ`` that it and the PS both hold (closed loop, as in

@@ -1,6 +1,6 @@
 """`gradwire bytes`: what a compose project put on the wire, per container and per round.
 
-Three byte counts side by side (ALGORITHMS.md §6):
+Three byte counts side by side (docs/algorithms.md §6):
 
 1. codec payload bytes and 2. protobuf message bytes, both counted by the PS (its Status RPC while
    it runs, its ``summary.json`` afterwards);
@@ -43,7 +43,7 @@ DEFAULT_WORKER_SERVICE = "worker"
 DEFAULT_PORT = 50051
 DENSE_BYTES_PER_ENTRY = 4  # float32: what an uncompressed update costs per entry
 
-# The honest-accounting check (ALGORITHMS.md §6): the interface must count at least the protobuf
+# The honest-accounting check (docs/algorithms.md §6): the interface must count at least the protobuf
 # bytes, and at most 10 % more plus a fixed allowance per message (gRPC's 5-byte prefix, HTTP/2
 # frame headers, TCP/IP headers of small segments, the TCP acknowledgements of the reply) and per
 # connection (TCP handshake, HTTP/2 preface and SETTINGS, request headers, keepalive pings).

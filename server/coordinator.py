@@ -9,7 +9,7 @@ counted as stragglers), aggregates, steps the server optimizer, evaluates every
 Nothing a worker sends touches shared state until it is fully validated and
 decoded, so a rejected message never reaches the global model or the other
 workers. A rejected worker loses its session (and with it its decoder state);
-when it reconnects both ends start from reset codec state (ALGORITHMS.md §0).
+when it reconnects both ends start from reset codec state (docs/algorithms.md §0).
 """
 
 from __future__ import annotations
@@ -516,7 +516,7 @@ class Coordinator:
 
     def _load_checkpoint(self, path: str) -> None:
         # Workers reconnect after a PS restart, so every decoder starts fresh and
-        # the workers reset their encoders: the resync rule of ALGORITHMS.md §0.
+        # the workers reset their encoders: the resync rule of docs/algorithms.md §0.
         state = torch.load(path, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -2,7 +2,7 @@
 
 Every (re)connection is a new session: the worker resets its encoder and the PS
 builds a fresh decoder, so codec state on both ends restarts from the same
-point (ALGORITHMS.md §0). A rejected update ends the session with a gRPC status;
+point (docs/algorithms.md §0). A rejected update ends the session with a gRPC status;
 the worker logs the reason and reconnects.
 """
 
@@ -30,7 +30,7 @@ from gradwire.worker.client import TrainStream, open_channel, wait_for_server
 from gradwire.worker.config import WorkerConfig
 
 log = logging.getLogger("gradwire.worker")
-# Model moves remembered for LAG-style triggers (ALGORITHMS.md §1 uses D = 10).
+# Model moves remembered for LAG-style triggers (docs/algorithms.md §1 uses D = 10).
 MOTION_HISTORY = 10
 # Status codes after which reconnecting cannot help.
 FATAL_CODES = {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}

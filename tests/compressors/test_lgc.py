@@ -1,4 +1,4 @@
-"""Learned gradient compression (``lgc``, ALGORITHMS.md §3): stages, leader/support agreement,
+"""Learned gradient compression (``lgc``, docs/algorithms.md §3): stages, leader/support agreement,
 autoencoder training, error feedback, joins and leaves, malformed input, a real PS.
 
 Most tests drive the codec's PS-side hooks (directive, blob_for, decoders, finalize,

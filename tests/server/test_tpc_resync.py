@@ -1,4 +1,4 @@
-"""TPC / LAG resync through a real parameter server on loopback (ALGORITHMS.md §0).
+"""TPC / LAG resync through a real parameter server on loopback (docs/algorithms.md §0).
 
 Two hand-driven workers run the real gRPC protocol against a real PS with a
 stateful predictive codec. After every round the worker encoder's history and

@@ -42,6 +42,7 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
+
 from gradwire.compressors.base import RoundContext, TensorSpec  # noqa: E402
 from gradwire.compressors.entropy import entropy_from_counts  # noqa: E402
 from gradwire.compressors.registry import available_codecs, create_codec  # noqa: E402

@@ -3,7 +3,7 @@
 A codec never does I/O. The worker holds one ``Encoder`` per session; the PS holds
 one ``Decoder`` per worker. Anything both ends must agree on (predictor history,
 entropy model, quantizer table) is updated on both sides only from *decoded*
-values, in the same order (ALGORITHMS.md §0), and both sides expose
+values, in the same order (docs/algorithms.md §0), and both sides expose
 ``state_dict()`` / ``load_state_dict()`` / ``reset()`` so that a reconnect or a
 restart can resync them explicitly.
 """

@@ -1,7 +1,7 @@
 """8-bit floating-point gradients, optionally entropy coded: ``fp8``.
 
 Seed 001 quantizes gradients to the 8-bit formats 1-4-3 and 1-5-2 before
-Huffman coding them with a GenNorm model (ALGORITHMS.md §2). Per tensor:
+Huffman coding them with a GenNorm model (docs/algorithms.md §2). Per tensor:
 
 1. Scale: s = max|x| / F (F the format's largest finite value, 448 for 1-4-3
    = E4M3FN, 57344 for 1-5-2 = E5M2), rounded to float32.
@@ -34,6 +34,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,

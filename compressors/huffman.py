@@ -1,7 +1,7 @@
 """GenNorm-modelled entropy coding of uniformly quantized gradients: ``huffman`` and ``ans``.
 
 Seed 001 (GenNorm modelling + fixed-to-variable Huffman coding of quantized
-gradients), ALGORITHMS.md §2; ``ans`` is the "beyond the paper" variant in which a
+gradients), docs/algorithms.md §2; ``ans`` is the "beyond the paper" variant in which a
 model drives an ANS coder (constriction) instead.
 
 Per tensor and round:
@@ -80,6 +80,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,

@@ -1,7 +1,7 @@
 """Learned gradient compression, parameter-server variant (``lgc``).
 
 Abrahamyan, Chen, Bekoulis, Deligiannis, "Learned Gradient Compression for
-Distributed Deep Learning" (IEEE TNNLS 2021; seed 002, ALGORITHMS.md §3).
+Distributed Deep Learning" (IEEE TNNLS 2021; seed 002, docs/algorithms.md §3).
 Workers' gradients are correlated, so an autoencoder trained on them during
 training can carry their common part in one worker's code. Three stages, driven
 by the PS and announced in every round's directive (``stage``, ``leader``):
@@ -28,7 +28,7 @@ order of a hundred steps before it beats passing the innovation through; the
 stats ``reconstruction_error_by_round`` and ``innovation_only_error_by_round``
 (relative squared errors on stage-2 data, before each step) show whether it did.
 
-[design] choices (ALGORITHMS.md §3 follows a third-party reimplementation; all
+[design] choices (docs/algorithms.md §3 follows a third-party reimplementation; all
 are options, and the coordinator's stats record every option's value):
 
 * ``exempt=0`` (default): the whole model is compressed. ``exempt=1`` sends the
@@ -90,6 +90,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from gradwire.compressors import lgc_model
 from gradwire.compressors.base import (
     Codec,
@@ -582,7 +583,7 @@ class LGCEncoder(Encoder):
         self.last_support = own_idx
         values = v[own_idx]
         scale = rms_scale(values) if self.codec.normalize else 1.0
-        z = lgc_model.encode_values(self.net, values / np.float32(scale)) if own_idx.size else np.zeros((4, 0), np.float32)
+        z = lgc_model.encode_values(self.net, values / np.float32(scale)) if own_idx.size else np.zeros((4, 0), np.float32)  # type: ignore[arg-type]
         idx_block = pack_indices(own_idx, layout.dc)
         body = U32.pack(len(idx_block)) + idx_block + F32.pack(scale) + quantize_latent(z, self.codec.latent)
         return Encoded(self.codec.spec, spec, bytes([KIND_LEADER]) + head + body + inn_payload)
@@ -825,8 +826,8 @@ class LGCCoordinator(Coordinator):
             lead = mine.get(leader, (0, None))[1] if leader in decoded else None
             self.latent_of_round = None
             if lead is not None and lead.kind == KIND_LEADER:
-                self.latent_of_round = (round_, lead.latent, lead.support, lead.scale)
-                self.supports[round_] = lead.support
+                self.latent_of_round = (round_, lead.latent, lead.support, lead.scale)  # type: ignore[assignment]
+                self.supports[round_] = lead.support  # type: ignore[assignment]
                 for old in [r for r in self.supports if r < round_ - 8]:
                     del self.supports[old]
             for rank, update in decoded.items():
@@ -838,7 +839,7 @@ class LGCCoordinator(Coordinator):
                     and self.ae.has_decoder(rank) and rank not in self.adopting
                 )
                 if usable:
-                    _, z, support, scale = self.latent_of_round
+                    _, z, support, scale = self.latent_of_round  # type: ignore[misc]
                     c, on_support = self._decode_on_support(rank, parsed, z, support, scale)
                     self.decoded_from_latent += 1
                 else:
@@ -860,7 +861,7 @@ class LGCCoordinator(Coordinator):
         inn_on_s = restrict(parsed.inn_idx, parsed.inn_vals, support)
         rec = lgc_model.decode_values(self.ae.decoder(rank), z, inn_on_s / np.float32(scale)) * np.float32(scale)
         rec = np.nan_to_num(rec, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-        c = np.zeros(self.layout.dc, dtype=np.float32)
+        c = np.zeros(self.layout.dc, dtype=np.float32)  # type: ignore[union-attr]
         if self.codec.offsupport:
             c[parsed.inn_idx] = parsed.inn_vals
         c[support] = rec
@@ -878,11 +879,11 @@ class LGCCoordinator(Coordinator):
 
     def _compressed_part(self, update: Mapping[str, np.ndarray]) -> np.ndarray:
         flat = np.concatenate([np.asarray(a, dtype=np.float32).reshape(-1) for a in update.values()])
-        return flat[self.layout.compressed]
+        return flat[self.layout.compressed]  # type: ignore[union-attr]
 
     def _pairs(self, cs: list[np.ndarray], support: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Training inputs (values on the shared support) and innovations on it, scaled."""
-        n_inn = sparse_count(self.layout.dc, self.codec.innovation)
+        n_inn = sparse_count(self.layout.dc, self.codec.innovation)  # type: ignore[union-attr]
         xs, inns = [], []
         for c in cs:
             xs.append(c[support] / scale)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,

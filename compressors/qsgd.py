@@ -44,6 +44,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,

@@ -1,4 +1,4 @@
-"""Temporal predictive coding (TPC), ALGORITHMS.md §1 (seed 000).
+"""Temporal predictive coding (TPC), docs/algorithms.md §1 (seed 000).
 
 Each worker predicts its current gradient ``g`` as a linear combination of the
 last ``p`` *reconstructions* ``ĝ`` that it and the PS both hold (closed loop, as in
@@ -95,6 +95,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
@@ -665,6 +666,19 @@ class PredictiveCodecBase(Codec):
     with ``trigger, eps, tau, alpha, window, max_stale, check, residual, granularity``."""
 
     stateless_decoder = False  # the decoder holds the predictor history
+    # The shared options, for the type checker: annotations only (this class is no dataclass, so
+    # they make no fields); each subclass declares them as its own fields with its defaults.
+    trigger: str
+    eps: float
+    tau: float
+    alpha: float
+    window: int
+    max_stale: int
+    check: int
+    residual: str
+    granularity: str
+    ef: bool
+    _residual_codec: Codec  # set by _resolve_residual
 
     def _resolve_residual(self) -> None:
         """Validate the options both codecs have; store the residual codec, canonical."""

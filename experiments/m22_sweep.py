@@ -15,7 +15,7 @@ It writes to ``--out``:
     accuracy_vs_bits.png   test accuracy against cumulative uplink bits (all workers)
 
 Per-bit accuracy is the run summary's ``per_bit_accuracy``: max_t (Acc(t) − Acc(0)) / B(t)
-with B(t) the cumulative uplink payload bits of all workers (ALGORITHMS.md §4).
+with B(t) the cumulative uplink payload bits of all workers (docs/algorithms.md §4).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Runs the real system (``gradwire simulate``: a PS and workers as processes on
 loopback gRPC) on the convex full-batch task where temporal predictive coding
-is meant to shine (ALGORITHMS.md §1): scikit-learn's diabetes data, a linear
+is meant to shine (docs/algorithms.md §1): scikit-learn's diabetes data, a linear
 model, ``--batch-size full``. Methods: dense float32, LAG, and TPC with
 p = 1, 2, 3. Writes, in ``--out``:
 

@@ -1,6 +1,6 @@
 """`gradwire bytes`: what a compose project put on the wire, per container and per round.
 
-Three byte counts side by side (ALGORITHMS.md §6):
+Three byte counts side by side (docs/algorithms.md §6):
 
 1. codec payload bytes and 2. protobuf message bytes, both counted by the PS (its Status RPC while
    it runs, its ``summary.json`` afterwards);
@@ -43,7 +43,7 @@ DEFAULT_WORKER_SERVICE = "worker"
 DEFAULT_PORT = 50051
 DENSE_BYTES_PER_ENTRY = 4  # float32: what an uncompressed update costs per entry
 
-# The honest-accounting check (ALGORITHMS.md §6): the interface must count at least the protobuf
+# The honest-accounting check (docs/algorithms.md §6): the interface must count at least the protobuf
 # bytes, and at most 10 % more plus a fixed allowance per message (gRPC's 5-byte prefix, HTTP/2
 # frame headers, TCP/IP headers of small segments, the TCP acknowledgements of the reply) and per
 # connection (TCP handshake, HTTP/2 preface and SETTINGS, request headers, keepalive pings).
@@ -559,7 +559,7 @@ def _summary_via_archive(container) -> dict | None:
         stream, _ = container.get_archive(f"{out.rstrip('/')}/summary.json")
         with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
             member = next(m for m in tar.getmembers() if m.isfile())
-            return json.load(tar.extractfile(member))
+            return json.load(tar.extractfile(member))  # type: ignore[arg-type]  # a file member has a reader
     except Exception:
         return None
 
@@ -568,7 +568,7 @@ def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
             worker_service: str = DEFAULT_WORKER_SERVICE) -> dict[str, Any]:
     pairs = list_containers(client, project)
     if not pairs:
-        projects = sorted({(c.labels or {}).get(PROJECT_LABEL) for c in client.containers.list(all=True)} - {None})
+        projects = sorted({p for c in client.containers.list(all=True) if (p := (c.labels or {}).get(PROJECT_LABEL))})
         raise ReportError(f"no containers of compose project {project!r}"
                           + (f"; projects found: {', '.join(projects)}" if projects else "; is it up (docker compose up)?"))
     ps = next((c for c, info in pairs if info.service == ps_service), None)

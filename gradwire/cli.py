@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(config_from_args(args))
     if args.command == "worker":
-        from gradwire.worker.config import config_from_args
+        from gradwire.worker.config import config_from_args as worker_config_from_args
         from gradwire.worker.loop import run_worker
 
-        return run_worker(config_from_args(args))
+        return run_worker(worker_config_from_args(args))
     if args.command == "simulate":
         from gradwire.simulate import run_simulation
 

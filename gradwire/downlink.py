@@ -50,7 +50,7 @@ def check_downlink_codec(spec: str) -> Codec:
     if codec.worker_momentum:
         raise ValueError(f"{codec.spec}: momentum correction has no meaning on the downlink; drop momentum=")
     if getattr(codec, "ef", False):
-        codec = dataclasses.replace(codec, ef=False)
+        codec = dataclasses.replace(codec, ef=False)  # type: ignore[call-arg]  # it has ef (getattr above)
     return codec
 
 

@@ -7,6 +7,7 @@ code; everything else uses ``compressors.base.Encoded`` and numpy arrays.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def model_from_proto(msg: pb.Model) -> dict[str, np.ndarray]:
     return out
 
 
-def counters_to_proto(c: Mapping[str, object] | None) -> pb.InterfaceCounters:
+def counters_to_proto(c: Mapping[str, Any] | None) -> pb.InterfaceCounters:
     if not c:
         return pb.InterfaceCounters()
     return pb.InterfaceCounters(interface=str(c["interface"]), tx_bytes=int(c["tx_bytes"]), rx_bytes=int(c["rx_bytes"]))

@@ -9,16 +9,17 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from gradwire.server.config import ServerConfig
 from gradwire.server.coordinator import Coordinator
 from gradwire.server.metrics import serve_metrics
 from gradwire.server.servicer import SERVICE_NAME, GradientExchangeServicer, generic_handler
 from gradwire.server.summary import build_summary, write_summary
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from gradwire.tasks import make_task
 
 log = logging.getLogger("gradwire.server")
@@ -34,7 +35,7 @@ class RunningServer:
     health: health.HealthServicer
     port: int
     thread: threading.Thread
-    metrics_http: object | None = None
+    metrics_http: WSGIServer | None = None
 
     @property
     def metrics_port(self) -> int | None:

@@ -9,7 +9,7 @@ counted as stragglers), aggregates, steps the server optimizer, evaluates every
 Nothing a worker sends touches shared state until it is fully validated and
 decoded, so a rejected message never reaches the global model or the other
 workers. A rejected worker loses its session (and with it its decoder state);
-when it reconnects both ends start from reset codec state (ALGORITHMS.md §0).
+when it reconnects both ends start from reset codec state (docs/algorithms.md §0).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from gradwire import wire
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
-from gradwire.server.aggregation import ServerOptimizer, mean_update
-from gradwire.server.config import ServerConfig
-
-from gradwire import wire
 from gradwire.downlink import DENSE, Broadcast, DownlinkEncoder, check_downlink_codec
 from gradwire.netstats import read_counters
+from gradwire.server.aggregation import ServerOptimizer, mean_update
+from gradwire.server.config import ServerConfig
 from gradwire.tasks import Task, shard_indices, tensor_specs
 from gradwire.v1 import exchange_pb2 as pb
 
@@ -166,7 +166,7 @@ class Coordinator:
 
     def _full_model(self) -> pb.Model:
         """What a worker trains on, in full: the broadcast reference, or the model itself."""
-        return self.broadcast.model if self.broadcast is not None else self.model_msg
+        return self.broadcast.model if self.broadcast is not None else self.model_msg  # type: ignore[return-value]
 
     def _ctx(self, rank: int, round_: int) -> RoundContext:
         return RoundContext(
@@ -451,7 +451,7 @@ class Coordinator:
             if self.downlink is None:
                 new_model = self._model_proto()
             elif r + 1 < self.config.rounds:  # after the last round the workers get Finished
-                broadcast = self.downlink.advance(self.broadcast, self._params(), r + 1)
+                broadcast = self.downlink.advance(self.broadcast, self._params(), r + 1)  # type: ignore[arg-type]
             if self.config.checkpoint_every and self.config.out and (r + 1) % self.config.checkpoint_every == 0:
                 self.save_checkpoint(Path(self.config.out) / "checkpoint.pt")
             with self.cond:
@@ -474,7 +474,7 @@ class Coordinator:
 
     def _finalize(self, round_: int, by_rank: dict[int, dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
         """The codec's cross-worker decoding; anything non-finite is left out of the round."""
-        out = self.codec_coordinator.finalize(round_, by_rank)
+        out = self.codec_coordinator.finalize(round_, by_rank)  # type: ignore[union-attr]
         clean = {}
         for rank, update in out.items():
             if all(np.isfinite(a).all() for a in update.values()):
@@ -516,7 +516,7 @@ class Coordinator:
 
     def _load_checkpoint(self, path: str) -> None:
         # Workers reconnect after a PS restart, so every decoder starts fresh and
-        # the workers reset their encoders: the resync rule of ALGORITHMS.md §0.
+        # the workers reset their encoders: the resync rule of docs/algorithms.md §0.
         state = torch.load(path, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

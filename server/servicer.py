@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
-from gradwire.server.coordinator import Coordinator, Rejected, Session
 
 from gradwire import wire
 from gradwire.downlink import downlink_payload_bytes
 from gradwire.netstats import read_counters
+from gradwire.server.coordinator import Coordinator, Rejected, Session
 from gradwire.v1 import exchange_pb2 as pb
 
 log = logging.getLogger("gradwire.server")

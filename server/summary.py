@@ -38,7 +38,7 @@ def accuracy_curve(initial_accuracy: float | None, rounds_log: list[dict]) -> li
 
 
 def per_bit_accuracy(curve: list[list[float]]) -> float | None:
-    """max_t (Acc(t) − Acc(0)) / B(t), ALGORITHMS.md §4 (accuracy points per bit)."""
+    """max_t (Acc(t) − Acc(0)) / B(t), docs/algorithms.md §4 (accuracy points per bit)."""
     if not curve:
         return None
     acc0 = curve[0][1]

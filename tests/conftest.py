@@ -10,12 +10,12 @@ from dataclasses import replace
 import grpc
 import numpy as np
 import pytest
+
+from gradwire import wire
 from gradwire.compressors.base import Encoded, TensorSpec
 from gradwire.server.app import RunningServer, start_server
 from gradwire.server.config import ServerConfig
 from gradwire.server.servicer import SERVICE_NAME
-
-from gradwire import wire
 from gradwire.v1 import exchange_pb2 as pb
 
 _CLOSE = object()

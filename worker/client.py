@@ -9,9 +9,9 @@ import time
 from collections.abc import Iterator
 
 import grpc
-from gradwire.server.servicer import SERVICE_NAME
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradwire.server.servicer import SERVICE_NAME
 from gradwire.v1 import exchange_pb2 as pb
 
 log = logging.getLogger("gradwire.worker")

@@ -2,7 +2,7 @@
 
 Every (re)connection is a new session: the worker resets its encoder and the PS
 builds a fresh decoder, so codec state on both ends restarts from the same
-point (ALGORITHMS.md §0). A rejected update ends the session with a gRPC status;
+point (docs/algorithms.md §0). A rejected update ends the session with a gRPC status;
 the worker logs the reason and reconnects.
 """
 
@@ -17,20 +17,20 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import torch
+
+from gradwire import wire
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateEncoder
-from gradwire.worker.client import TrainStream, open_channel, wait_for_server
-from gradwire.worker.config import WorkerConfig
-
-from gradwire import wire
 from gradwire.downlink import DownlinkDecoder, model_digest
 from gradwire.netstats import read_counters
 from gradwire.tasks import Task, make_task, shard_indices, tensor_specs
 from gradwire.v1 import exchange_pb2 as pb
+from gradwire.worker.client import TrainStream, open_channel, wait_for_server
+from gradwire.worker.config import WorkerConfig
 
 log = logging.getLogger("gradwire.worker")
-# Model moves remembered for LAG-style triggers (ALGORITHMS.md §1 uses D = 10).
+# Model moves remembered for LAG-style triggers (docs/algorithms.md §1 uses D = 10).
 MOTION_HISTORY = 10
 # Status codes after which reconnecting cannot help.
 FATAL_CODES = {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
@@ -88,7 +88,7 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         loss = self.task.loss_fn(self.model(xb), yb)
         loss.backward()
-        grads = {name: p.grad.detach().numpy().copy() for name, p in self.model.named_parameters()}
+        grads = {name: p.grad.detach().numpy().copy() for name, p in self.model.named_parameters()}  # type: ignore[union-attr]
         return grads, float(loss.detach()), len(xb)
 
 

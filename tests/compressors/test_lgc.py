@@ -1,4 +1,4 @@
-"""Learned gradient compression (``lgc``, ALGORITHMS.md §3): stages, leader/support agreement,
+"""Learned gradient compression (``lgc``, docs/algorithms.md §3): stages, leader/support agreement,
 autoencoder training, error feedback, joins and leaves, malformed input, a real PS.
 
 Most tests drive the codec's PS-side hooks (directive, blob_for, decoders, finalize,
@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
 from gradwire.compressors import lgc_model
 from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
 from gradwire.compressors.lgc import (
@@ -39,9 +43,6 @@ from gradwire.compressors.lgc import (
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.spec import SpecError
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder, UpdateEncoder
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
 
 GOLDEN = Path(__file__).parent / "golden" / "lgc.json"
 TINY = "lgc:warmup=2,train=6,k=0.2,innovation=0.02,adopt=2"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gradwire.compressors.base import TensorSpec
 
 from gradwire import wire
+from gradwire.compressors.base import TensorSpec
 from gradwire.downlink import (
     DownlinkDecoder,
     DownlinkEncoder,

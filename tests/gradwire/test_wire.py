@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gradwire.compressors.base import Encoded, TensorSpec
 
 from gradwire import wire
+from gradwire.compressors.base import Encoded, TensorSpec
 from gradwire.v1 import exchange_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]

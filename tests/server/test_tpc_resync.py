@@ -1,4 +1,4 @@
-"""TPC / LAG resync through a real parameter server on loopback (ALGORITHMS.md §0).
+"""TPC / LAG resync through a real parameter server on loopback (docs/algorithms.md §0).
 
 Two hand-driven workers run the real gRPC protocol against a real PS with a
 stateful predictive codec. After every round the worker encoder's history and
@@ -21,15 +21,15 @@ import dataclasses
 import grpc
 import numpy as np
 import pytest
+
+from gradwire import wire
 from gradwire.compressors.base import RoundContext, TensorSpec
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import MODEL_TENSOR_NAME, UpdateEncoder
 from gradwire.server.app import start_server
 from gradwire.server.config import ServerConfig
-from gradwire.worker.client import TrainStream, open_channel, wait_for_server
-
-from gradwire import wire
 from gradwire.v1 import exchange_pb2 as pb
+from gradwire.worker.client import TrainStream, open_channel, wait_for_server
 
 
 class Client:

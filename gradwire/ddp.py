@@ -147,6 +147,7 @@ class GradwireHookState:
             "codec": self.codec.spec, "iter": self.iter, "resets": self.resets, "shapes": dict(self.shapes),
             "encoder": self.encoder.state_dict(), "decoders": [d.state_dict() for d in self.decoders],
             "history": [dict(h) for h in self.history], "total": dict(self.total),
+            "received": {k: list(v) for k, v in self.received.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -161,6 +162,7 @@ class GradwireHookState:
         self.shapes = {k: tuple(v) for k, v in state["shapes"].items()}
         self.history = [dict(h) for h in state["history"]]
         self.total = dict(state["total"])
+        self.received = {k: list(v) for k, v in state["received"].items()}
 
     # -- one bucket ---------------------------------------------------------------------------
 

@@ -50,9 +50,9 @@ registered before the first backward, like every DDP hook. DDP may rebuild its b
 after the first iteration; when the layout of a bucket index changes and tensor names
 come from bucket positions (no ``model`` given), the codec state is reset on every rank
 at the same step (counted in ``resets``); pass ``model=`` for names that survive it.
-LAG's default ``lag`` trigger compares residuals with the model's motion, which the
-hook does not measure (it sees gradients only): it then sends every residual; use
-``trigger=relative`` in DDP.
+LAG's default ``lag`` trigger compares residuals with the model's recent motion; the hook
+measures ``‖θ^t − θ^{t−1}‖²`` from the parameters of ``model`` (required for it) at the first
+bucket of each step, keeping a float64 copy of the parameters between steps.
 """
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations as objects
@@ -100,6 +100,8 @@ class GradwireHookState:
             raise CodecError("powersgd factors matrices; a flat bucket has none and would be sent dense. "
                              "Use layout='parameters' (the default), which gives each gradient its shape.")
         self.layout = layout
+        if getattr(self.codec, "trigger", None) == "lag" and model is None:
+            raise CodecError(f"{self.codec.spec}: the lag trigger needs the model's motion; pass model=")
         self.process_group = process_group
         group = process_group if process_group is not None else dist.group.WORLD
         self.rank = dist.get_rank(group)
@@ -107,6 +109,14 @@ class GradwireHookState:
         self.seed = int(seed)
         self.max_frame_bytes = int(max_frame_bytes)
         self.param_names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        # LAG's trigger compares residuals with the model's recent motion ‖θ^t − θ^{t−1}‖², which
+        # the PS worker loop measures; here the hook measures it from the parameters (identical on
+        # every rank) at the first bucket of each step, before the optimizer moves them.
+        self.needs_motion = getattr(self.codec, "trigger", None) == "lag"
+        self.params = [p for _, p in model.named_parameters()] if self.needs_motion and model is not None else []
+        self.motion_window = int(getattr(self.codec, "window", 0) or 0)
+        self.motions: list[float] = []
+        self.previous_params: list[torch.Tensor] | None = None
         self.encoder = self.codec.make_encoder()
         self.decoders = [self.codec.make_decoder() for _ in range(self.world_size)]
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -148,6 +158,8 @@ class GradwireHookState:
             "encoder": self.encoder.state_dict(), "decoders": [d.state_dict() for d in self.decoders],
             "history": [dict(h) for h in self.history], "total": dict(self.total),
             "received": {k: list(v) for k, v in self.received.items()},
+            "motions": list(self.motions),
+            "previous_params": None if self.previous_params is None else [p.clone() for p in self.previous_params],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -163,6 +175,9 @@ class GradwireHookState:
         self.history = [dict(h) for h in state["history"]]
         self.total = dict(state["total"])
         self.received = {k: list(v) for k, v in state["received"].items()}
+        self.motions = [float(m) for m in state["motions"]]
+        previous = state["previous_params"]
+        self.previous_params = None if previous is None else [p.clone() for p in previous]
 
     # -- one bucket ---------------------------------------------------------------------------
 
@@ -211,12 +226,22 @@ class GradwireHookState:
         self._step["padded_bytes"] += longest + SIZE_BYTES
         return [g[:n].cpu().numpy().tobytes() for g, n in zip(gathered, lengths, strict=True)]
 
+    def _measure_motion(self) -> None:
+        current = [p.detach().to("cpu", torch.float64, copy=True) for p in self.params]
+        if self.previous_params is not None:
+            motion = sum(float(((c - q) ** 2).sum()) for c, q in zip(current, self.previous_params, strict=True))
+            self.motions = (self.motions + [motion])[-max(self.motion_window, 1):]
+        self.previous_params = current
+
     def run(self, bucket: dist.GradBucket) -> torch.Tensor:
         buffer = bucket.buffer()
         flat = buffer.detach().to(device="cpu", dtype=torch.float32).numpy().reshape(-1)
         specs = self._specs(bucket)
         self._check_layout(specs)
-        ctx = RoundContext(round=self.iter, rank=self.rank, seed=self.seed, num_workers=self.world_size)
+        if self.needs_motion and self._step["buckets"] == 0:
+            self._measure_motion()
+        ctx = RoundContext(round=self.iter, rank=self.rank, seed=self.seed, num_workers=self.world_size,
+                           model_motion_sq=tuple(self.motions))
         encoded = [self.encoder.encode(flat[sl].reshape(spec.shape), spec, ctx) for spec, sl in specs]
         frame = codecs.pack_frame(encoded, ctx, stateful=True)
         frames = self.exchange(frame, buffer.device)

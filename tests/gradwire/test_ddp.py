@@ -31,7 +31,7 @@ def example():
         sys.path.remove(str(EXAMPLES))
 
 
-SPECS = ["fp16", "ans:bits=4", "topk:ratio=0.05,ef=1", "randk:ratio=0.1", "tpc", "powersgd:rank=2"]
+SPECS = ["fp16", "ans:bits=4", "topk:ratio=0.05,ef=1", "randk:ratio=0.1", "tpc", "lag:residual=fp16", "powersgd:rank=2"]
 STEPS = 4
 
 
@@ -70,6 +70,8 @@ def test_refusals_before_any_communication():
         gradwire.ddp.hook("lgc")
     with pytest.raises(CodecError, match="would be sent dense"):
         gradwire.ddp.hook("powersgd", layout="bucket")
+    with pytest.raises(CodecError, match="needs the model's motion"):
+        gradwire.ddp.hook("lag")
     with pytest.raises(CodecError, match="layout must be"):
         gradwire.ddp.hook("fp16", layout="rows")
     assert not dist.is_initialized()

@@ -284,7 +284,7 @@ def gradwire_comm_hook(state: GradwireHookState, bucket: dist.GradBucket) -> tor
     try:
         fut.set_result(state.run(bucket))
     except Exception as exc:  # DDP reports a failed future's exception from backward()
-        fut.set_exception(exc)
+        fut.set_exception(exc)  # type: ignore[arg-type]  # torch 2.13 stub types it as T
     return fut
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gradwire.compressors.base import RoundContext, TensorSpec
-from gradwire.compressors.registry import available_codecs, create_codec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradwire import codecs
+from gradwire.compressors.base import RoundContext, TensorSpec
+from gradwire.compressors.registry import available_codecs, create_codec
 
 ROOT = Path(__file__).resolve().parents[2]
 # Every registered codec with its defaults, plus stateless variants of the error-feedback codecs.

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from gradwire.compressors.base import CodecError
 
 import gradwire.ddp
+from gradwire.compressors.base import CodecError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

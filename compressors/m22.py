@@ -65,7 +65,7 @@ import numpy as np
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -660,5 +660,5 @@ class M22Codec(Codec):
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(M22Encoder(self), M22Decoder(self), self.ef, self.gamma)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return M22Decoder(self)

@@ -98,7 +98,7 @@ import numpy as np
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -249,7 +249,7 @@ def validate_common(
         inner = create_codec(residual)
     except SpecError as exc:
         raise ValueError(f"residual codec {residual!r}: {exc}") from None
-    if inner.make_coordinator() is not None:
+    if inner.has_cross_worker_state:
         raise ValueError(f"residual codec {inner.spec!r} needs PS-wide state; it cannot code a residual")
     return inner
 
@@ -665,6 +665,7 @@ class PredictiveCodecBase(Codec):
     with ``trigger, eps, tau, alpha, window, max_stale, check, residual, granularity``."""
 
     stateless_decoder = False  # the decoder holds the predictor history
+    needs_model_motion = True  # the LAG trigger weighs the innovation against the model's recent moves
 
     def _resolve_residual(self) -> None:
         """Validate the options both codecs have; store the residual codec, canonical."""
@@ -702,7 +703,7 @@ class PredictiveCodecBase(Codec):
     def make_encoder(self) -> Encoder:
         return PredictiveEncoder(self.config())
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return PredictiveDecoder(self.config())
 
 

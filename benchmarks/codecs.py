@@ -173,8 +173,7 @@ def bench_codec(spec_text: str, x: np.ndarray, repeats: int) -> dict:
     codec = create_codec(spec_text)
     spec = TensorSpec("bench.weight", _shape(x.size))
     xs = x.reshape(spec.shape)
-    coordinator = codec.make_coordinator()
-    encoder, decoder = codec.make_encoder(), codec.make_decoder(coordinator)
+    encoder, decoder = codec.make_encoder(), codec.make_decoder(codec.make_cross_worker_state())
     rounds = iter(range(10**6))
 
     def encode():

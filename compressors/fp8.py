@@ -38,7 +38,7 @@ import numpy as np
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -132,7 +132,7 @@ class FP8Codec(Codec):
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(_FP8Encoder(self), _FP8Decoder(self), self.ef)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return _FP8Decoder(self)
 
 

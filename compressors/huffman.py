@@ -84,7 +84,7 @@ import numpy as np
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -268,7 +268,7 @@ class _EntropyQuantCodec(Codec):
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(_Encoder(self), _Decoder(self), self.ef)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return _Decoder(self)
 
     def quantize_tensor(self, flat: np.ndarray, rng: np.random.Generator | None = None) -> Quantized:

@@ -29,7 +29,7 @@ stats ``reconstruction_error_by_round`` and ``innovation_only_error_by_round``
 (relative squared errors on stage-2 data, before each step) show whether it did.
 
 [design] choices (docs/algorithms.md §3 follows a third-party reimplementation; all
-are options, and the coordinator's stats record every option's value):
+are options, and the cross-worker state's stats record every option's value):
 
 * ``exempt=0`` (default): the whole model is compressed. ``exempt=1`` sends the
   first layer and the classifier (the tensors of the first and last module) as
@@ -74,7 +74,7 @@ come right after the kind byte as m × f32; ``c`` = the other d − m entries::
 Indices: ``mode u8 (0 Rice, 1 bitmap) | count u32 | Rice b u8 | low bits | unary``
 or ``... | bitmap`` — topk's index code, without values.
 
-Downlink blob (``Coordinator.blob_for``), stage 3 only: ``flags u8`` then, in
+Downlink blob (``CrossWorkerState.blob_for``), stage 3 only: ``flags u8`` then, in
 order, for each flag set: ENCODER ``u32 n | n bytes`` (lgc_model weights);
 FEEDBACK ``u32 round | u32 n | indices of S | (decoded) |S| × f32``;
 NOT_AGGREGATED ``u32 round``; FALLBACK (no data: send top-k this round).
@@ -95,7 +95,7 @@ from gradwire.compressors import lgc_model
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -332,6 +332,8 @@ class LGCCodec(Codec):
     name = "lgc"
     scope = "model"
     stateless_decoder = False  # per-worker decoders trained over rounds
+    needs_layout = True  # exempt=1 leaves layers out by name; the layout sizes the blob's support
+    has_cross_worker_state = True  # one autoencoder, trained on every worker's updates
     warmup: int = 10
     train: int = 40
     k: float = 0.05
@@ -386,13 +388,13 @@ class LGCCodec(Codec):
     def make_encoder(self) -> Encoder:
         return LGCEncoder(self)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
-        if coordinator is not None and not isinstance(coordinator, LGCCoordinator):
-            raise TypeError(f"lgc decoders need an LGCCoordinator, got {type(coordinator).__name__}")
-        return LGCDecoder(self, coordinator)
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
+        if shared is not None and not isinstance(shared, LGCCrossWorkerState):
+            raise TypeError(f"lgc decoders need an LGCCrossWorkerState, got {type(shared).__name__}")
+        return LGCDecoder(self, shared)
 
-    def make_coordinator(self) -> Coordinator:
-        return LGCCoordinator(self)
+    def make_cross_worker_state(self) -> CrossWorkerState:
+        return LGCCrossWorkerState(self)
 
 
 def _directive(ctx: RoundContext) -> tuple[int, int]:
@@ -619,7 +621,7 @@ class LGCEncoder(Encoder):
 
 @dataclass
 class Parsed:
-    """What a decoder read from one stage-3 message, for the coordinator."""
+    """What a decoder read from one stage-3 message, for the cross-worker state."""
 
     kind: int
     payload_bytes: int
@@ -634,16 +636,16 @@ class Parsed:
 class LGCDecoder(Decoder):
     """PS side, one per worker: parses, checks the kind against the stage, stashes stage-3 parts."""
 
-    def __init__(self, codec: LGCCodec, coordinator: LGCCoordinator | None):
+    def __init__(self, codec: LGCCodec, shared: LGCCrossWorkerState | None):
         self.codec = codec
-        self.coordinator = coordinator
+        self.shared = shared
         self.layout: Layout | None = None
 
     def set_layout(self, specs: Sequence[TensorSpec]) -> None:
         exempt = exempt_positions(specs) if self.codec.exempt else np.zeros(0, dtype=np.int64)
         self.layout = Layout(sum(s.numel for s in specs), exempt)
-        if self.coordinator is not None:
-            self.coordinator.set_layout(self.layout)
+        if self.shared is not None:
+            self.shared.set_layout(self.layout)
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
         spec = msg.spec
@@ -699,15 +701,15 @@ class LGCDecoder(Decoder):
         return decode_sparse(data, TensorSpec(f"__model__ ({what})", (dc,)), self.codec.name)
 
     def _count(self, ctx: RoundContext, stage: int, nbytes: int, parsed: Parsed | None) -> None:
-        if self.coordinator is not None:
-            self.coordinator.stash(ctx.round, ctx.rank, stage, nbytes, parsed)
+        if self.shared is not None:
+            self.shared.stash(ctx.round, ctx.rank, stage, nbytes, parsed)
 
 
-class LGCCoordinator(Coordinator):
+class LGCCrossWorkerState(CrossWorkerState):
     """PS-wide LGC state: the stages, the autoencoder, the leader, cross-worker decoding.
 
     Decoders run in the workers' gRPC handler threads and call ``stash``; the PS's
-    round thread calls ``directive`` / ``finalize`` / ``observe``: one lock guards it all.
+    round thread calls ``open_round`` / ``finalize`` / ``observe``: one lock guards it all.
     """
 
     def __init__(self, codec: LGCCodec):
@@ -753,7 +755,7 @@ class LGCCoordinator(Coordinator):
 
     # -- round protocol
 
-    def directive(self, round_: int, ranks: list[int]) -> dict[str, float]:
+    def open_round(self, round_: int, ranks: list[int]) -> dict[str, float]:
         with self.lock:
             stage = self.codec.stage_of(round_)
             leader = -1

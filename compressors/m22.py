@@ -67,7 +67,7 @@ from scipy import special
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -662,5 +662,5 @@ class M22Codec(Codec):
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(M22Encoder(self), M22Decoder(self), self.ef, self.gamma)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return M22Decoder(self)

@@ -54,7 +54,7 @@ from scipy.special import gammaln
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -362,5 +362,5 @@ class TopKCodec(MomentumCorrected, Codec):
     def make_encoder(self) -> Encoder:
         return self.with_error_feedback(TopKEncoder(self), SparseDecoder(self.name))
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return SparseDecoder(self.name)

@@ -99,7 +99,7 @@ import numpy as np
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -250,7 +250,7 @@ def validate_common(
         inner = create_codec(residual)
     except SpecError as exc:
         raise ValueError(f"residual codec {residual!r}: {exc}") from None
-    if inner.make_coordinator() is not None:
+    if inner.has_cross_worker_state:
         raise ValueError(f"residual codec {inner.spec!r} needs PS-wide state; it cannot code a residual")
     return inner
 
@@ -679,6 +679,7 @@ class PredictiveCodecBase(Codec):
     granularity: str
     ef: bool
     _residual_codec: Codec  # set by _resolve_residual
+    needs_model_motion = True  # the LAG trigger weighs the innovation against the model's recent moves
 
     def _resolve_residual(self) -> None:
         """Validate the options both codecs have; store the residual codec, canonical."""
@@ -716,7 +717,7 @@ class PredictiveCodecBase(Codec):
     def make_encoder(self) -> Encoder:
         return PredictiveEncoder(self.config())
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return PredictiveDecoder(self.config())
 
 

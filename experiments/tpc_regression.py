@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gradwire.counters import RoundCounters
+
 # TPC options for full-batch GD, on top of the order p, chosen on this task
 # (seed 0). With d = 11 the p coefficients are a large part of every message, so
 # they go as float16 and the history digest is left out (check=0). The trigger is
@@ -76,7 +78,7 @@ def run_one(name: str, codec: str, rounds: int, args: argparse.Namespace) -> dic
 
 def curves(summary: dict) -> dict[str, np.ndarray]:
     log = sorted(summary["rounds_log"], key=lambda e: e["round"])
-    bits = 8.0 * np.cumsum([e["uplink_payload_bytes"] for e in log])
+    bits = 8.0 * np.cumsum([RoundCounters.from_dict(e).uplink_payload_bytes for e in log])
     nan = float("nan")
     return {
         "round": np.array([e["round"] for e in log]),

@@ -26,7 +26,8 @@ def _logging(verbose: bool, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gradwire.server.config import add_server_flags, add_task_flags, env
+    from gradwire.envvars import env
+    from gradwire.server.config import add_server_flags, add_task_flags
     from gradwire.worker.config import add_worker_flags
 
     p = argparse.ArgumentParser(prog="gradwire", description=__doc__)
@@ -89,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         import grpc
 
+        from gradwire.protocol import status_to_text
         from gradwire.status import fetch_status, status_as_dict
 
         with grpc.insecure_channel(args.address) as channel:
             st = fetch_status(channel)
-        print(json.dumps(status_as_dict(st), indent=2) if args.json else st)
+        print(json.dumps(status_as_dict(st), indent=2) if args.json else status_to_text(st))
         return 0
     if args.command == "health":
         from gradwire.status import is_serving

@@ -39,7 +39,7 @@ Frame layout, version 1 (all integers little-endian)::
         36       count x (u32 length, ``gradwire.v1.EncodedTensor`` protobuf)
 
 The ``EncodedTensor`` is the exact message the parameter server receives (same
-conversion, ``gradwire.wire``), so ``payload_bytes`` here is what the PS counts as
+conversion, ``gradwire.protocol``), so ``payload_bytes`` here is what the PS counts as
 payload (payload + predictor coefficients + residual). The header is hand-packed
 with ``struct`` rather than a protobuf message: it has fixed-size fields that must be
 checked before anything is parsed, and a fixed layout keeps the bound checks simple.
@@ -60,15 +60,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
-from gradwire import wire
+from gradwire import protocol
 from gradwire.compressors.base import Codec, CodecError, Encoded, RoundContext, TensorSpec
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.spec import SpecError
-
-# The frame wraps the protocol's own EncodedTensor; like gradwire.wire, this is an edge.
-from gradwire.v1 import exchange_pb2 as pb
 
 __all__ = [
     "CodecError",
@@ -138,7 +134,7 @@ def _codec(spec: str) -> Codec:
 def codec_for(spec: str | Codec) -> Codec:
     """A configured codec from a spec string (or the codec itself); refuses ``lgc``-like codecs."""
     codec = spec if isinstance(spec, Codec) else _codec(str(spec))
-    if codec.make_coordinator() is not None:
+    if codec.has_cross_worker_state:
         raise CodecError(
             f"codec {codec.spec!r} decodes with state shared across all workers (a parameter-server "
             "coordinator); it cannot be used point to point. Run it through the gradwire PS."
@@ -198,7 +194,7 @@ def pack_frame(
     parts = [HEADER.pack(MAGIC, VERSION, flags, DTYPE_IDS[dtype], 0, ctx.round, ctx.rank,
                          ctx.num_workers, ctx.seed, len(tensors))]
     for t in tensors:
-        body = wire.encoded_to_proto(t).SerializeToString()
+        body = protocol.encoded_to_bytes(t)
         parts.append(LENGTH.pack(len(body)))
         parts.append(body)
     return b"".join(parts)
@@ -256,11 +252,9 @@ def parse_frame(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_numel: i
         offset += LENGTH.size
         if length > len(data) - offset:
             raise CodecError(f"tensor {i} claims {length} bytes; {len(data) - offset} remain")
-        msg = pb.EncodedTensor()
         try:
-            msg.ParseFromString(data[offset : offset + length])
-            encoded = wire.encoded_from_proto(msg)
-        except (DecodeError, ValueError, RecursionError) as exc:
+            encoded = protocol.encoded_from_bytes(data[offset : offset + length])
+        except ValueError as exc:  # MalformedMessage
             raise CodecError(f"tensor {i} is not a valid EncodedTensor: {exc}") from None
         offset += length
         total += _check_encoded(encoded, max_numel)

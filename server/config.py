@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 
 from gradwire.catalog import DATASETS, MODELS
-
-DEFAULT_MAX_MESSAGE_MB = 64
-
-
-def env(name: str, default):
-    value = os.environ.get(f"GRADWIRE_{name}")
-    return default if value is None or value == "" else type(default)(value) if default is not None else value
+from gradwire.envvars import env
+from gradwire.protocol import DEFAULT_MAX_MESSAGE_MB
 
 
 def parse_batch_size(text: str | int) -> int:

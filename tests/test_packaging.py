@@ -67,5 +67,5 @@ def test_wheel_holds_only_the_gradwire_namespace(tmp_path):
     tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"gradwire"}
     names = zipfile.ZipFile(wheel).namelist()
-    assert "gradwire/compressors/registry.py" in names and "gradwire/server/coordinator.py" in names
+    assert "gradwire/compressors/registry.py" in names and "gradwire/server/round_engine.py" in names
     assert "gradwire/py.typed" in names

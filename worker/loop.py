@@ -18,20 +18,27 @@ import grpc
 import numpy as np
 import torch
 
-from gradwire import wire
+from gradwire import protocol
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateEncoder
 from gradwire.downlink import DownlinkDecoder, model_digest
 from gradwire.netstats import read_counters
+from gradwire.protocol import (
+    Finished,
+    Hello,
+    MalformedMessage,
+    RoundResult,
+    TaskSpec,
+    Update,
+    Welcome,
+    WorkerReport,
+)
 from gradwire.tasks import Task, make_task, shard_indices, tensor_specs
-from gradwire.v1 import exchange_pb2 as pb
 from gradwire.worker.client import TrainStream, open_channel, wait_for_server
 from gradwire.worker.config import WorkerConfig
 
 log = logging.getLogger("gradwire.worker")
-# Model moves remembered for LAG-style triggers (docs/algorithms.md §1 uses D = 10).
-MOTION_HISTORY = 10
 # Status codes after which reconnecting cannot help.
 FATAL_CODES = {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
@@ -57,7 +64,7 @@ class WorkerResult:
 class Trainer:
     """Local model and shard; computes the gradient for a round."""
 
-    def __init__(self, task: Task, spec: pb.TaskSpec, rank: int):
+    def __init__(self, task: Task, spec: TaskSpec, rank: int):
         self.task = task
         self.model = task.build_model()
         idx = shard_indices(
@@ -92,12 +99,6 @@ class Trainer:
         return grads, float(loss.detach()), len(xb)
 
 
-def _motion(prev: dict[str, np.ndarray] | None, new: dict[str, np.ndarray]) -> float | None:
-    if prev is None:
-        return None
-    return float(sum(float(np.sum((new[k].astype(np.float64) - prev[k]) ** 2)) for k in new))
-
-
 class Worker:
     def __init__(self, config: WorkerConfig):
         self.config = config
@@ -107,7 +108,7 @@ class Worker:
         self._task_cache: dict[tuple, Task] = {}
         self.stats: dict[str, float] = {}
 
-    def _task(self, spec: pb.TaskSpec) -> Task:
+    def _task(self, spec: TaskSpec) -> Task:
         key = (spec.dataset, spec.model, spec.seed, spec.data_dir)
         if key not in self._task_cache:
             self._task_cache[key] = make_task(spec.dataset, spec.model, int(spec.seed), spec.data_dir or None)
@@ -141,76 +142,82 @@ class Worker:
     def _session(self, channel, result: WorkerResult) -> None:
         stream = TrainStream(channel)
         try:
-            stream.send(pb.WorkerMessage(hello=pb.Hello(
-                protocol=wire.PROTOCOL, requested_worker_id=self.worker_id, codecs=available_codecs(),
-                hostname=socket.gethostname(), interface_start=wire.counters_to_proto(self.interface_start),
-            )))
+            stream.send(Hello(
+                protocol=protocol.PROTOCOL, requested_worker_id=self.worker_id, codecs=tuple(available_codecs()),
+                hostname=socket.gethostname(), interface_start=self.interface_start,
+            ))
             opening = stream.receive()
             if opening is None:
                 raise WorkerFailed("the PS closed the stream without a Welcome")
-            if opening.WhichOneof("body") == "finished":
-                self._finish(stream, opening.finished, None, result)
+            if isinstance(opening, Finished):
+                self._finish(stream, opening, None, result)
                 return
-            welcome = opening.welcome
+            if not isinstance(opening, Welcome):
+                raise WorkerFailed(f"the PS opened the stream with a {type(opening).__name__}, not a Welcome")
+            welcome = opening
             codec = create_codec(welcome.codec_spec)
             trainer = Trainer(self._task(welcome.task), welcome.task, welcome.rank)
             encoder = UpdateEncoder(codec, trainer.specs)  # fresh state: the session is a resync
             downlink = DownlinkDecoder(welcome.downlink_codec_spec, trainer.specs, int(welcome.task.seed))
-            params = wire.model_from_proto(welcome.model)
+            params = welcome.model
             result.last_model = params
             trainer.load(params)
-            round_, directive, workers = int(welcome.round), welcome.directive, int(welcome.workers)
-            motions: list[float] = []
+            encoder.model_received(params)
+            round_, directive, workers = welcome.round, welcome.directive, welcome.workers
             log.info("joined as %s rank %d, shard %d/%d, codec %s, round %d", welcome.worker_id, welcome.rank,
                      welcome.task.shard_index, welcome.task.num_shards, codec.spec, round_)
             while True:
                 started = time.perf_counter()
                 grads, loss, n = trainer.gradient(round_)
-                ctx = RoundContext(
-                    round=round_, rank=int(welcome.rank), seed=int(welcome.task.seed), num_workers=max(1, workers),
-                    directive=dict(directive.values), directive_blob=bytes(directive.blob),
-                    model_motion_sq=tuple(motions[-MOTION_HISTORY:]),
-                )
-                encoded = encoder.encode(grads, ctx)
-                stream.send(pb.WorkerMessage(update=pb.Update(
-                    round=round_, tensors=[wire.encoded_to_proto(e) for e in encoded], train_loss=loss,
-                    num_examples=n, compute_seconds=time.perf_counter() - started,
-                )))
-                reply = stream.receive()
+                ctx = RoundContext(round=round_, rank=welcome.rank, seed=int(welcome.task.seed),
+                                   num_workers=max(1, workers))
+                encoded = encoder.encode(grads, ctx, directive)
+                stream.send(Update(
+                    round=round_, tensors=tuple(encoded), train_loss=loss, num_examples=n,
+                    compute_seconds=time.perf_counter() - started,
+                ))
+                try:
+                    reply = stream.receive()
+                except MalformedMessage as exc:
+                    # Never train on a model we could not read: a new session brings the full one.
+                    log.warning("cannot read the PS's answer (%s); reconnecting for the full model", exc)
+                    return
                 if reply is None:
                     raise WorkerFailed("the PS closed the stream without an answer")
-                if reply.WhichOneof("body") == "finished":
-                    self._finish(stream, reply.finished, encoder, result)
+                if isinstance(reply, Finished):
+                    self._finish(stream, reply, encoder, result)
                     return
-                rr = reply.round_result
-                if rr.HasField("model_delta"):
+                if not isinstance(reply, RoundResult):
+                    raise WorkerFailed(f"the PS answered an update with a {type(reply).__name__}")
+                if reply.model_delta is not None:
                     try:
                         # params is the reference of round_, the round this worker just trained in
-                        new_params = downlink.apply(params, round_, rr.model_delta, int(rr.round))
-                    except (wire.MalformedMessage, InvalidUpdate) as exc:
+                        new_params = downlink.apply(params, round_, reply.model_delta, reply.round)
+                    except (MalformedMessage, InvalidUpdate) as exc:
                         # Never train on a model we could not rebuild: a new session brings the full one.
                         log.warning("cannot apply the PS's model delta (%s); reconnecting for the full model", exc)
                         return
+                elif reply.model is not None:
+                    new_params = reply.model
                 else:
-                    new_params = wire.model_from_proto(rr.model)
-                motion = _motion(params, new_params)
-                if motion is not None:
-                    motions.append(motion)
+                    # A result with neither model nor delta: nothing to train on; a new session brings one.
+                    log.warning("round %d result carries no model; reconnecting for the full model", reply.round)
+                    return
                 params = new_params
                 result.last_model = params
                 trainer.load(params)
-                round_, directive, workers = int(rr.round), rr.directive, int(rr.workers)
+                encoder.model_received(params)
+                round_, directive, workers = reply.round, reply.directive, reply.workers
                 result.rounds += 1
         finally:
             stream.close()
 
-    def _finish(self, stream: TrainStream, finished: pb.Finished, encoder: UpdateEncoder | None, result: WorkerResult) -> None:
+    def _finish(self, stream: TrainStream, finished: Finished, encoder: UpdateEncoder | None, result: WorkerResult) -> None:
         self.stats = encoder.stats() if encoder is not None else self.stats
-        stream.send(pb.WorkerMessage(report=pb.WorkerReport(
-            codec_stats=self.stats,
-            interface_start=wire.counters_to_proto(self.interface_start),
-            interface_end=wire.counters_to_proto(read_counters(self.interface)),
-        )))
+        stream.send(WorkerReport(
+            codec_stats=self.stats, interface_start=self.interface_start,
+            interface_end=read_counters(self.interface),
+        ))
         stream.close()
         result.finished = True
         # Drain so the PS sees the report before the channel goes away; the PS may

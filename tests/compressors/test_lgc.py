@@ -104,12 +104,12 @@ class Record:
 
 
 class InProcessPS:
-    """The PS's call order for codec hooks, without gRPC (server/coordinator.py `_run`)."""
+    """The PS's call order for codec hooks, without gRPC (server/round_engine.py `_run`)."""
 
     def __init__(self, spec: str, specs: list[TensorSpec]):
         self.codec = create_codec(spec)
         self.specs = specs
-        self.coord = self.codec.make_coordinator()
+        self.coord = self.codec.make_cross_worker_state()
         self.encoders: dict[int, UpdateEncoder] = {}
         self.decoders: dict[int, UpdateDecoder] = {}
 
@@ -127,7 +127,7 @@ class InProcessPS:
 
     def round(self, t: int, grad_fn, drop: tuple[int, ...] = ()) -> Record:
         ranks = sorted(self.encoders)
-        directive = self.coord.directive(t, ranks)
+        directive = self.coord.open_round(t, ranks)
         rec = Record(t, directive)
         decoded = {}
         for r in ranks:
@@ -403,7 +403,7 @@ def test_adopt_zero_keeps_a_newcomer_on_topk():
 def test_malformed_payloads_are_rejected_with_a_reason():
     ps, log, task = _train(TINY, 9)  # round 9 is stage 3, leader 0
     t = 9
-    directive = ps.coord.directive(t, [0, 1, 2])
+    directive = ps.coord.open_round(t, [0, 1, 2])
     leader = int(directive["leader"])
     other = (leader + 1) % 3
     msgs = {r: ps.encoders[r].encode(task.gradient(r, t), RoundContext(t, r, 0, 3, directive, ps.coord.blob_for(r, t)))
@@ -438,10 +438,10 @@ def test_malformed_payloads_are_rejected_with_a_reason():
 # ------------------------------------------------------------------ checkpoints, exempt layers
 
 
-def test_coordinator_and_encoder_checkpoint_roundtrip():
+def test_cross_worker_state_and_encoder_checkpoint_roundtrip():
     ps, log, task = _train(TINY, 9)
     state = ps.coord.state_dict()
-    fresh = create_codec(TINY).make_coordinator()
+    fresh = create_codec(TINY).make_cross_worker_state()
     fresh.load_state_dict(state)
     ours, theirs = ps.coord.stats(), fresh.stats()
     assert ours == theirs
@@ -528,7 +528,7 @@ def test_real_ps_reaches_stage3_and_adopts_a_late_worker(make_server):
     threads = [threading.Thread(target=run, args=(f"w{i}",)) for i in range(2)]
     for t in threads:
         t.start()
-    while running.coordinator.snapshot()["round"] < 5 and running.thread.is_alive():
+    while running.engine.snapshot().round < 5 and running.thread.is_alive():
         running.thread.join(0.05)
     late = threading.Thread(target=run, args=("late",))  # joins in stage 3
     late.start()

@@ -23,9 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gradwire.compressors import lgc_model
 from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
-from gradwire.compressors.lgc import (
+from gradwire.compressors.learned import lgc_model
+from gradwire.compressors.learned.lgc import (
     BLOB_ENCODER,
     BLOB_FALLBACK,
     KIND_DENSE,

@@ -84,17 +84,19 @@ def test_every_message_round_trips_through_its_serialized_form():
         protocol.Finished(10, "completed 10 rounds"),
     ]
     for m in server_messages:
-        data = protocol.server_message_to_proto(m).SerializeToString()
+        # deterministic=True: protobuf leaves the order of map entries (the directive's values)
+        # unspecified, so two serializations of equal messages may differ byte for byte.
+        data = protocol.server_message_to_proto(m).SerializeToString(deterministic=True)
         back = protocol.server_message_from_proto(pb.ServerMessage.FromString(data))
         assert type(back) is type(m)
-        assert protocol.server_message_to_proto(back).SerializeToString() == data
+        assert protocol.server_message_to_proto(back).SerializeToString(deterministic=True) == data
     worker_messages = [
         protocol.Hello("gradwire.v1", "w", ("dense", "lgc"), "host", counters),
         protocol.Update(5, (enc,), 1.25, 32, 0.5),
         protocol.WorkerReport({"bits_per_entry": 32.0}, counters, None),
     ]
     for m in worker_messages:
-        data = protocol.worker_message_to_proto(m).SerializeToString()
+        data = protocol.worker_message_to_proto(m).SerializeToString(deterministic=True)
         assert protocol.worker_message_from_proto(pb.WorkerMessage.FromString(data)) == m
     # what the ledger counts: a full model's payload is its float32 bytes, a delta's its codec bytes
     assert protocol.server_message_payload_bytes(server_messages[0]) == 4 * 9

@@ -1,11 +1,14 @@
-"""Temporal predictive coding (TPC), docs/algorithms.md §1 (seed 000).
+"""The predictor engine of temporal predictive coding (TPC), docs/algorithms.md §1 (seed 000).
+
+History, least-squares predictor, event trigger, and the encoder/decoder pair that both
+``predictive/tpc.py`` and ``predictive/lag.py`` configure; the codecs themselves are those files.
 
 Each worker predicts its current gradient ``g`` as a linear combination of the
 last ``p`` *reconstructions* ``ĝ`` that it and the PS both hold (closed loop, as in
 DPCM), sends the least-squares coefficients every round, and sends the residual
 ``r = g − prediction`` only when an event trigger fires; otherwise the PS uses the
 prediction as that worker's gradient. The lazily aggregated gradient of LAG is the
-special case ``p = 1`` with the coefficient fixed at 1 (``compressors/lag.py``).
+special case ``p = 1`` with the coefficient fixed at 1 (``compressors/predictive/lag.py``).
 
 Per round and tensor (newest reconstruction first)::
 
@@ -107,7 +110,7 @@ from gradwire.compressors.base import (
     TensorSpec,
     check_input,
 )
-from gradwire.compressors.registry import create_codec, register
+from gradwire.compressors.registry import create_codec
 from gradwire.compressors.spec import SpecError
 
 TRIGGERS = ("relative", "absolute", "lag", "always")
@@ -721,40 +724,3 @@ class PredictiveCodecBase(Codec):
         return PredictiveDecoder(self.config())
 
 
-@register
-@dataclass(frozen=True)
-class TPCCodec(PredictiveCodecBase):
-    """Temporal predictive coding with closed-loop least-squares prediction (see module doc)."""
-
-    name = "tpc"
-
-    order: int = 3
-    trigger: str = "relative"
-    eps: float = 0.7
-    tau: float = 0.0
-    alpha: float = 1.0
-    window: int = 10
-    max_stale: int = 2
-    residual: str = "fp16"
-    coef: str = "fp32"
-    ridge: float = 1e-8
-    warmup: str = "order"
-    granularity: str = "model"
-    check: int = 2
-    ef: bool = False
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.order <= 64:
-            raise ValueError(f"order (p) must be in 1..64, got {self.order}")
-        if self.coef not in COEF_FORMATS:
-            raise ValueError(f"coef must be one of {', '.join(COEF_FORMATS)}, got {self.coef!r}")
-        if not (np.isfinite(self.ridge) and self.ridge >= 0):
-            raise ValueError(f"ridge must be finite and >= 0, got {self.ridge}")
-        if self.warmup not in WARMUPS:
-            raise ValueError(f"warmup must be one of {', '.join(WARMUPS)}, got {self.warmup!r}")
-        self._resolve_residual()
-
-    def config(self) -> PredictorConfig:
-        return self._predictor_config(
-            order=self.order, fixed_unit=False, coef=self.coef, ridge=self.ridge, warmup=self.warmup
-        )

@@ -44,7 +44,7 @@ from gradwire.compressors.base import (
 )
 from gradwire.compressors.feedback import MomentumCorrected, check_feedback_options
 from gradwire.compressors.registry import register
-from gradwire.compressors.topk import (
+from gradwire.compressors.sparse import (
     VALUE_DTYPES,
     check_ratio,
     check_value_kind,

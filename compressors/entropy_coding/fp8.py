@@ -25,7 +25,7 @@ Payload layout (little-endian)::
     raw:   numel × f16 / f32 (small-tensor fallback, when strictly smaller)
 
 Biased (round to nearest). ``ef=1`` adds error feedback. Statistics as for
-``huffman`` (``compressors.huffman.SymbolStats``).
+``huffman`` (``compressors.entropy_coding.huffman.SymbolStats``).
 """
 
 from __future__ import annotations
@@ -54,9 +54,7 @@ from gradwire.compressors.entropy import (
     huffman_encode,
     varint_encode,
 )
-from gradwire.compressors.feedback import maybe_error_feedback
-from gradwire.compressors.gennorm import gennorm_cell_pmf, subsample
-from gradwire.compressors.huffman import (
+from gradwire.compressors.entropy_coding.symbols import (
     FIT_SAMPLES,
     KIND_RAW16,
     KIND_RAW32,
@@ -69,6 +67,8 @@ from gradwire.compressors.huffman import (
     read_model_pmf,
     smallest_payload,
 )
+from gradwire.compressors.feedback import maybe_error_feedback
+from gradwire.compressors.gennorm import gennorm_cell_pmf, subsample
 from gradwire.compressors.quantize import FP8_FORMATS, fp8_cell_edges, fp8_dequantize, fp8_quantize
 from gradwire.compressors.registry import register
 

@@ -8,7 +8,7 @@ by the PS and announced in every round's directive (``stage``, ``leader``):
 
 1. **Dense warm-up** (``warmup`` rounds): float32 updates.
 2. **Top-k with error feedback** (``train`` rounds, ratio ``k``): the PS trains the
-   autoencoder (``compressors/lgc_model.py``) on the received top-k values, one
+   autoencoder (``compressors/learned/lgc_model.py``) on the received top-k values, one
    optimizer step per round, loss = 0.5·Σ_i MSE(x_i, Dec_i(z_shared, innov_i)) +
    0.5·Σ_{i≠j} MSE(z_i, z_j), one decoder per worker.
 3. **Compressed**: the autoencoder is frozen. The leader (rotating every round
@@ -65,7 +65,7 @@ Payload layouts (little-endian); ``m`` exempt entries (0 unless ``exempt=1``)
 come right after the kind byte as m × f32; ``c`` = the other d − m entries::
 
     kind u8 = 0 dense      d × f32
-    kind u8 = 1 sparse     m × f32 | topk sparse layout of c (compressors/topk.py)
+    kind u8 = 1 sparse     m × f32 | topk sparse layout of c (compressors/sparsification/topk.py)
     kind u8 = 2 leader     m × f32 | u32 n | indices of S (n bytes, see pack_indices)
                            | scale f32 | latent | topk sparse layout of the innovation
     kind u8 = 3 innovation m × f32 | topk sparse layout of the innovation
@@ -91,7 +91,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradwire.compressors import lgc_model
 from gradwire.compressors.base import (
     Codec,
     CodecError,
@@ -103,8 +102,9 @@ from gradwire.compressors.base import (
     TensorSpec,
     check_input,
 )
+from gradwire.compressors.learned import lgc_model
 from gradwire.compressors.registry import register
-from gradwire.compressors.topk import (
+from gradwire.compressors.sparse import (
     HEADER,
     INDEX_BITMAP,
     INDEX_RICE,

@@ -190,6 +190,7 @@ class Worker:
                     except (wire.MalformedMessage, InvalidUpdate) as exc:
                         # Never train on a model we could not rebuild: a new session brings the full one.
                         log.warning("cannot apply the PS's model delta (%s); reconnecting for the full model", exc)
+                        self._end_session(stream)
                         return
                 else:
                     new_params = wire.model_from_proto(rr.model)
@@ -203,6 +204,17 @@ class Worker:
                 result.rounds += 1
         finally:
             stream.close()
+
+    @staticmethod
+    def _end_session(stream: TrainStream) -> None:
+        """Half-close the stream and wait until the PS ends it. The PS forgets a session only when
+        its stream ends: a Hello sent before that is refused as a duplicate (ALREADY_EXISTS)."""
+        stream.close()
+        try:
+            while stream.receive() is not None:
+                pass
+        except grpc.RpcError as err:
+            log.info("stream closed: %s", err.code().name)
 
     def _finish(self, stream: TrainStream, finished: pb.Finished, encoder: UpdateEncoder | None, result: WorkerResult) -> None:
         self.stats = encoder.stats() if encoder is not None else self.stats

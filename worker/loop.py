@@ -196,12 +196,14 @@ class Worker:
                     except (MalformedMessage, InvalidUpdate) as exc:
                         # Never train on a model we could not rebuild: a new session brings the full one.
                         log.warning("cannot apply the PS's model delta (%s); reconnecting for the full model", exc)
+                        self._end_session(stream)
                         return
                 elif reply.model is not None:
                     new_params = reply.model
                 else:
                     # A result with neither model nor delta: nothing to train on; a new session brings one.
                     log.warning("round %d result carries no model; reconnecting for the full model", reply.round)
+                    self._end_session(stream)
                     return
                 params = new_params
                 result.last_model = params
@@ -211,6 +213,17 @@ class Worker:
                 result.rounds += 1
         finally:
             stream.close()
+
+    @staticmethod
+    def _end_session(stream: TrainStream) -> None:
+        """Half-close the stream and wait until the PS ends it. The PS forgets a session only when
+        its stream ends: a Hello sent before that is refused as a duplicate (ALREADY_EXISTS)."""
+        stream.close()
+        try:
+            while stream.receive() is not None:
+                pass
+        except grpc.RpcError as err:
+            log.info("stream closed: %s", err.code().name)
 
     def _finish(self, stream: TrainStream, finished: Finished, encoder: UpdateEncoder | None, result: WorkerResult) -> None:
         self.stats = encoder.stats() if encoder is not None else self.stats

@@ -292,6 +292,12 @@ def test_reconstruction_error_falls_during_stage2():
 
     A conv autoencoder trained from scratch with one step per round needs on the order
     of a hundred rounds; before that its output is the innovation pass-through.
+
+    Why noise 0.05 and 200 rounds: with noise 0.2 and 150 rounds the workers' top-k supports
+    differ so much that the error only reaches ~0.87x its start (0.85-0.90 over ae_seed 0-7),
+    right at the bound, and the pass/fail fell to float rounding: the same code and wheel gave
+    0.847 (MKL_CBWR=COMPATIBLE) to 0.877 (ONEDNN_MAX_CPU_ISA=SSE41) on one machine. Here it
+    ends at 0.56-0.75x over ae_seed 0-7, and ~1.0x with the optimizer step disabled.
     """
     rows, cols = 10, 32
     specs = [TensorSpec("a.weight", (rows, cols))]
@@ -299,9 +305,9 @@ def test_reconstruction_error_falls_during_stage2():
 
     def grad(rank, t):
         noise = np.random.default_rng([rank, t]).standard_normal(rows * cols).astype(np.float32)
-        return {"a.weight": (base * (1 + 0.002 * t) + 0.2 * noise).reshape(rows, cols)}
+        return {"a.weight": (base * (1 + 0.002 * t) + 0.05 * noise).reshape(rows, cols)}
 
-    train = 150
+    train = 200
     ps = InProcessPS(f"lgc:warmup=1,train={train},k=0.25,innovation=0.01,ef=0,ae_lr=0.003", specs)
     for r in range(3):
         ps.join(r)

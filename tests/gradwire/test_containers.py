@@ -115,17 +115,25 @@ def _wait_finished(project: str, env: dict[str, str], want_source: str) -> dict:
     raise AssertionError(f"training did not finish within {TIMEOUT_S} s; last report: {json.dumps(last)[:3000]}\n{logs}")
 
 
+def _cluster_env() -> dict[str, str]:
+    """The caller's environment without its run settings: the compose file interpolates GRADWIRE_*
+    variables from the shell, so an exported one (a model, a codec option, once an interface) would
+    change the cluster under test. Only the base image, a build setting, passes through."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWIRE_") or k == "GRADWIRE_BASE_IMAGE"}
+    env.pop("COMPOSE_PROJECT_NAME", None)
+    return env
+
+
 @pytest.fixture(scope="module")
 def cluster(image):
     project = f"gwtest{os.getpid()}"
-    env = dict(os.environ)
+    env = _cluster_env()
     env.update({
         "GRADWIRE_WORKERS": str(WORKERS), "GRADWIRE_ROUNDS": str(ROUNDS), "GRADWIRE_CODEC": "dense",
         "GRADWIRE_EVAL_EVERY": "1", "GRADWIRE_JOIN_GRACE_S": "3",
         # The PS keeps answering Status until the test stops it, so that both sources are checked.
         "GRADWIRE_LINGER_S": str(TIMEOUT_S),
     })
-    env.pop("COMPOSE_PROJECT_NAME", None)
     t0 = time.monotonic()
     try:
         _run(["docker", "compose", "-p", project, "up", "-d", "--scale", f"worker={WORKERS}"], env, timeout=TIMEOUT_S)

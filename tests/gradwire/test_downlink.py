@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -146,6 +148,18 @@ def test_a_delta_the_worker_cannot_apply_makes_it_reconnect_for_the_full_model(
         return real_apply(self, *args, **kwargs)
 
     monkeypatch.setattr(downlink.DownlinkDecoder, "apply", apply_failing_once)
+    # The PS forgets a session only when its stream ends. A slow leave widens the window in which a
+    # worker that reconnects without waiting for that end is refused as a duplicate (ALREADY_EXISTS,
+    # a third session): under load that happened by chance; here it would happen every time.
+    from gradwire.server.round_engine import RoundEngine
+
+    real_leave = RoundEngine.leave
+
+    def slow_leave(self, session):
+        time.sleep(0.5)
+        real_leave(self, session)
+
+    monkeypatch.setattr(RoundEngine, "leave", slow_leave)
     rounds = 5
     running = make_server(workers=1, rounds=rounds, downlink_codec="fp16")
     [result] = run_workers(running.port, 1, "re")

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from gradwire.envvars import env
+from gradwire.links import validate as validate_links
 from gradwire.protocol import DEFAULT_MAX_MESSAGE_MB
 
 
@@ -19,12 +20,15 @@ class WorkerConfig:
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     interface: str = ""  # network interface whose counters are reported
     threads: int = 1
+    link: str = ""  # link profile of every worker (gradwire/links.py), e.g. 10mbit or 10mbit/100mbit
+    links: str = ""  # profiles by rank, comma-separated; overrides link
 
     def __post_init__(self) -> None:
         if ":" not in self.server:
             raise ValueError(f"server must be host:port, got {self.server!r}")
         if self.connect_timeout_s <= 0:
             raise ValueError("connect_timeout_s must be > 0")
+        validate_links(self.link, self.links)  # a bad profile fails at start-up, not after joining
 
     @property
     def resolved_worker_id(self) -> str:
@@ -40,6 +44,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=env("MAX_MESSAGE_MB", d.max_message_mb))
     p.add_argument("--interface", default=env("INTERFACE", d.interface), help="interface whose byte counters are reported")
     p.add_argument("--threads", type=int, default=env("THREADS", d.threads), help="torch threads")
+    p.add_argument("--link", default=env("LINK", d.link),
+                   help="shape this worker's link (needs CAP_NET_ADMIN): RATE or UP/DOWN, e.g. 10mbit")
+    p.add_argument("--links", default=env("LINKS", d.links),
+                   help="profiles by rank, e.g. 10mbit,10mbit,100mbit (rank i takes entry i mod n)")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import torch
 
-from gradwire import protocol
+from gradwire import links, protocol
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateEncoder
@@ -164,6 +164,14 @@ class Worker:
             trainer.load(params)
             encoder.model_received(params)
             round_, directive, workers = welcome.round, welcome.directive, welcome.workers
+            if self.config.link or self.config.links:
+                # Shaped once the rank is known (GRADWIRE_LINKS is by rank); only the Hello crossed unshaped.
+                profile = links.profile_for_rank(self.config.link, self.config.links, welcome.rank)
+                try:
+                    links.apply(profile, self.config.interface or "eth0")
+                except links.LinkError as exc:
+                    raise WorkerFailed(str(exc)) from None
+                log.info("link of %s shaped to %s (up/down)", self.config.interface or "eth0", profile)
             log.info("joined as %s rank %d, shard %d/%d, codec %s, round %d", welcome.worker_id, welcome.rank,
                      welcome.task.shard_index, welcome.task.num_shards, codec.spec, round_)
             while True:

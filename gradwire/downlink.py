@@ -138,10 +138,11 @@ def downlink_payload_bytes(message: pb.ServerMessage) -> int:
     """What a server message carries as model payload: a full model's floats, or a delta's codec bytes."""
     body = message.WhichOneof("body")
     if body == "welcome":
-        return model_payload_bytes(message.welcome.model)
+        return model_payload_bytes(message.welcome.model) + model_payload_bytes(message.welcome.buffers)
     if body == "round_result":
         rr = message.round_result
+        buffers = model_payload_bytes(rr.buffers)  # BatchNorm statistics and the like, sent in full
         if rr.HasField("model_delta"):
-            return wire.payload_bytes(wire.encoded_from_proto(t) for t in rr.model_delta.tensors)
-        return model_payload_bytes(rr.model)
+            return wire.payload_bytes(wire.encoded_from_proto(t) for t in rr.model_delta.tensors) + buffers
+        return model_payload_bytes(rr.model) + buffers
     return 0

@@ -31,9 +31,18 @@ from gradwire.server.aggregation import ServerOptimizer, mean_update
 from gradwire.server.config import ServerConfig
 
 from gradwire import wire
+from gradwire.buffers import (
+    InvalidBuffers,
+    buffer_specs,
+    buffer_state,
+    check_buffers,
+    load_buffers,
+    mean_buffers,
+)
 from gradwire.downlink import DENSE, Broadcast, DownlinkEncoder, check_downlink_codec
 from gradwire.netstats import read_counters
-from gradwire.tasks import Task, shard_indices, tensor_specs
+from gradwire.task import Task
+from gradwire.tasks import BUILTIN_TASKS, shard_indices, tensor_specs
 from gradwire.v1 import exchange_pb2 as pb
 
 log = logging.getLogger("gradwire.server")
@@ -90,6 +99,7 @@ class Contribution:
     num_examples: int
     payload_bytes: int
     message_bytes: int
+    buffers: dict[str, np.ndarray] | None = None  # the worker's buffers (BatchNorm statistics), if any
 
 
 class Coordinator:
@@ -100,8 +110,11 @@ class Coordinator:
         self.downlink_codec = check_downlink_codec(config.downlink_codec)
         self.codec_coordinator = self.codec.make_coordinator()
         torch.manual_seed(config.seed)
-        self.model = task.build_model()
+        self.model = task.build_model(config.seed)
+        task.check_outputs(self.model)
         self.specs = tensor_specs(self.model)
+        # Buffers (BatchNorm statistics) are averaged from the workers each round (gradwire/buffers.py).
+        self.buffer_specs = buffer_specs(self.model)
         self.params = sum(s.numel for s in self.specs)
         self.server_momentum = config.server_momentum(self.codec.worker_momentum)
         if self.codec.worker_momentum and self.server_momentum:
@@ -154,13 +167,19 @@ class Coordinator:
     def _model_proto(self) -> pb.Model:
         return wire.model_to_proto(self._params())
 
+    def _buffers_fields(self) -> dict:
+        """``buffers=`` for a Welcome or RoundResult: the PS's buffers, or nothing when the model has none."""
+        if not self.buffer_specs:
+            return {}
+        return {"buffers": wire.model_to_proto(buffer_state(self.model))}
+
     def _model_reply(self, session: Session, **fields) -> pb.RoundResult:
         """A RoundResult with the model delta when the worker holds its base, else the full model."""
         b = self.broadcast
         if b is not None and b.delta is not None and session.reference_round == b.delta.base_round:
-            result = pb.RoundResult(model_delta=b.delta, **fields)
+            result = pb.RoundResult(model_delta=b.delta, **fields, **self._buffers_fields())
         else:
-            result = pb.RoundResult(model=self._full_model(), **fields)
+            result = pb.RoundResult(model=self._full_model(), **fields, **self._buffers_fields())
         session.reference_round = b.round if b is not None else -1
         return result
 
@@ -180,10 +199,14 @@ class Coordinator:
 
     def _task_spec(self, rank: int) -> pb.TaskSpec:
         c = self.config
+        # A built-in task goes out as before (dataset and model names); a user task as its reference.
+        builtin = not c.task or c.task in BUILTIN_TASKS
         return pb.TaskSpec(
-            dataset=c.dataset, model=self.task.model_name, batch_size=c.batch_size,
-            num_shards=self.num_shards, shard_index=rank % self.num_shards, partition=c.partition,
-            dirichlet_alpha=c.dirichlet_alpha, seed=c.seed, data_dir=c.data_dir,
+            dataset=c.task or c.dataset if builtin else "", model=self.task.model_name if builtin else c.model,
+            batch_size=c.batch_size, num_shards=self.num_shards, shard_index=rank % self.num_shards,
+            partition=c.partition, dirichlet_alpha=c.dirichlet_alpha, seed=c.seed, data_dir=c.data_dir,
+            task="" if builtin else c.task, local_steps=c.local_steps if c.local_steps > 1 else 0,
+            local_lr=c.effective_local_lr if c.local_steps > 1 else 0.0,
         )
 
     # ------------------------------------------------------------ worker side
@@ -234,7 +257,7 @@ class Coordinator:
                     task=self._task_spec(rank), codec_spec=self.codec.spec, round=self.round,
                     total_rounds=self.config.rounds, model=self._full_model(),
                     directive=self._directive_proto(rank, self.round), workers=len(self.expected),
-                    downlink_codec_spec=self.downlink_codec.spec,
+                    downlink_codec_spec=self.downlink_codec.spec, **self._buffers_fields(),
                 )
             )
 
@@ -282,11 +305,19 @@ class Coordinator:
         except (wire.MalformedMessage, InvalidUpdate) as exc:
             raise Rejected("INVALID_ARGUMENT", str(exc)) from None
         payload = wire.payload_bytes(tensors)
+        buffers = None
+        if update.HasField("buffers") and self.buffer_specs:
+            try:
+                buffers = wire.model_from_proto(update.buffers)
+                check_buffers(buffers, self.buffer_specs)
+            except (wire.MalformedMessage, InvalidBuffers) as exc:
+                raise Rejected("INVALID_ARGUMENT", f"buffers: {exc}") from None
+            payload += sum(len(t.data) for t in update.buffers.tensors)  # buffers are model payload too
         with self.cond:
             if self.round != current or self.phase != "collecting" or not session.alive:
                 raise Rejected("FAILED_PRECONDITION", f"stale update for round {current}: the round closed while it was decoded")
             self.contributions[record.worker_id] = Contribution(
-                decoded, float(update.train_loss), int(update.num_examples), payload, message_bytes
+                decoded, float(update.train_loss), int(update.num_examples), payload, message_bytes, buffers
             )
             record.uplink_payload_bytes += payload
             record.uplink_message_bytes += message_bytes
@@ -435,6 +466,9 @@ class Coordinator:
             if self.codec_coordinator is not None:
                 by_rank = self._finalize(r, by_rank)
             self.optimizer.step(mean_update(by_rank), r)
+            sent = [contributions[w].buffers for w in sorted(contributions, key=lambda w: self.records[w].rank)]
+            if any(b is not None for b in sent):
+                load_buffers(self.model, mean_buffers([b for b in sent if b is not None]))
             if self.codec_coordinator is not None:
                 self.codec_coordinator.observe(r, by_rank)
             entry = self.rounds_log[-1]
@@ -541,6 +575,7 @@ class Coordinator:
             }
 
     def shard_sizes(self) -> dict[int, int]:
-        labels = self.task.dataset.train_y
+        c = self.config
+        labels = self.task.train_targets() if c.partition == "dirichlet" else np.zeros(len(self.task.train))
         n = max(1, self.num_shards)
         return {i: len(shard_indices(labels, n, i, self.config.partition, self.config.dirichlet_alpha, self.config.seed)) for i in range(n)}

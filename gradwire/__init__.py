@@ -14,14 +14,19 @@ __all__ = ["Task", "TaskError", "DistributedOptimizer"]
 
 if TYPE_CHECKING:
     from gradwire.optimizer import DistributedOptimizer
-    from gradwire.task import Task, TaskError
+    from gradwire.task import Task
+    from gradwire.taskref import TaskError
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Task", "TaskError"):
-        from gradwire import task
+    if name == "Task":
+        from gradwire.task import Task
 
-        return getattr(task, name)
+        return Task
+    if name == "TaskError":
+        from gradwire.taskref import TaskError
+
+        return TaskError
     if name == "DistributedOptimizer":
         from gradwire.optimizer import DistributedOptimizer
 

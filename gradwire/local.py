@@ -37,6 +37,8 @@ class LocalTrainer:
         else:
             # A lazy dataset reads only the items of this shard, batch by batch.
             self.shard = Subset(train, [int(i) for i in indices])
+            if len(self.shard):
+                task.note_target(self.shard[0][1])
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank

@@ -17,14 +17,9 @@ are class labels (classes = largest label + 1), floating-point targets are regre
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,11 +28,13 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+from gradwire.taskref import TaskError, resolve_factory
+
+__all__ = ["Task", "TaskError", "load_task", "resolve_factory"]
+
 EVAL_BATCH = 2048
 
 
-class TaskError(ValueError):
-    """A task reference that cannot be resolved, or a task that breaks the interface; one line."""
 
 
 def _targets_of(dataset: Dataset) -> np.ndarray | None:
@@ -97,6 +94,11 @@ class Task:
                 raise TaskError("a training item must be an (x, y) pair")
             self._cache["first_target"] = _as_tensor(item[1])
         return self._cache["first_target"]
+
+    def note_target(self, target: Any) -> None:
+        """Tell the task one target from the data at hand (a worker's own shard), so that deciding
+        classification vs regression reads no item outside it."""
+        self._cache.setdefault("first_target", _as_tensor(target))
 
     @property
     def is_classification(self) -> bool:
@@ -196,59 +198,8 @@ class Task:
 
 
 # ---------------------------------------------------------------- references
-
-
-def builtin_factories() -> dict[str, Callable[..., Task]]:
-    from gradwire import tasks
-
-    return tasks.BUILTIN_TASKS
-
-
-def _import_module(module_ref: str):
-    if module_ref.endswith(".py"):
-        path = Path(module_ref)
-        if not path.is_file():
-            raise TaskError(f"task file {module_ref} does not exist")
-        spec = importlib.util.spec_from_file_location(f"gradwire_user_task_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    # The console script does not put the current folder on sys.path (python -m does): a task
-    # module next to where the user runs `gradwire` should be found either way.
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
-    try:
-        return importlib.import_module(module_ref)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_ref.startswith(exc.name):
-            raise TaskError(f"task module {module_ref!r} not found (is its folder on PYTHONPATH?)") from None
-        raise TaskError(f"task module {module_ref!r} failed to import: {exc}") from None
-
-
-def resolve_factory(ref: str) -> Callable[..., Task]:
-    """The factory a task reference names; TaskError with the reason when there is none."""
-    ref = ref.strip()
-    builtins = builtin_factories()
-    if ref in builtins:
-        return builtins[ref]
-    if ":" not in ref:
-        raise TaskError(f"unknown task {ref!r}: give MODULE:FACTORY (or file.py:FACTORY) or one of "
-                        f"{', '.join(builtins)}")
-    module_ref, _, attr = ref.rpartition(":")
-    if not module_ref or not attr:
-        raise TaskError(f"task reference {ref!r} must be MODULE:FACTORY")
-    try:
-        module = _import_module(module_ref)
-    except TaskError:
-        raise
-    except Exception as exc:  # the user's module raised while importing: say which and what
-        raise TaskError(f"task module {module_ref!r} failed to import: {type(exc).__name__}: {exc}") from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise TaskError(f"task module {module_ref!r} has no callable {attr!r}")
-    return factory
+# Resolving a reference lives in gradwire.taskref, which imports no torch: an unknown task fails
+# in a fraction of a second.
 
 
 def load_task(ref: str, seed: int = 0, data_dir: str | None = None, model: str | None = None) -> Task:

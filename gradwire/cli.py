@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         from gradwire.taskref import resolve_factory
 
         try:  # bad settings, an unknown task, a missing data folder: one line, before any socket
+            resolve_factory(args.task or args.dataset)  # an unknown task fails before torch is imported
             config = config_from_args(args)
-            resolve_factory(config.task_ref)  # an unknown task fails before torch is even imported
             from gradwire.task import load_task
 
             task = load_task(config.task_ref, config.seed, config.data_dir or None, config.model or None)

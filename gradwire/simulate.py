@@ -45,8 +45,22 @@ def check_simulation(args) -> None:
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    resolve_factory(args.task or args.dataset)  # before the codecs (and torch) are imported
     config = config_from_args(args)
-    resolve_factory(config.task_ref)
+    check_data_dir(config)
+
+
+def check_data_dir(config) -> None:
+    """A built-in file dataset needs an existing folder: say so now rather than from the PS process."""
+    from pathlib import Path
+
+    name = config.task_ref
+    if name not in ("mnist", "fashion-mnist", "cifar10"):
+        return
+    if config.data_dir and not Path(config.data_dir).is_dir():
+        raise ValueError(f"dataset folder {config.data_dir} does not exist")
+    if not config.data_dir and name != "fashion-mnist":  # fashion-mnist may have a system-wide default
+        raise ValueError(f"dataset {name!r} is read from files: give their folder with --data-dir")
 
 
 def run_simulation(args) -> int:

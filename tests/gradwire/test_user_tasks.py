@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gradwire.server.aggregation import ServerOptimizer, mean_update
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import gradwire
 from gradwire.buffers import buffer_state, load_buffers, mean_buffers
 from gradwire.local import LocalTrainer
-from gradwire.server.aggregation import ServerOptimizer, mean_update
 from gradwire.task import Task, TaskError, load_task
 
 ROOT = Path(__file__).resolve().parents[2]

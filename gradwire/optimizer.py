@@ -53,20 +53,20 @@ class DistributedOptimizer:
     """Wraps a ``torch.optim.Optimizer``; ``step()`` also exchanges the update with a gradwire PS.
 
     ``server``: the PS's host:port; default ``$GRADWIRE_SERVER``, else 127.0.0.1:50051.
+    ``local_steps``: wrapped-optimizer steps per round; default: the PS's ``--local-steps`` (1).
     ``codec``: the codec spec this process expects the PS to run (``None``: whatever it runs); a
     mismatch is refused at connection, as a misconfiguration. Everything else the PS decides.
     Attributes, ``zero_grad``, ``param_groups``, ``state_dict`` ... are the wrapped optimizer's.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, server: str | None = None,
-                 codec: str | None = None, local_steps: int = 1, worker_id: str = "",
+                 codec: str | None = None, local_steps: int | None = None, worker_id: str = "",
                  connect_timeout_s: float = 60.0, max_message_mb: int = 64):
-        if local_steps < 1:
+        if local_steps is not None and local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {local_steps}")
         server = server or os.environ.get("GRADWIRE_SERVER") or "127.0.0.1:50051"
         self.optimizer = optimizer
         self.model = model
-        self.local_steps = local_steps
         self.finished = False
         self.rounds = 0
         self._steps = 0
@@ -89,6 +89,8 @@ class DistributedOptimizer:
             self.close()
             raise ValueError(f"the PS runs codec {welcome.codec_spec!r}, this optimizer expects {codec!r}")
         self.codec = create_codec(welcome.codec_spec)
+        # As given, else what the PS's run says (--local-steps), else one step per round.
+        self.local_steps = local_steps or max(1, int(welcome.task.local_steps))
         self.rank = int(welcome.rank)
         self.seed = int(welcome.task.seed)
         self.worker_id = welcome.worker_id

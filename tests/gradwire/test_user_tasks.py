@@ -177,6 +177,18 @@ def test_local_steps_with_ps_lr_equal_to_local_lr_and_no_momentum_is_fedavg():
     assert moved >= 6  # they did train (a bias just before BatchNorm gets no gradient, so not all 8)
 
 
+def test_local_steps_reach_the_workers_through_the_taskspec(make_server, run_workers):
+    """--local-steps 5 (FedAvg settings) gets further in 6 rounds than one gradient per round."""
+    accuracy = {}
+    for steps in (1, 5):
+        running = make_server(task=BN_TASK, rounds=6, lr=0.05, momentum=0.0, local_steps=steps, eval_every=6)
+        results = run_workers(running.port, 2, prefix=f"k{steps}-")
+        running.thread.join(60)
+        assert all(r.finished for r in results)
+        accuracy[steps] = running.summary()["final_accuracy"]
+    assert accuracy[5] > accuracy[1] + 0.1, accuracy
+
+
 def test_local_steps_one_is_todays_gradient():
     task = load_task("digits", seed=0)
     idx = np.arange(100)

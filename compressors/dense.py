@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import RoundContext, TensorCodec, TensorSpec, expect_payload_size
 from gradwire.compressors.registry import register
 

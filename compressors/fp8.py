@@ -1,7 +1,7 @@
 """8-bit floating-point gradients, optionally entropy coded: ``fp8``.
 
 Seed 001 quantizes gradients to the 8-bit formats 1-4-3 and 1-5-2 before
-Huffman coding them with a GenNorm model (ALGORITHMS.md §2). Per tensor:
+Huffman coding them with a GenNorm model (docs/algorithms.md §2). Per tensor:
 
 1. Scale: s = max|x| / F (F the format's largest finite value, 448 for 1-4-3
    = E4M3FN, 57344 for 1-5-2 = E5M2), rounded to float32.
@@ -34,10 +34,11 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -131,7 +132,7 @@ class FP8Codec(Codec):
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(_FP8Encoder(self), _FP8Decoder(self), self.ef)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return _FP8Decoder(self)
 
 

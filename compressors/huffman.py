@@ -1,7 +1,7 @@
 """GenNorm-modelled entropy coding of uniformly quantized gradients: ``huffman`` and ``ans``.
 
 Seed 001 (GenNorm modelling + fixed-to-variable Huffman coding of quantized
-gradients), ALGORITHMS.md §2; ``ans`` is the "beyond the paper" variant in which a
+gradients), docs/algorithms.md §2; ``ans`` is the "beyond the paper" variant in which a
 model drives an ANS coder (constriction) instead.
 
 Per tensor and round:
@@ -80,10 +80,11 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -267,7 +268,7 @@ class _EntropyQuantCodec(Codec):
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(_Encoder(self), _Decoder(self), self.ef)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return _Decoder(self)
 
     def quantize_tensor(self, flat: np.ndarray, rng: np.random.Generator | None = None) -> Quantized:

@@ -1,6 +1,6 @@
 """LAG: lazily aggregated gradients (Chen et al., 2018), the main baseline of TPC.
 
-LAG is temporal predictive coding (``compressors/tpc.py``, ALGORITHMS.md §1) with
+LAG is temporal predictive coding (``compressors/tpc.py``, docs/algorithms.md §1) with
 order ``p = 1`` and the coefficient fixed at 1: the prediction of a worker's
 gradient is the last gradient the PS holds for it, so no coefficients are sent.
 The worker uploads the innovation ``r = g − ĝ^{t−1}`` only when the LAG-WK rule

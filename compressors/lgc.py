@@ -1,7 +1,7 @@
 """Learned gradient compression, parameter-server variant (``lgc``).
 
 Abrahamyan, Chen, Bekoulis, Deligiannis, "Learned Gradient Compression for
-Distributed Deep Learning" (IEEE TNNLS 2021; seed 002, ALGORITHMS.md §3).
+Distributed Deep Learning" (IEEE TNNLS 2021; seed 002, docs/algorithms.md §3).
 Workers' gradients are correlated, so an autoencoder trained on them during
 training can carry their common part in one worker's code. Three stages, driven
 by the PS and announced in every round's directive (``stage``, ``leader``):
@@ -28,8 +28,8 @@ order of a hundred steps before it beats passing the innovation through; the
 stats ``reconstruction_error_by_round`` and ``innovation_only_error_by_round``
 (relative squared errors on stage-2 data, before each step) show whether it did.
 
-[design] choices (ALGORITHMS.md §3 follows a third-party reimplementation; all
-are options, and the coordinator's stats record every option's value):
+[design] choices (docs/algorithms.md §3 follows a third-party reimplementation; all
+are options, and the cross-worker state's stats record every option's value):
 
 * ``exempt=0`` (default): the whole model is compressed. ``exempt=1`` sends the
   first layer and the classifier (the tensors of the first and last module) as
@@ -74,7 +74,7 @@ come right after the kind byte as m × f32; ``c`` = the other d − m entries::
 Indices: ``mode u8 (0 Rice, 1 bitmap) | count u32 | Rice b u8 | low bits | unary``
 or ``... | bitmap`` — topk's index code, without values.
 
-Downlink blob (``Coordinator.blob_for``), stage 3 only: ``flags u8`` then, in
+Downlink blob (``CrossWorkerState.blob_for``), stage 3 only: ``flags u8`` then, in
 order, for each flag set: ENCODER ``u32 n | n bytes`` (lgc_model weights);
 FEEDBACK ``u32 round | u32 n | indices of S | (decoded) |S| × f32``;
 NOT_AGGREGATED ``u32 round``; FALLBACK (no data: send top-k this round).
@@ -90,11 +90,12 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from gradwire.compressors import lgc_model
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -331,6 +332,8 @@ class LGCCodec(Codec):
     name = "lgc"
     scope = "model"
     stateless_decoder = False  # per-worker decoders trained over rounds
+    needs_layout = True  # exempt=1 leaves layers out by name; the layout sizes the blob's support
+    has_cross_worker_state = True  # one autoencoder, trained on every worker's updates
     warmup: int = 10
     train: int = 40
     k: float = 0.05
@@ -385,13 +388,13 @@ class LGCCodec(Codec):
     def make_encoder(self) -> Encoder:
         return LGCEncoder(self)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
-        if coordinator is not None and not isinstance(coordinator, LGCCoordinator):
-            raise TypeError(f"lgc decoders need an LGCCoordinator, got {type(coordinator).__name__}")
-        return LGCDecoder(self, coordinator)
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
+        if shared is not None and not isinstance(shared, LGCCrossWorkerState):
+            raise TypeError(f"lgc decoders need an LGCCrossWorkerState, got {type(shared).__name__}")
+        return LGCDecoder(self, shared)
 
-    def make_coordinator(self) -> Coordinator:
-        return LGCCoordinator(self)
+    def make_cross_worker_state(self) -> CrossWorkerState:
+        return LGCCrossWorkerState(self)
 
 
 def _directive(ctx: RoundContext) -> tuple[int, int]:
@@ -582,7 +585,7 @@ class LGCEncoder(Encoder):
         self.last_support = own_idx
         values = v[own_idx]
         scale = rms_scale(values) if self.codec.normalize else 1.0
-        z = lgc_model.encode_values(self.net, values / np.float32(scale)) if own_idx.size else np.zeros((4, 0), np.float32)
+        z = lgc_model.encode_values(self.net, values / np.float32(scale)) if own_idx.size else np.zeros((4, 0), np.float32)  # type: ignore[arg-type]
         idx_block = pack_indices(own_idx, layout.dc)
         body = U32.pack(len(idx_block)) + idx_block + F32.pack(scale) + quantize_latent(z, self.codec.latent)
         return Encoded(self.codec.spec, spec, bytes([KIND_LEADER]) + head + body + inn_payload)
@@ -618,7 +621,7 @@ class LGCEncoder(Encoder):
 
 @dataclass
 class Parsed:
-    """What a decoder read from one stage-3 message, for the coordinator."""
+    """What a decoder read from one stage-3 message, for the cross-worker state."""
 
     kind: int
     payload_bytes: int
@@ -633,16 +636,16 @@ class Parsed:
 class LGCDecoder(Decoder):
     """PS side, one per worker: parses, checks the kind against the stage, stashes stage-3 parts."""
 
-    def __init__(self, codec: LGCCodec, coordinator: LGCCoordinator | None):
+    def __init__(self, codec: LGCCodec, shared: LGCCrossWorkerState | None):
         self.codec = codec
-        self.coordinator = coordinator
+        self.shared = shared
         self.layout: Layout | None = None
 
     def set_layout(self, specs: Sequence[TensorSpec]) -> None:
         exempt = exempt_positions(specs) if self.codec.exempt else np.zeros(0, dtype=np.int64)
         self.layout = Layout(sum(s.numel for s in specs), exempt)
-        if self.coordinator is not None:
-            self.coordinator.set_layout(self.layout)
+        if self.shared is not None:
+            self.shared.set_layout(self.layout)
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
         spec = msg.spec
@@ -698,15 +701,15 @@ class LGCDecoder(Decoder):
         return decode_sparse(data, TensorSpec(f"__model__ ({what})", (dc,)), self.codec.name)
 
     def _count(self, ctx: RoundContext, stage: int, nbytes: int, parsed: Parsed | None) -> None:
-        if self.coordinator is not None:
-            self.coordinator.stash(ctx.round, ctx.rank, stage, nbytes, parsed)
+        if self.shared is not None:
+            self.shared.stash(ctx.round, ctx.rank, stage, nbytes, parsed)
 
 
-class LGCCoordinator(Coordinator):
+class LGCCrossWorkerState(CrossWorkerState):
     """PS-wide LGC state: the stages, the autoencoder, the leader, cross-worker decoding.
 
     Decoders run in the workers' gRPC handler threads and call ``stash``; the PS's
-    round thread calls ``directive`` / ``finalize`` / ``observe``: one lock guards it all.
+    round thread calls ``open_round`` / ``finalize`` / ``observe``: one lock guards it all.
     """
 
     def __init__(self, codec: LGCCodec):
@@ -752,7 +755,7 @@ class LGCCoordinator(Coordinator):
 
     # -- round protocol
 
-    def directive(self, round_: int, ranks: list[int]) -> dict[str, float]:
+    def open_round(self, round_: int, ranks: list[int]) -> dict[str, float]:
         with self.lock:
             stage = self.codec.stage_of(round_)
             leader = -1
@@ -825,8 +828,8 @@ class LGCCoordinator(Coordinator):
             lead = mine.get(leader, (0, None))[1] if leader in decoded else None
             self.latent_of_round = None
             if lead is not None and lead.kind == KIND_LEADER:
-                self.latent_of_round = (round_, lead.latent, lead.support, lead.scale)
-                self.supports[round_] = lead.support
+                self.latent_of_round = (round_, lead.latent, lead.support, lead.scale)  # type: ignore[assignment]
+                self.supports[round_] = lead.support  # type: ignore[assignment]
                 for old in [r for r in self.supports if r < round_ - 8]:
                     del self.supports[old]
             for rank, update in decoded.items():
@@ -838,7 +841,7 @@ class LGCCoordinator(Coordinator):
                     and self.ae.has_decoder(rank) and rank not in self.adopting
                 )
                 if usable:
-                    _, z, support, scale = self.latent_of_round
+                    _, z, support, scale = self.latent_of_round  # type: ignore[misc]
                     c, on_support = self._decode_on_support(rank, parsed, z, support, scale)
                     self.decoded_from_latent += 1
                 else:
@@ -860,7 +863,7 @@ class LGCCoordinator(Coordinator):
         inn_on_s = restrict(parsed.inn_idx, parsed.inn_vals, support)
         rec = lgc_model.decode_values(self.ae.decoder(rank), z, inn_on_s / np.float32(scale)) * np.float32(scale)
         rec = np.nan_to_num(rec, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-        c = np.zeros(self.layout.dc, dtype=np.float32)
+        c = np.zeros(self.layout.dc, dtype=np.float32)  # type: ignore[union-attr]
         if self.codec.offsupport:
             c[parsed.inn_idx] = parsed.inn_vals
         c[support] = rec
@@ -878,11 +881,11 @@ class LGCCoordinator(Coordinator):
 
     def _compressed_part(self, update: Mapping[str, np.ndarray]) -> np.ndarray:
         flat = np.concatenate([np.asarray(a, dtype=np.float32).reshape(-1) for a in update.values()])
-        return flat[self.layout.compressed]
+        return flat[self.layout.compressed]  # type: ignore[union-attr]
 
     def _pairs(self, cs: list[np.ndarray], support: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Training inputs (values on the shared support) and innovations on it, scaled."""
-        n_inn = sparse_count(self.layout.dc, self.codec.innovation)
+        n_inn = sparse_count(self.layout.dc, self.codec.innovation)  # type: ignore[union-attr]
         xs, inns = [], []
         for c in cs:
             xs.append(c[support] / scale)

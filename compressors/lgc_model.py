@@ -1,7 +1,7 @@
 """The LGC autoencoder (Abrahamyan et al., 2021, seed 002) in torch.
 
 One 1-D convolutional encoder shared by every worker and one decoder per worker
-(ALGORITHMS.md §3). The input is a top-k value vector of length L (the values in
+(docs/algorithms.md §3). The input is a top-k value vector of length L (the values in
 increasing index order, one channel).
 
 * Encoder: ``Conv1d`` 1→64→128→256→64 (kernel 3, stride 2, padding 1, LeakyReLU),
@@ -63,7 +63,7 @@ def init_unit_scale(module: nn.Module) -> None:
             continue
         with torch.no_grad():
             mod.weight.normal_(0.0, gain / math.sqrt(fan_in))
-            mod.bias.zero_()
+            mod.bias.zero_()  # type: ignore[union-attr]  # built with bias=True
 
 
 def make_encoder() -> nn.Sequential:
@@ -94,7 +94,7 @@ class WorkerDecoder(nn.Module):
         with torch.no_grad():
             self.out.weight.normal_(0.0, 0.1 / math.sqrt(cin))
             self.out.weight[0, -1, 0] = 1.0  # pass the innovation through at the start
-            self.out.bias.zero_()
+            self.out.bias.zero_()  # type: ignore[union-attr]  # built with bias=True
 
     def forward(self, z: torch.Tensor, innovation: torch.Tensor) -> torch.Tensor:
         """``z``: (n, 4, ceil(L/16)); ``innovation``: (n, 1, L) -> (n, 1, L)."""
@@ -130,7 +130,7 @@ class LGCAutoencoder(nn.Module):
         return dec
 
     def decoder(self, rank: int) -> WorkerDecoder:
-        return self.decoders[str(rank)]
+        return self.decoders[str(rank)]  # type: ignore[return-value]  # holds WorkerDecoders only
 
 
 # ---------------------------------------------------------------- numpy helpers

@@ -1,4 +1,4 @@
-"""M22: rate–distortion optimal scalar quantizer for gradients (ALGORITHMS.md §4, seed 003).
+"""M22: rate–distortion optimal scalar quantizer for gradients (docs/algorithms.md §4, seed 003).
 
 The distortion is ``d_M(g, ĝ) = |g|^M (g − ĝ)²`` (M = 0 is the mean squared error).
 Gradient entries are modelled i.i.d. generalized normal (``dist=gennorm``, shape β) or
@@ -62,10 +62,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import special
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -76,7 +78,6 @@ from gradwire.compressors.base import (
 )
 from gradwire.compressors.feedback import maybe_error_feedback
 from gradwire.compressors.registry import register
-from scipy import special
 
 DISTS = ("gennorm", "dweibull")
 MAX_BITS = 8
@@ -256,8 +257,9 @@ def fit_dweibull(z: np.ndarray, max_samples: int = 50_000, rng: np.random.Genera
     point); the codec centres the tensor first. The shape solves the Weibull profile
     likelihood equation on |z| by Brent's method, the scale is then closed form.
     """
-    from gradwire.compressors.gennorm import subsample  # the same deterministic subsample as the GenNorm fit
     from scipy import optimize
+
+    from gradwire.compressors.gennorm import subsample  # the same deterministic subsample as the GenNorm fit
 
     y = np.abs(subsample(z, max_samples, rng))
     y = y[y > 0]
@@ -660,5 +662,5 @@ class M22Codec(Codec):
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(M22Encoder(self), M22Decoder(self), self.ef, self.gamma)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return M22Decoder(self)

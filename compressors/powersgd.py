@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -179,5 +180,5 @@ class PowerSGDCodec(Codec):
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(PowerSGDEncoder(self), PowerSGDDecoder(self), self.ef, self.decay)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return PowerSGDDecoder(self)

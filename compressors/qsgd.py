@@ -44,10 +44,11 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -312,5 +313,5 @@ class QSGDCodec(Codec):
     def make_encoder(self) -> Encoder:
         return QSGDEncoder(self)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return QSGDDecoder(self)

@@ -29,10 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -132,5 +133,5 @@ class RandKCodec(MomentumCorrected, Codec):
     def make_encoder(self) -> Encoder:
         return self.with_error_feedback(RandKEncoder(self), RandKDecoder(self))
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return RandKDecoder(self)

@@ -27,10 +27,11 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -117,7 +118,7 @@ class SignCodec(Codec):
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(SignEncoder(self), SignDecoder(self), self.ef, self.decay)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return SignDecoder(self)
 
 

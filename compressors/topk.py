@@ -49,10 +49,12 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import gammaln
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -62,7 +64,6 @@ from gradwire.compressors.base import (
 )
 from gradwire.compressors.feedback import MomentumCorrected, check_feedback_options
 from gradwire.compressors.registry import register
-from scipy.special import gammaln
 
 INDEX_RICE = 0
 INDEX_BITMAP = 1
@@ -72,7 +73,7 @@ HEADER = struct.Struct("<BI")  # flags, count
 MAX_RICE_BITS = 32
 
 # Wire dtypes of the value options.
-VALUE_DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2")}
+VALUE_DTYPES: dict[str, np.dtype] = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2")}
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -361,5 +362,5 @@ class TopKCodec(MomentumCorrected, Codec):
     def make_encoder(self) -> Encoder:
         return self.with_error_feedback(TopKEncoder(self), SparseDecoder(self.name))
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return SparseDecoder(self.name)

@@ -1,4 +1,4 @@
-"""Temporal predictive coding (TPC), ALGORITHMS.md §1 (seed 000).
+"""Temporal predictive coding (TPC), docs/algorithms.md §1 (seed 000).
 
 Each worker predicts its current gradient ``g`` as a linear combination of the
 last ``p`` *reconstructions* ``ĝ`` that it and the PS both hold (closed loop, as in
@@ -95,10 +95,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
     Decoder,
     Encoded,
     Encoder,
@@ -249,7 +250,7 @@ def validate_common(
         inner = create_codec(residual)
     except SpecError as exc:
         raise ValueError(f"residual codec {residual!r}: {exc}") from None
-    if inner.make_coordinator() is not None:
+    if inner.has_cross_worker_state:
         raise ValueError(f"residual codec {inner.spec!r} needs PS-wide state; it cannot code a residual")
     return inner
 
@@ -665,6 +666,20 @@ class PredictiveCodecBase(Codec):
     with ``trigger, eps, tau, alpha, window, max_stale, check, residual, granularity``."""
 
     stateless_decoder = False  # the decoder holds the predictor history
+    # The shared options, for the type checker: annotations only (this class is no dataclass, so
+    # they make no fields); each subclass declares them as its own fields with its defaults.
+    trigger: str
+    eps: float
+    tau: float
+    alpha: float
+    window: int
+    max_stale: int
+    check: int
+    residual: str
+    granularity: str
+    ef: bool
+    _residual_codec: Codec  # set by _resolve_residual
+    needs_model_motion = True  # the LAG trigger weighs the innovation against the model's recent moves
 
     def _resolve_residual(self) -> None:
         """Validate the options both codecs have; store the residual codec, canonical."""
@@ -702,7 +717,7 @@ class PredictiveCodecBase(Codec):
     def make_encoder(self) -> Encoder:
         return PredictiveEncoder(self.config())
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return PredictiveDecoder(self.config())
 
 

@@ -1,6 +1,6 @@
 """`gradwire bytes`: what a compose project put on the wire, per container and per round.
 
-Three byte counts side by side (ALGORITHMS.md §6):
+Three byte counts side by side (docs/algorithms.md §6):
 
 1. codec payload bytes and 2. protobuf message bytes, both counted by the PS (its Status RPC while
    it runs, its ``summary.json`` afterwards);
@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradwire.counters import LinkCounters, total
+
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 NUMBER_LABEL = "com.docker.compose.container-number"
@@ -43,7 +45,7 @@ DEFAULT_WORKER_SERVICE = "worker"
 DEFAULT_PORT = 50051
 DENSE_BYTES_PER_ENTRY = 4  # float32: what an uncompressed update costs per entry
 
-# The honest-accounting check (ALGORITHMS.md §6): the interface must count at least the protobuf
+# The honest-accounting check (docs/algorithms.md §6): the interface must count at least the protobuf
 # bytes, and at most 10 % more plus a fixed allowance per message (gRPC's 5-byte prefix, HTTP/2
 # frame headers, TCP/IP headers of small segments, the TCP acknowledgements of the reply) and per
 # connection (TCP handshake, HTTP/2 preface and SETTINGS, request headers, keepalive pings).
@@ -66,12 +68,9 @@ class WorkerRun:
     rank: int
     hostname: str
     rounds: int  # updates the PS aggregated
-    uplink_payload_bytes: int
-    uplink_message_bytes: int  # Update messages
+    link: LinkCounters  # uplink message bytes: Update messages only
     uplink_control_bytes: int  # Hello and WorkerReport (0 where the source does not say)
-    downlink_message_bytes: int
     connected: bool | None = None
-    downlink_payload_bytes: int = 0  # model floats or downlink-codec delta bytes
     interface_start: dict[str, Any] | None = None
     interface_end: dict[str, Any] | None = None
 
@@ -80,11 +79,8 @@ class WorkerRun:
 class RoundRun:
     round: int
     workers: int
-    uplink_payload_bytes: int
-    uplink_message_bytes: int
-    downlink_message_bytes: int
+    link: LinkCounters
     train_loss: float | None = None
-    downlink_payload_bytes: int = 0
     test_accuracy: float | None = None
 
 
@@ -130,20 +126,16 @@ def _worker_run(w: Mapping[str, Any], *, uplink_control_bytes: int, connected: b
     """One worker's counters; the two sources name them alike (Status and summary.json)."""
     return WorkerRun(
         worker_id=str(w.get("worker_id", "")), rank=_int(w.get("rank")), hostname=str(w.get("hostname", "")),
-        rounds=_int(w.get("rounds_aggregated")), uplink_payload_bytes=_int(w.get("uplink_payload_bytes")),
-        uplink_message_bytes=_int(w.get("uplink_message_bytes")), uplink_control_bytes=uplink_control_bytes,
-        downlink_message_bytes=_int(w.get("downlink_message_bytes")), connected=connected,
+        rounds=_int(w.get("rounds_aggregated")), link=LinkCounters.from_dict(w, convert=_int),
+        uplink_control_bytes=uplink_control_bytes, connected=connected,
         interface_start=_counters(w.get("interface_start")), interface_end=_counters(w.get("interface_end")),
-        downlink_payload_bytes=_int(w.get("downlink_payload_bytes")),
     )
 
 
 def _round_run(r: Mapping[str, Any], *, workers: int) -> RoundRun:
     return RoundRun(
-        round=_int(r.get("round")), workers=workers,
-        uplink_payload_bytes=_int(r.get("uplink_payload_bytes")), uplink_message_bytes=_int(r.get("uplink_message_bytes")),
-        downlink_message_bytes=_int(r.get("downlink_message_bytes")), train_loss=_float(r.get("train_loss")),
-        test_accuracy=_float(r.get("test_accuracy")), downlink_payload_bytes=_int(r.get("downlink_payload_bytes")),
+        round=_int(r.get("round")), workers=workers, link=LinkCounters.from_dict(r, convert=_int),
+        train_loss=_float(r.get("train_loss")), test_accuracy=_float(r.get("test_accuracy")),
     )
 
 
@@ -277,24 +269,22 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         if c is not None:
             seen.add(c.id)
         tx, rx, source = interface_bytes(w.interface_start, w.interface_end, c.live if c else None)
-        up_msg = w.uplink_message_bytes + w.uplink_control_bytes
+        up_msg = w.link.uplink_message_bytes + w.uplink_control_bytes
         messages = w.rounds + (2 if w.uplink_control_bytes else 0)
         dense_bytes = DENSE_BYTES_PER_ENTRY * run.params * w.rounds
         rows.append({
             "container": c.name if c else None, "container_id": c.id[:12] if c else None,
             "state": c.state if c else ("connected" if w.connected else "gone"),
             "worker_id": w.worker_id, "hostname": w.hostname, "rank": w.rank, "rounds": w.rounds,
-            "uplink_payload_bytes": w.uplink_payload_bytes, "uplink_message_bytes": w.uplink_message_bytes,
-            "uplink_control_bytes": w.uplink_control_bytes, "downlink_message_bytes": w.downlink_message_bytes,
-            "downlink_payload_bytes": w.downlink_payload_bytes,
+            **w.link.to_dict(), "uplink_control_bytes": w.uplink_control_bytes,
             "interface": (w.interface_start or w.interface_end or {}).get("interface"),
             "interface_source": source, "interface_tx_bytes": tx, "interface_rx_bytes": rx,
-            "tx_over_message": ratio(tx, up_msg), "rx_over_downlink": ratio(rx, w.downlink_message_bytes),
-            "message_over_payload": ratio(w.uplink_message_bytes, w.uplink_payload_bytes),
-            "payload_bits_per_entry": _bits_per_entry(w.uplink_payload_bytes, run.params, w.rounds),
+            "tx_over_message": ratio(tx, up_msg), "rx_over_downlink": ratio(rx, w.link.downlink_message_bytes),
+            "message_over_payload": ratio(w.link.uplink_message_bytes, w.link.uplink_payload_bytes),
+            "payload_bits_per_entry": _bits_per_entry(w.link.uplink_payload_bytes, run.params, w.rounds),
             "interface_bits_per_entry": _bits_per_entry(tx, run.params, w.rounds),
             "dense_equivalent_bytes": dense_bytes,
-            "payload_compression": ratio(dense_bytes, w.uplink_payload_bytes),
+            "payload_compression": ratio(dense_bytes, w.link.uplink_payload_bytes),
             "interface_compression": ratio(dense_bytes, tx),
             "uplink_within_allowance": within_allowance(tx, up_msg, messages),
             "uplink_allowance_bytes": allowance_bytes(up_msg, messages),
@@ -306,8 +296,8 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         tx, rx, source = interface_bytes(None, None, c.live)
         rows.append({
             "container": c.name, "container_id": c.id[:12], "state": c.state, "worker_id": None, "hostname": c.hostname,
-            "rank": None, "rounds": 0, "uplink_payload_bytes": 0, "uplink_message_bytes": 0, "uplink_control_bytes": 0,
-            "downlink_message_bytes": 0, "downlink_payload_bytes": 0, "interface": None, "interface_source": source, "interface_tx_bytes": tx,
+            "rank": None, "rounds": 0, **LinkCounters().to_dict(), "uplink_control_bytes": 0,
+            "interface": None, "interface_source": source, "interface_tx_bytes": tx,
             "interface_rx_bytes": rx, "tx_over_message": None, "rx_over_downlink": None, "message_over_payload": None,
             "payload_bits_per_entry": None, "interface_bits_per_entry": None, "dense_equivalent_bytes": 0,
             "payload_compression": None, "interface_compression": None, "uplink_within_allowance": None,
@@ -315,10 +305,10 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         })
 
     joined = [r for r in rows if r["rank"] is not None]
-    total_payload = sum(r["uplink_payload_bytes"] for r in joined)
-    total_msg = sum(r["uplink_message_bytes"] + r["uplink_control_bytes"] for r in joined)
-    total_down = sum(r["downlink_message_bytes"] for r in joined)
-    total_down_payload = sum(r["downlink_payload_bytes"] for r in joined)
+    # Every worker the PS knows, with the uplink messages counted whole: Hello and WorkerReport too.
+    links = total(w.link for w in run.workers)
+    links.uplink_message_bytes += sum(w.uplink_control_bytes for w in run.workers)
+    total_msg, total_down = links.uplink_message_bytes, links.downlink_message_bytes
     txs = [r["interface_tx_bytes"] for r in joined]
     rxs = [r["interface_rx_bytes"] for r in joined]
     total_tx = sum(txs) if txs and None not in txs else None
@@ -333,7 +323,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         "state": ps_container.state if ps_container else None,
         "interface": (run.server_interface_start or run.server_interface_end or {}).get("interface"),
         "interface_source": ps_source, "interface_tx_bytes": ps_tx, "interface_rx_bytes": ps_rx,
-        "uplink_payload_bytes": total_payload, "uplink_message_bytes": total_msg, "downlink_message_bytes": total_down,
+        **links.to_dict(),
         "rx_over_uplink_message": ratio(ps_rx, total_msg), "tx_over_downlink": ratio(ps_tx, total_down),
     }
     ranks = [r["rank"] for r in joined]
@@ -347,21 +337,18 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         "workers": rows,
         "ps": ps,
         "totals": {
-            "workers": len(joined), "updates": updates, "uplink_payload_bytes": total_payload,
-            "uplink_message_bytes": total_msg, "downlink_message_bytes": total_down,
-            "downlink_payload_bytes": total_down_payload, "interface_tx_bytes": total_tx, "interface_rx_bytes": total_rx,
+            "workers": len(joined), "updates": updates, **links.to_dict(),
+            "interface_tx_bytes": total_tx, "interface_rx_bytes": total_rx,
             "tx_over_message": ratio(total_tx, total_msg), "rx_over_downlink": ratio(total_rx, total_down),
-            "payload_bits_per_entry": _bits_per_entry(total_payload, run.params, updates),
+            "payload_bits_per_entry": _bits_per_entry(links.uplink_payload_bytes, run.params, updates),
             "interface_bits_per_entry": _bits_per_entry(total_tx, run.params, updates),
             "dense_equivalent_bytes": dense_total,
-            "payload_compression": ratio(dense_total, total_payload),
+            "payload_compression": ratio(dense_total, links.uplink_payload_bytes),
             "interface_compression": ratio(dense_total, total_tx),
         },
         "rounds": [
-            {"round": r.round, "workers": r.workers, "uplink_payload_bytes": r.uplink_payload_bytes,
-             "uplink_message_bytes": r.uplink_message_bytes, "downlink_message_bytes": r.downlink_message_bytes,
-             "downlink_payload_bytes": r.downlink_payload_bytes,
-             "payload_bits_per_entry": _bits_per_entry(r.uplink_payload_bytes, run.params, r.workers),
+            {"round": r.round, "workers": r.workers, **r.link.to_dict(),
+             "payload_bits_per_entry": _bits_per_entry(r.link.uplink_payload_bytes, run.params, r.workers),
              "train_loss": r.train_loss, "test_accuracy": r.test_accuracy}
             for r in run.rounds
         ],
@@ -416,28 +403,31 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None):
     for r in report["workers"]:
         ok = r["uplink_within_allowance"]
         ratio_text = Text(_r(r["tx_over_message"]), style="" if ok is None else "green" if ok else "bold red")
+        link = LinkCounters.from_dict(r)
         t.add_row(
             _short(r["container"], project) or r["hostname"] or "?", "–" if r["rank"] is None else str(r["rank"]),
-            str(r["rounds"]), _b(r["uplink_payload_bytes"]), _b(r["uplink_message_bytes"] + r["uplink_control_bytes"]),
-            _b(r["interface_tx_bytes"]), ratio_text, _b(r.get("downlink_payload_bytes")),
-            _b(r["downlink_message_bytes"]), _b(r["interface_rx_bytes"]),
+            str(r["rounds"]), _b(link.uplink_payload_bytes), _b(link.uplink_message_bytes + r["uplink_control_bytes"]),
+            _b(r["interface_tx_bytes"]), ratio_text, _b(link.downlink_payload_bytes),
+            _b(link.downlink_message_bytes), _b(r["interface_rx_bytes"]),
             _r(r["rx_over_downlink"]), _r(r["payload_bits_per_entry"], 2), _r(r["interface_bits_per_entry"], 2),
             _x(r["interface_compression"]), _SOURCE.get(r["interface_source"], r["interface_source"]),
         )
     tot = report["totals"]
+    links = LinkCounters.from_dict(tot)
     t.add_section()
     t.add_row(
-        Text("workers", style="bold"), "", str(tot["updates"]), _b(tot["uplink_payload_bytes"]),
-        _b(tot["uplink_message_bytes"]), _b(tot["interface_tx_bytes"]), _r(tot["tx_over_message"]),
-        _b(tot.get("downlink_payload_bytes")), _b(tot["downlink_message_bytes"]), _b(tot["interface_rx_bytes"]), _r(tot["rx_over_downlink"]),
+        Text("workers", style="bold"), "", str(tot["updates"]), _b(links.uplink_payload_bytes),
+        _b(links.uplink_message_bytes), _b(tot["interface_tx_bytes"]), _r(tot["tx_over_message"]),
+        _b(links.downlink_payload_bytes), _b(links.downlink_message_bytes), _b(tot["interface_rx_bytes"]), _r(tot["rx_over_downlink"]),
         _r(tot["payload_bits_per_entry"], 2), _r(tot["interface_bits_per_entry"], 2), _x(tot["interface_compression"]), "",
     )
     ps = report["ps"]
+    ps_links = LinkCounters.from_dict(ps)
     # The PS's side of the same traffic: it receives the uplink (rx) and sends the downlink (tx).
     t.add_row(
-        Text(f"{_short(ps['container'], project) or 'ps'} (PS)", style="bold"), "", "", _b(ps["uplink_payload_bytes"]),
-        _b(ps["uplink_message_bytes"]), _b(ps["interface_rx_bytes"]), _r(ps["rx_over_uplink_message"]),
-        "", _b(ps["downlink_message_bytes"]), _b(ps["interface_tx_bytes"]), _r(ps["tx_over_downlink"]), "", "", "",
+        Text(f"{_short(ps['container'], project) or 'ps'} (PS)", style="bold"), "", "", _b(ps_links.uplink_payload_bytes),
+        _b(ps_links.uplink_message_bytes), _b(ps["interface_rx_bytes"]), _r(ps["rx_over_uplink_message"]),
+        "", _b(ps_links.downlink_message_bytes), _b(ps["interface_tx_bytes"]), _r(ps["tx_over_downlink"]), "", "", "",
         _SOURCE.get(ps["interface_source"], ps["interface_source"]),
     )
     rounds = report["rounds"]
@@ -448,8 +438,9 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None):
                  "train loss", "test acc"):
         rt.add_column(name, justify="right", no_wrap=True)
     for r in shown:
-        rt.add_row(str(r["round"]), str(r["workers"]), _b(r["uplink_payload_bytes"]), _b(r["uplink_message_bytes"]),
-                   _b(r.get("downlink_payload_bytes")), _b(r["downlink_message_bytes"]), _r(r["payload_bits_per_entry"], 2), _r(r["train_loss"], 4),
+        link = LinkCounters.from_dict(r)
+        rt.add_row(str(r["round"]), str(r["workers"]), _b(link.uplink_payload_bytes), _b(link.uplink_message_bytes),
+                   _b(link.downlink_payload_bytes), _b(link.downlink_message_bytes), _r(r["payload_bits_per_entry"], 2), _r(r["train_loss"], 4),
                    _r(r["test_accuracy"], 4))
     notes = Text(
         "↑ uplink (worker → PS): iface = the worker's tx, on the PS row the PS's rx; ↓ downlink: the worker's rx, the "
@@ -559,7 +550,7 @@ def _summary_via_archive(container) -> dict | None:
         stream, _ = container.get_archive(f"{out.rstrip('/')}/summary.json")
         with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
             member = next(m for m in tar.getmembers() if m.isfile())
-            return json.load(tar.extractfile(member))
+            return json.load(tar.extractfile(member))  # type: ignore[arg-type]  # a file member has a reader
     except Exception:
         return None
 
@@ -568,7 +559,7 @@ def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
             worker_service: str = DEFAULT_WORKER_SERVICE) -> dict[str, Any]:
     pairs = list_containers(client, project)
     if not pairs:
-        projects = sorted({(c.labels or {}).get(PROJECT_LABEL) for c in client.containers.list(all=True)} - {None})
+        projects = sorted({p for c in client.containers.list(all=True) if (p := (c.labels or {}).get(PROJECT_LABEL))})
         raise ReportError(f"no containers of compose project {project!r}"
                           + (f"; projects found: {', '.join(projects)}" if projects else "; is it up (docker compose up)?"))
     ps = next((c for c, info in pairs if info.service == ps_service), None)

@@ -47,7 +47,8 @@ def _logging(verbose: bool, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gradwire.server.config import add_server_flags, add_task_flags, env
+    from gradwire.envvars import env
+    from gradwire.server.config import add_server_flags, add_task_flags
     from gradwire.worker.config import add_worker_flags
 
     p = OneLineParser(prog="gradwire", description=__doc__)
@@ -110,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         return serve(config, task)
     if args.command == "worker":
         from gradwire.taskref import TaskError, resolve_factory
-        from gradwire.worker.config import config_from_args
+        from gradwire.worker.config import config_from_args as worker_config_from_args
         from gradwire.worker.loop import WorkerFailed, run_worker
 
         try:
-            config = config_from_args(args)
-            if config.task:
-                resolve_factory(config.task)
-            return run_worker(config)
+            worker_config = worker_config_from_args(args)
+            if worker_config.task:
+                resolve_factory(worker_config.task)
+            return run_worker(worker_config)
         except (ValueError, OSError, TaskError, WorkerFailed) as exc:
             if args.verbose:
                 raise
@@ -135,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         import grpc
 
+        from gradwire.protocol import status_to_text
         from gradwire.status import fetch_status, status_as_dict
 
         with grpc.insecure_channel(args.address) as channel:
             st = fetch_status(channel)
-        print(json.dumps(status_as_dict(st), indent=2) if args.json else st)
+        print(json.dumps(status_as_dict(st), indent=2) if args.json else status_to_text(st))
         return 0
     if args.command == "health":
         from gradwire.status import is_serving

@@ -30,6 +30,7 @@ class LocalTrainer:
         self.task = task
         self.model = task.build_model(seed)
         train = task.train
+        self.shard: TensorDataset | Subset
         if isinstance(train, TensorDataset) and len(train.tensors) == 2:
             # In memory already: slice the shard once, as contiguous tensors.
             idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
@@ -81,7 +82,7 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         loss = self.task.loss_fn(self.model(xb), yb)
         loss.backward()
-        grads = {name: p.grad.detach().numpy().copy() for name, p in self.model.named_parameters()}
+        grads = {name: p.grad.detach().numpy().copy() for name, p in self.model.named_parameters()}  # type: ignore[union-attr]
         return grads, float(loss.detach()), len(xb)
 
     def update(self, round_: int) -> tuple[dict[str, np.ndarray], float, int]:

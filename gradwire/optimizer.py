@@ -35,15 +35,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradwire import wire
+from gradwire import protocol
 from gradwire.buffers import buffer_state, load_buffers
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import UpdateEncoder
 from gradwire.downlink import DownlinkDecoder
+from gradwire.protocol import Finished, Hello, RoundResult, Update, Welcome, WorkerReport
 from gradwire.taskref import TaskError
 from gradwire.tasks import tensor_specs
-from gradwire.v1 import exchange_pb2 as pb
 from gradwire.worker.client import TrainStream, open_channel, wait_for_server
 
 log = logging.getLogger("gradwire.optimizer")
@@ -76,15 +76,15 @@ class DistributedOptimizer:
         self._channel = open_channel(server, max_message_mb)
         wait_for_server(self._channel, connect_timeout_s)
         self._stream = TrainStream(self._channel)
-        self._stream.send(pb.WorkerMessage(hello=pb.Hello(
-            protocol=wire.PROTOCOL, requested_worker_id=worker_id or f"{socket.gethostname()}-opt-{id(self):x}",
-            codecs=available_codecs(), hostname=socket.gethostname(),
-        )))
+        self._stream.send(Hello(
+            protocol=protocol.PROTOCOL, requested_worker_id=worker_id or f"{socket.gethostname()}-opt-{id(self):x}",
+            codecs=tuple(available_codecs()), hostname=socket.gethostname(),
+        ))
         opening = self._stream.receive()
-        if opening is None or opening.WhichOneof("body") != "welcome":
+        if not isinstance(opening, Welcome):
             self.close()
             raise ConnectionError("the PS did not welcome this optimizer (the run is over or it refused)")
-        welcome = opening.welcome
+        welcome = opening
         if codec is not None and create_codec(codec).spec != create_codec(welcome.codec_spec).spec:
             self.close()
             raise ValueError(f"the PS runs codec {welcome.codec_spec!r}, this optimizer expects {codec!r}")
@@ -96,14 +96,14 @@ class DistributedOptimizer:
         self.worker_id = welcome.worker_id
         self._encoder = UpdateEncoder(self.codec, self.specs)
         self._downlink = DownlinkDecoder(welcome.downlink_codec_spec, self.specs, self.seed)
-        params = wire.model_from_proto(welcome.model)
+        params = welcome.model
         mine = {s.name: tuple(s.shape) for s in self.specs}
         if mine != {n: tuple(a.shape) for n, a in params.items()}:
             self.close()
             raise TaskError("the PS's model does not match this model (parameter names or shapes differ); "
                             "run the PS with a --task that builds the same model")
-        self._adopt(params, welcome.buffers if welcome.HasField("buffers") else None)
-        self._round, self._directive, self._workers = int(welcome.round), welcome.directive, int(welcome.workers)
+        self._adopt(params, welcome.buffers)
+        self._round, self._directive, self._workers = welcome.round, welcome.directive, welcome.workers
         log.info("joined %s as %s (rank %d), codec %s", server, self.worker_id, self.rank, self.codec.spec)
 
     # ------------------------------------------------------------ the wrapped optimizer
@@ -121,7 +121,8 @@ class DistributedOptimizer:
 
         ``loss`` (or the closure's result) is reported to the PS as the round's training loss.
         """
-        result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        # torch's stubs type a closure as returning float; in practice (and here) it returns the loss tensor.
+        result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()  # type: ignore[arg-type]
         if loss is None and result is not None:
             loss = float(result)
         if self.finished:
@@ -136,12 +137,13 @@ class DistributedOptimizer:
 
     # ------------------------------------------------------------ the exchange
 
-    def _adopt(self, params: dict[str, np.ndarray], buffers: pb.Model | None) -> None:
+    def _adopt(self, params: dict[str, np.ndarray], buffers: dict[str, np.ndarray] | None) -> None:
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(torch.from_numpy(params[name]).reshape(p.shape))
         if buffers is not None:
-            load_buffers(self.model, wire.model_from_proto(buffers))
+            load_buffers(self.model, buffers)
+        self._encoder.model_received(params)  # the model motion, for codecs that declare they need it
         self._reference = params  # what the PS sent: the base of the next delta and downlink delta
 
     def _update(self) -> dict[str, np.ndarray]:
@@ -161,33 +163,34 @@ class DistributedOptimizer:
 
     def _exchange(self, loss: float) -> None:
         started = time.perf_counter()
-        ctx = RoundContext(round=self._round, rank=self.rank, seed=self.seed, num_workers=max(1, self._workers),
-                           directive=dict(self._directive.values), directive_blob=bytes(self._directive.blob))
-        encoded = self._encoder.encode(self._update(), ctx)
+        ctx = RoundContext(round=self._round, rank=self.rank, seed=self.seed, num_workers=max(1, self._workers))
+        encoded = self._encoder.encode(self._update(), ctx, self._directive)
         buffers = buffer_state(self.model)
-        self._stream.send(pb.WorkerMessage(update=pb.Update(
-            round=self._round, tensors=[wire.encoded_to_proto(e) for e in encoded], train_loss=loss,
-            num_examples=0, compute_seconds=time.perf_counter() - started,
-            **({"buffers": wire.model_to_proto(buffers)} if buffers else {}),
-        )))
+        self._stream.send(Update(
+            round=self._round, tensors=tuple(encoded), train_loss=loss, num_examples=0,
+            compute_seconds=time.perf_counter() - started, buffers=buffers or None,
+        ))
         reply = self._stream.receive()
         if reply is None:
             raise ConnectionError("the PS closed the stream without an answer")
-        if reply.WhichOneof("body") == "finished":
+        if isinstance(reply, Finished):
             self._finish()
             return
-        rr = reply.round_result
-        if rr.HasField("model_delta"):
-            params = self._downlink.apply(self._reference, self._round, rr.model_delta, int(rr.round))
+        if not isinstance(reply, RoundResult):
+            raise ConnectionError(f"the PS answered an update with a {type(reply).__name__}")
+        if reply.model_delta is not None:
+            params = self._downlink.apply(self._reference, self._round, reply.model_delta, reply.round)
+        elif reply.model is not None:
+            params = reply.model
         else:
-            params = wire.model_from_proto(rr.model)
-        self._adopt(params, rr.buffers if rr.HasField("buffers") else None)
-        self._round, self._directive, self._workers = int(rr.round), rr.directive, int(rr.workers)
+            raise ConnectionError(f"the PS's result for round {reply.round} carries no model")
+        self._adopt(params, reply.buffers)
+        self._round, self._directive, self._workers = reply.round, reply.directive, reply.workers
         self.rounds += 1
 
     def _finish(self) -> None:
         self.finished = True
-        self._stream.send(pb.WorkerMessage(report=pb.WorkerReport(codec_stats=self._encoder.stats())))
+        self._stream.send(WorkerReport(codec_stats=self._encoder.stats()))
         self._stream.close()
         try:
             while self._stream.receive() is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from gradwire.counters import LinkCounters, total
 from gradwire.status import fetch_status
 
 
@@ -133,9 +134,9 @@ def run_simulation(args) -> int:
                         break
                 try:
                     st = fetch_status(channel, timeout=2)
-                    done = sum(1 for r in st.rounds if r.workers_aggregated > 0)
-                    accs = [r.test_accuracy for r in st.rounds if r.test_accuracy == r.test_accuracy]
-                    payload = sum(r.uplink_payload_bytes for r in st.rounds)
+                    done = sum(1 for r in st.rounds if r.workers > 0)
+                    accs = [r.test_accuracy for r in st.rounds if r.test_accuracy is not None]
+                    payload = total(st.rounds).uplink_payload_bytes
                     info = f"uplink {payload / 1e6:.2f} MB" + (f"  acc {accs[-1]:.3f}" if accs else "")
                     progress.update(bar, completed=done, info=info)
                 except grpc.RpcError:
@@ -194,14 +195,15 @@ def _print_summary(console, s: dict, json_path: Path, log_path: Path) -> None:
 
     t = Table(title=f"gradwire simulate — {s['codec']}", show_header=False)
     acc = s["final_accuracy"]
+    link = LinkCounters.from_dict(s)
     rows = [
         ("workers × rounds", f"{s['workers']} × {s['rounds']}  ({s['params']:,} params)"),
         ("final accuracy", f"{acc:.4f}" if acc is not None else "n/a (regression)"),
         ("final test loss", f"{s['final_loss']:.5f}" if s["final_loss"] is not None else "n/a"),
-        ("uplink payload", f"{s['uplink_payload_bytes']:,} B"),
-        ("uplink protobuf", f"{s['uplink_message_bytes']:,} B"),
-        ("downlink payload", f"{s['downlink_payload_bytes']:,} B  ({s['downlink_codec']})"),
-        ("downlink protobuf", f"{s['downlink_message_bytes']:,} B"),
+        ("uplink payload", f"{link.uplink_payload_bytes:,} B"),
+        ("uplink protobuf", f"{link.uplink_message_bytes:,} B"),
+        ("downlink payload", f"{link.downlink_payload_bytes:,} B  ({s['downlink_codec']})"),
+        ("downlink protobuf", f"{link.downlink_message_bytes:,} B"),
         ("uplink bits / entry", f"{s['uplink_bits_per_entry']:.4f}" if s["uplink_bits_per_entry"] else "n/a"),
         ("downlink bits / entry", f"{s['downlink_bits_per_entry']:.4f}" if s["downlink_bits_per_entry"] else "n/a"),
         *_codec_rows(s.get("codec_stats") or {}),

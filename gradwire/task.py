@@ -18,7 +18,7 @@ are class labels (classes = largest label + 1), floating-point targets are regre
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,14 @@ class Task:
             if len(ds) == 0:
                 raise TaskError(f"Task({split}=...) is empty")
 
+    @property
+    def train_size(self) -> int:
+        return len(self.train)  # type: ignore[arg-type]  # __post_init__ checked that it has a length
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test)  # type: ignore[arg-type]  # __post_init__ checked that it has a length
+
     # ------------------------------------------------------------ what the data says
 
     def _first_target(self) -> torch.Tensor:
@@ -111,7 +119,7 @@ class Task:
         if "train_targets" not in self._cache:
             targets = _targets_of(self.train)
             if targets is None:
-                targets = np.array([np.asarray(self.train[i][1]) for i in range(len(self.train))])
+                targets = np.array([np.asarray(self.train[i][1]) for i in range(self.train_size)])
             self._cache["train_targets"] = targets
         return self._cache["train_targets"]
 
@@ -123,7 +131,7 @@ class Task:
         if "num_classes" not in self._cache:
             test = _targets_of(self.test)
             if test is None:
-                test = np.array([np.asarray(self.test[i][1]) for i in range(len(self.test))])
+                test = np.array([np.asarray(self.test[i][1]) for i in range(self.test_size)])
             self._cache["num_classes"] = int(max(self.train_targets().max(), test.max())) + 1
         return self._cache["num_classes"]
 
@@ -159,6 +167,8 @@ class Task:
             out = model(x)
             model.train(was_training)
         classes = self.num_classes
+        if classes is None:
+            return
         if out.ndim != 2 or out.shape[1] < classes:
             raise TaskError(f"the data has {classes} classes (labels 0..{classes - 1}) but the model's output "
                             f"has shape {tuple(out.shape)}: it needs (batch, {classes})")
@@ -176,7 +186,7 @@ class Task:
     def evaluate(self, model: nn.Module, batch: int = EVAL_BATCH) -> tuple[float, float | None]:
         """(test loss, test metric; accuracy by default, None for regression without a metric)."""
         model.eval()
-        n = len(self.test)
+        n = self.test_size
         total_loss, correct, score = 0.0, 0, 0.0
         classification = self.is_classification
         with torch.no_grad():
@@ -205,6 +215,7 @@ class Task:
 def load_task(ref: str, seed: int = 0, data_dir: str | None = None, model: str | None = None) -> Task:
     """Resolve ``ref`` and call its factory with the seed (and ``data_dir``/``model`` where it takes them)."""
     factory = resolve_factory(ref)
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):

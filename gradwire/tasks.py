@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradwire.catalog import DATASETS, DEFAULT_MODEL, MODELS  # noqa: F401 - re-exported
+from gradwire.catalog import DATASETS, DEFAULT_DATA_DIRS, DEFAULT_MODEL, MODELS  # noqa: F401 - re-exported
 from gradwire.compressors.base import TensorSpec
 
 # The split of the datasets that come without one is fixed, independent of the
@@ -174,8 +174,12 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     if name == "diabetes":
         return load_diabetes()
     if name in ("mnist", "fashion-mnist", "cifar10"):
+        data_dir = data_dir or DEFAULT_DATA_DIRS.get(name)
         if not data_dir:
             raise DatasetError(f"dataset {name!r} is read from files: give their folder with --data-dir")
+        if name in DEFAULT_DATA_DIRS and data_dir == DEFAULT_DATA_DIRS[name] and not Path(data_dir).is_dir():
+            raise DatasetError(f"dataset {name!r} is not in {data_dir}: install Debian's dataset-{name} package "
+                               "(scripts/bootstrap.sh does) or give its folder with --data-dir")
         return load_cifar10(data_dir) if name == "cifar10" else load_idx_dataset(name, data_dir)
     raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
 
@@ -294,6 +298,9 @@ def build_model(name: str, dataset: Dataset, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         if name == "mlp":
             return MLP(int(np.prod(shape)), outputs)
+        if name == "mlp-wide":
+            # 1.3 M parameters on 28x28 inputs: large enough that bytes and codec costs are realistic.
+            return MLP(int(np.prod(shape)), outputs, hidden=(1024, 512))
         if name == "linear":
             return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), outputs))
         if name in ("lenet5", "resnet"):

@@ -62,6 +62,21 @@ fi
 # 1. engine --------------------------------------------------------------------------------
 bash "$ROOT/scripts/install_docker.sh" 9>&-
 
+# 1b. real data offline ----------------------------------------------------------------------
+# Fashion-MNIST (70,000 real images) is a Debian package; `--dataset fashion-mnist` reads it from
+# /usr/share/datasets/fashion-mnist by default and compose mounts that folder into the containers.
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ]; then
+    log "Fashion-MNIST is in $FMNIST"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Fashion-MNIST (Debian package dataset-fashion-mnist, 30 MB)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+        || die "could not install dataset-fashion-mnist from the Debian archive"
+else
+    log "Fashion-MNIST is not installed ($FMNIST); as root: apt-get install dataset-fashion-mnist"
+fi
+
 # 2. wheelhouse ----------------------------------------------------------------------------
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then

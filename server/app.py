@@ -9,16 +9,18 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
-from gradwire.server.config import ServerConfig
-from gradwire.server.coordinator import Coordinator
-from gradwire.server.metrics import serve_metrics
-from gradwire.server.servicer import SERVICE_NAME, GradientExchangeServicer, generic_handler
-from gradwire.server.summary import build_summary, write_summary
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gradwire.protocol import SERVICE_NAME
+from gradwire.server.config import ServerConfig
+from gradwire.server.metrics import serve_metrics
+from gradwire.server.round_engine import RoundEngine
+from gradwire.server.servicer import GradientExchangeServicer, generic_handler
+from gradwire.server.summary import build_summary, write_summary
 from gradwire.task import Task, load_task
 
 log = logging.getLogger("gradwire.server")
@@ -30,21 +32,21 @@ KEEPALIVE_MS = 20_000
 @dataclass
 class RunningServer:
     server: grpc.Server
-    coordinator: Coordinator
+    engine: RoundEngine
     health: health.HealthServicer
     port: int
     thread: threading.Thread
-    metrics_http: object | None = None
+    metrics_http: WSGIServer | None = None
 
     @property
     def metrics_port(self) -> int | None:
         return self.metrics_http.server_port if self.metrics_http is not None else None
 
     def summary(self) -> dict:
-        return build_summary(self.coordinator)
+        return build_summary(self.engine)
 
     def stop(self, grace: float | None = 1.0) -> None:
-        self.coordinator.stop()
+        self.engine.stop()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
@@ -54,10 +56,10 @@ class RunningServer:
 
 
 def start_server(config: ServerConfig, task: Task | None = None) -> RunningServer:
-    """Build the coordinator, bind, start serving and start the rounds thread."""
+    """Build the round engine, bind, start serving and start the rounds thread."""
     if task is None:
         task = load_task(config.task_ref, config.seed, config.data_dir or None, config.model or None)
-    coordinator = Coordinator(config, task)
+    engine = RoundEngine(config, task)
     limit = config.max_message_mb * 2**20
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max(16, 4 * config.workers + 8), thread_name_prefix="gradwire-rpc"),
@@ -68,7 +70,7 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
         ],
     )
-    server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(coordinator)),))
+    server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(engine)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(config.address)
@@ -77,10 +79,10 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    metrics_http = serve_metrics(coordinator, config.metrics_address) if config.metrics_address else None
-    thread = threading.Thread(target=coordinator.run, name="gradwire-rounds", daemon=True)
+    metrics_http = serve_metrics(engine, config.metrics_address) if config.metrics_address else None
+    thread = threading.Thread(target=engine.run, name="gradwire-rounds", daemon=True)
     thread.start()
-    return RunningServer(server, coordinator, health_servicer, port, thread, metrics_http)
+    return RunningServer(server, engine, health_servicer, port, thread, metrics_http)
 
 
 def serve(config: ServerConfig, task: Task | None = None) -> int:
@@ -96,7 +98,7 @@ def serve(config: ServerConfig, task: Task | None = None) -> int:
 
     def on_signal(signum, _frame):
         log.warning("signal %d: stopping after the current round", signum)
-        running.coordinator.stop()
+        running.engine.stop()
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)

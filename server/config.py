@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 
 from gradwire.catalog import DATASETS, MODELS
-
-DEFAULT_MAX_MESSAGE_MB = 64
-
-
-def env(name: str, default):
-    """GRADWIRE_<name> as the text the user gave, else ``default``.
-
-    The text is converted by the flag's argparse ``type`` when (and only when) a command parses
-    that flag, so a bad GRADWIRE_ROUNDS fails `gradwire server` with one line and leaves
-    `gradwire status` alone.
-    """
-    value = os.environ.get(f"GRADWIRE_{name}")
-    return default if value is None or value == "" else value
+from gradwire.envvars import env
+from gradwire.protocol import DEFAULT_MAX_MESSAGE_MB
 
 
 def parse_batch_size(text: str | int) -> int:

@@ -6,7 +6,8 @@ import argparse
 import socket
 from dataclasses import dataclass
 
-from gradwire.server.config import DEFAULT_MAX_MESSAGE_MB, env
+from gradwire.envvars import env
+from gradwire.protocol import DEFAULT_MAX_MESSAGE_MB
 
 
 @dataclass(frozen=True)

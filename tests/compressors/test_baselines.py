@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
 from gradwire.compressors.entropy import varint_decode, varint_encode
 from gradwire.compressors.feedback import ErrorFeedbackEncoder
@@ -32,8 +35,6 @@ from gradwire.compressors.topk import (
     sparse_count,
 )
 from gradwire.compressors.update import UpdateDecoder, UpdateEncoder
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("GRADWIRE_UPDATE_GOLDEN") == "1"

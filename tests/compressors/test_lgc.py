@@ -1,4 +1,4 @@
-"""Learned gradient compression (``lgc``, ALGORITHMS.md §3): stages, leader/support agreement,
+"""Learned gradient compression (``lgc``, docs/algorithms.md §3): stages, leader/support agreement,
 autoencoder training, error feedback, joins and leaves, malformed input, a real PS.
 
 Most tests drive the codec's PS-side hooks (directive, blob_for, decoders, finalize,
@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
 from gradwire.compressors import lgc_model
 from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
 from gradwire.compressors.lgc import (
@@ -39,9 +43,6 @@ from gradwire.compressors.lgc import (
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.spec import SpecError
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder, UpdateEncoder
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
 
 GOLDEN = Path(__file__).parent / "golden" / "lgc.json"
 TINY = "lgc:warmup=2,train=6,k=0.2,innovation=0.02,adopt=2"
@@ -103,12 +104,12 @@ class Record:
 
 
 class InProcessPS:
-    """The PS's call order for codec hooks, without gRPC (server/coordinator.py `_run`)."""
+    """The PS's call order for codec hooks, without gRPC (server/round_engine.py `_run`)."""
 
     def __init__(self, spec: str, specs: list[TensorSpec]):
         self.codec = create_codec(spec)
         self.specs = specs
-        self.coord = self.codec.make_coordinator()
+        self.coord = self.codec.make_cross_worker_state()
         self.encoders: dict[int, UpdateEncoder] = {}
         self.decoders: dict[int, UpdateDecoder] = {}
 
@@ -126,7 +127,7 @@ class InProcessPS:
 
     def round(self, t: int, grad_fn, drop: tuple[int, ...] = ()) -> Record:
         ranks = sorted(self.encoders)
-        directive = self.coord.directive(t, ranks)
+        directive = self.coord.open_round(t, ranks)
         rec = Record(t, directive)
         decoded = {}
         for r in ranks:
@@ -402,7 +403,7 @@ def test_adopt_zero_keeps_a_newcomer_on_topk():
 def test_malformed_payloads_are_rejected_with_a_reason():
     ps, log, task = _train(TINY, 9)  # round 9 is stage 3, leader 0
     t = 9
-    directive = ps.coord.directive(t, [0, 1, 2])
+    directive = ps.coord.open_round(t, [0, 1, 2])
     leader = int(directive["leader"])
     other = (leader + 1) % 3
     msgs = {r: ps.encoders[r].encode(task.gradient(r, t), RoundContext(t, r, 0, 3, directive, ps.coord.blob_for(r, t)))
@@ -437,10 +438,10 @@ def test_malformed_payloads_are_rejected_with_a_reason():
 # ------------------------------------------------------------------ checkpoints, exempt layers
 
 
-def test_coordinator_and_encoder_checkpoint_roundtrip():
+def test_cross_worker_state_and_encoder_checkpoint_roundtrip():
     ps, log, task = _train(TINY, 9)
     state = ps.coord.state_dict()
-    fresh = create_codec(TINY).make_coordinator()
+    fresh = create_codec(TINY).make_cross_worker_state()
     fresh.load_state_dict(state)
     ours, theirs = ps.coord.stats(), fresh.stats()
     assert ours == theirs
@@ -527,7 +528,7 @@ def test_real_ps_reaches_stage3_and_adopts_a_late_worker(make_server):
     threads = [threading.Thread(target=run, args=(f"w{i}",)) for i in range(2)]
     for t in threads:
         t.start()
-    while running.coordinator.snapshot()["round"] < 5 and running.thread.is_alive():
+    while running.engine.snapshot().round < 5 and running.thread.is_alive():
         running.thread.join(0.05)
     late = threading.Thread(target=run, args=("late",))  # joins in stage 3
     late.start()

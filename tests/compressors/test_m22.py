@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+from scipy import integrate, special, stats
+
 from gradwire.compressors import m22
 from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
 from gradwire.compressors.m22 import cell_probabilities, design_quantizer, expected_distortion, fit_dweibull
 from gradwire.compressors.registry import create_codec
-from hypothesis import given, settings
-from hypothesis import strategies as hs
-from scipy import integrate, special, stats
 
 GOLDEN = Path(__file__).parent / "golden" / "m22.json"
 

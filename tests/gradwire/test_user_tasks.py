@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gradwire.server.aggregation import ServerOptimizer, mean_update
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import gradwire
 from gradwire.buffers import buffer_state, load_buffers, mean_buffers
 from gradwire.local import LocalTrainer
+from gradwire.server.aggregation import ServerOptimizer, mean_update
 from gradwire.task import Task, TaskError, load_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,11 +124,11 @@ def test_buffers_reach_the_ps_with_the_batchnorm_example(make_server, run_worker
     results = run_workers(running.port, 2)
     running.thread.join(60)
     summary = running.summary()
-    task = running.coordinator.task
+    task = running.engine.task
     assert all(r.finished for r in results)
     ps_accuracy = summary["final_accuracy"]
     # The mean worker model: the PS's final parameters with the mean of the workers' statistics.
-    mean_model = _accuracy(task, {n: p.detach().numpy() for n, p in running.coordinator.model.named_parameters()},
+    mean_model = _accuracy(task, {n: p.detach().numpy() for n, p in running.engine.model.named_parameters()},
                            mean_buffers([r.last_buffers for r in results]))
     own_models = [_accuracy(task, r.last_model, r.last_buffers) for r in results]
     assert ps_accuracy > 0.85

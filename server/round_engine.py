@@ -1,15 +1,21 @@
-"""Synchronous rounds, the byte ledger and the global model.
+"""The round engine: synchronous rounds and the global model.
 
-One coordinator thread runs the rounds: it opens round r, waits until every
+One engine thread runs the rounds: it opens round r, waits until every
 expected worker has submitted (or the round timeout passes: missing workers are
 counted as stragglers), aggregates, steps the server optimizer, evaluates every
 ``eval_every`` rounds and publishes round r+1. Worker streams call ``join``,
-``submit`` and ``report`` from gRPC handler threads.
+``submit`` and ``report`` from gRPC handler threads, with typed messages
+(``gradwire.protocol``); the servicer converts them from and to protobuf.
 
 Nothing a worker sends touches shared state until it is fully validated and
 decoded, so a rejected message never reaches the global model or the other
 workers. A rejected worker loses its session (and with it its decoder state);
-when it reconnects both ends start from reset codec state (ALGORITHMS.md §0).
+when it reconnects both ends start from reset codec state (docs/algorithms.md §0).
+
+The codec's PS-wide state is reached through one interface
+(``compressors.base.CrossWorkerState``), whose hooks run for every codec: the
+engine has no codec-specific branch. Bytes are counted in the ledger
+(``server/ledger.py``); checkpoints are ``server/checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -18,19 +24,13 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from gradwire.compressors.base import RoundContext
-from gradwire.compressors.registry import create_codec
-from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
-from gradwire.server.aggregation import ServerOptimizer, mean_update
-from gradwire.server.config import ServerConfig
 
-from gradwire import wire
+from gradwire import protocol
 from gradwire.buffers import (
     InvalidBuffers,
     buffer_specs,
@@ -39,11 +39,27 @@ from gradwire.buffers import (
     load_buffers,
     mean_buffers,
 )
+from gradwire.compressors.base import Directive, RoundContext
+from gradwire.compressors.registry import create_codec
+from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
 from gradwire.downlink import DENSE, Broadcast, DownlinkEncoder, check_downlink_codec
 from gradwire.netstats import read_counters
+from gradwire.protocol import (
+    Finished,
+    Hello,
+    RoundResult,
+    ServerMessage,
+    TaskSpec,
+    Update,
+    Welcome,
+    WorkerReport,
+)
+from gradwire.server.aggregation import ServerOptimizer, mean_update
+from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from gradwire.server.config import ServerConfig
+from gradwire.server.ledger import Ledger, LedgerSnapshot, WorkerRecord
 from gradwire.task import Task
 from gradwire.tasks import BUILTIN_TASKS, shard_indices, tensor_specs
-from gradwire.v1 import exchange_pb2 as pb
 
 log = logging.getLogger("gradwire.server")
 
@@ -55,32 +71,6 @@ class Rejected(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-@dataclass
-class WorkerRecord:
-    """What the PS keeps about a worker id across its sessions."""
-
-    worker_id: str
-    rank: int
-    hostname: str = ""
-    connected: bool = False
-    sessions: int = 0
-    rounds_aggregated: int = 0
-    uplink_payload_bytes: int = 0
-    uplink_message_bytes: int = 0
-    uplink_control_bytes: int = 0  # hello and report messages
-    downlink_message_bytes: int = 0
-    downlink_payload_bytes: int = 0  # model floats, or the downlink codec's delta bytes
-    downlink_models: int = 0  # messages that carried a model or a model delta
-    rejected_messages: int = 0
-    rejected_message_bytes: int = 0
-    last_rejection: str = ""
-    interface_start: dict | None = None
-    interface_end: dict | None = None
-    codec_stats: dict[str, float] = field(default_factory=dict)
-    decoder_stats: dict[str, float] = field(default_factory=dict)
-    shard_size: int = 0
 
 
 @dataclass
@@ -102,13 +92,13 @@ class Contribution:
     buffers: dict[str, np.ndarray] | None = None  # the worker's buffers (BatchNorm statistics), if any
 
 
-class Coordinator:
+class RoundEngine:
     def __init__(self, config: ServerConfig, task: Task):
         self.config = config
         self.task = task
         self.codec = create_codec(config.codec)
         self.downlink_codec = check_downlink_codec(config.downlink_codec)
-        self.codec_coordinator = self.codec.make_coordinator()
+        self.codec_state = self.codec.make_cross_worker_state()
         torch.manual_seed(config.seed)
         self.model = task.build_model(config.seed)
         task.check_outputs(self.model)
@@ -128,13 +118,12 @@ class Coordinator:
         self.phase = "waiting"  # waiting -> collecting <-> aggregating -> finished
         self.round = 0
         self.num_shards = 0
-        self.records: dict[str, WorkerRecord] = {}
+        self.ledger = Ledger()
         self.sessions: dict[str, Session] = {}
         self.expected: set[str] = set()
         self.contributions: dict[str, Contribution] = {}
         self.aggregated_last: set[str] = set()
-        self.directive: dict[str, float] = {}
-        self.rounds_log: list[dict[str, Any]] = []
+        self.directive_values: dict[str, float] = {}
         self.initial_loss: float | None = None
         self.initial_accuracy: float | None = None
         self.last_join = 0.0
@@ -146,63 +135,68 @@ class Coordinator:
         self.interface_start = read_counters()
         self.interface_end: dict | None = None
         if config.resume:
-            self._load_checkpoint(config.resume)
-        # Dense downlink: the model itself goes out in full (model_msg). With a downlink codec the
-        # workers hold the broadcast reference θ̂ instead, moved by encoded deltas; it starts (and,
-        # after a resume, restarts) as the model itself.
-        self.model_msg: pb.Model | None = None
+            self._resume(config.resume)
+        # Dense downlink: the model itself goes out in full (model_sent, a copy taken when a round
+        # closes). With a downlink codec the workers hold the broadcast reference θ̂ instead, moved
+        # by encoded deltas; it starts (and, after a resume, restarts) as the model itself.
+        self.model_sent: dict[str, np.ndarray] | None = None
         self.downlink: DownlinkEncoder | None = None
         self.broadcast: Broadcast | None = None
         if self.downlink_codec.spec != DENSE:
             self.downlink = DownlinkEncoder(self.downlink_codec, self.specs, config.seed)
-            self.broadcast = self.downlink.start(self._params(), len(self.rounds_log))
+            self.broadcast = self.downlink.start(self._params(), len(self.ledger.rounds))
         else:
-            self.model_msg = self._model_proto()
+            self.model_sent = self._params_copy()
+        # The buffers go out in full with every model (gradwire/buffers.py), as of the last closed round.
+        self.buffers_sent = buffer_state(self.model)
+
+    @property
+    def records(self) -> dict[str, WorkerRecord]:
+        return self.ledger.records
 
     # ------------------------------------------------------------ helpers
 
     def _params(self) -> dict[str, np.ndarray]:
+        """Views of the live parameters."""
         return {n: p.detach().numpy() for n, p in self.model.named_parameters()}
 
-    def _model_proto(self) -> pb.Model:
-        return wire.model_to_proto(self._params())
+    def _params_copy(self) -> dict[str, np.ndarray]:
+        """The model as it is now, for messages sent while the next round steps it."""
+        return {n: np.array(a, dtype=np.float32) for n, a in self._params().items()}
 
-    def _buffers_fields(self) -> dict:
-        """``buffers=`` for a Welcome or RoundResult: the PS's buffers, or nothing when the model has none."""
-        if not self.buffer_specs:
-            return {}
-        return {"buffers": wire.model_to_proto(buffer_state(self.model))}
+    def _buffers_sent(self) -> dict[str, np.ndarray] | None:
+        """The PS's buffers as of the last closed round, or None when the model has none."""
+        return self.buffers_sent if self.buffer_specs else None
 
-    def _model_reply(self, session: Session, **fields) -> pb.RoundResult:
+    def _model_reply(self, session: Session, **fields) -> RoundResult:
         """A RoundResult with the model delta when the worker holds its base, else the full model."""
         b = self.broadcast
         if b is not None and b.delta is not None and session.reference_round == b.delta.base_round:
-            result = pb.RoundResult(model_delta=b.delta, **fields, **self._buffers_fields())
+            result = RoundResult(model_delta=b.delta, buffers=self._buffers_sent(), **fields)
         else:
-            result = pb.RoundResult(model=self._full_model(), **fields, **self._buffers_fields())
+            result = RoundResult(model=self._full_model(), buffers=self._buffers_sent(), **fields)
         session.reference_round = b.round if b is not None else -1
         return result
 
-    def _full_model(self) -> pb.Model:
+    def _full_model(self) -> dict[str, np.ndarray]:
         """What a worker trains on, in full: the broadcast reference, or the model itself."""
-        return self.broadcast.model if self.broadcast is not None else self.model_msg
+        return self.broadcast.reference if self.broadcast is not None else self.model_sent  # type: ignore[return-value]  # set whenever there is no broadcast
 
     def _ctx(self, rank: int, round_: int) -> RoundContext:
         return RoundContext(
             round=round_, rank=rank, seed=self.config.seed, num_workers=max(1, len(self.expected)),
-            directive=dict(self.directive),
+            directive=dict(self.directive_values),
         )
 
-    def _directive_proto(self, rank: int, round_: int) -> pb.CodecDirective:
-        blob = self.codec_coordinator.blob_for(rank, round_) if self.codec_coordinator else b""
-        return pb.CodecDirective(values=self.directive, blob=blob)
+    def _directive_for(self, rank: int, round_: int) -> Directive:
+        return self.codec_state.directive_for(rank, round_, self.directive_values)
 
-    def _task_spec(self, rank: int) -> pb.TaskSpec:
+    def _task_spec(self, rank: int) -> TaskSpec:
         c = self.config
         # A built-in task goes out as before (dataset and model names); a user task as its reference.
         builtin = not c.task or c.task in BUILTIN_TASKS
-        return pb.TaskSpec(
-            dataset=c.task or c.dataset if builtin else "", model=self.task.model_name if builtin else c.model,
+        return TaskSpec(
+            dataset=(c.task or c.dataset) if builtin else "", model=self.task.model_name if builtin else c.model,
             batch_size=c.batch_size, num_shards=self.num_shards, shard_index=rank % self.num_shards,
             partition=c.partition, dirichlet_alpha=c.dirichlet_alpha, seed=c.seed, data_dir=c.data_dir,
             task="" if builtin else c.task, local_steps=c.local_steps if c.local_steps > 1 else 0,
@@ -211,9 +205,9 @@ class Coordinator:
 
     # ------------------------------------------------------------ worker side
 
-    def join(self, hello: pb.Hello, message_bytes: int) -> Session:
-        if hello.protocol != wire.PROTOCOL:
-            raise Rejected("FAILED_PRECONDITION", f"protocol {hello.protocol!r} is not supported; this PS speaks {wire.PROTOCOL}")
+    def join(self, hello: Hello, message_bytes: int) -> Session:
+        if hello.protocol != protocol.PROTOCOL:
+            raise Rejected("FAILED_PRECONDITION", f"protocol {hello.protocol!r} is not supported; this PS speaks {protocol.PROTOCOL}")
         if hello.codecs and self.codec.name not in hello.codecs:
             raise Rejected(
                 "FAILED_PRECONDITION",
@@ -223,42 +217,37 @@ class Coordinator:
             worker_id = hello.requested_worker_id or f"worker-{len(self.records)}"
             if worker_id in self.sessions:
                 raise Rejected("ALREADY_EXISTS", f"worker id {worker_id!r} is already connected")
-            record = self.records.get(worker_id)
-            if record is None:
-                record = WorkerRecord(worker_id, rank=len(self.records))
-                self.records[worker_id] = record
+            record = self.ledger.record_for(worker_id)
             record.hostname = hello.hostname
             record.connected = True
             record.sessions += 1
-            record.uplink_control_bytes += message_bytes
+            self.ledger.count_control(record, message_bytes)
             if record.interface_start is None:
-                record.interface_start = wire.counters_from_proto(hello.interface_start)
-            session = Session(record, UpdateDecoder(self.codec, self.specs, self.codec_coordinator))
+                record.interface_start = hello.interface_start
+            session = Session(record, UpdateDecoder(self.codec, self.specs, self.codec_state))
             self.sessions[worker_id] = session
             self.last_join = time.monotonic()
             self.cond.notify_all()
             log.info("worker %s joined as rank %d (session %d)", worker_id, record.rank, record.sessions)
             return session
 
-    def welcome(self, session: Session) -> pb.ServerMessage:
+    def welcome(self, session: Session) -> ServerMessage:
         """Blocks until the run has started; returns Welcome (or Finished)."""
         with self.cond:
             while session.alive and (self.phase in ("waiting", "aggregating")) and not self.stop_requested.is_set():
                 self.cond.wait(0.5)
             if self.phase == "finished" or self.stop_requested.is_set():
-                return pb.ServerMessage(finished=pb.Finished(rounds=self.round, reason=self.finish_reason or "finished"))
+                return Finished(rounds=self.round, reason=self.finish_reason or "finished")
             rank = session.record.rank
             session.start_round = self.round
             session.reference_round = self.broadcast.round if self.broadcast is not None else -1
             self.expected.add(session.record.worker_id)
-            return pb.ServerMessage(
-                welcome=pb.Welcome(
-                    protocol=wire.PROTOCOL, worker_id=session.record.worker_id, rank=rank,
-                    task=self._task_spec(rank), codec_spec=self.codec.spec, round=self.round,
-                    total_rounds=self.config.rounds, model=self._full_model(),
-                    directive=self._directive_proto(rank, self.round), workers=len(self.expected),
-                    downlink_codec_spec=self.downlink_codec.spec, **self._buffers_fields(),
-                )
+            return Welcome(
+                protocol=protocol.PROTOCOL, worker_id=session.record.worker_id, rank=rank,
+                task=self._task_spec(rank), codec_spec=self.codec.spec, round=self.round,
+                total_rounds=self.config.rounds, model=self._full_model(),
+                directive=self._directive_for(rank, self.round), workers=len(self.expected),
+                downlink_codec_spec=self.downlink_codec.spec, buffers=self._buffers_sent(),
             )
 
     def leave(self, session: Session) -> None:
@@ -270,8 +259,7 @@ class Coordinator:
                 session.record.connected = False
                 session.record.decoder_stats = session.decoder.stats()
                 self.expected.discard(wid)
-                if self.codec_coordinator is not None:
-                    self.codec_coordinator.forget_worker(session.record.rank)
+                self.codec_state.forget_worker(session.record.rank)
                 log.info("worker %s (rank %d) left", wid, session.record.rank)
             self.cond.notify_all()
 
@@ -279,12 +267,10 @@ class Coordinator:
         if session is None:
             return
         with self.cond:
-            session.record.rejected_messages += 1
-            session.record.rejected_message_bytes += message_bytes
-            session.record.last_rejection = reason
+            self.ledger.count_rejection(session.record, reason, message_bytes)
         log.warning("rejected a message from %s: %s", session.record.worker_id, reason)
 
-    def submit(self, session: Session, update: pb.Update, message_bytes: int) -> pb.ServerMessage:
+    def submit(self, session: Session, update: Update, message_bytes: int) -> ServerMessage:
         """Validate, decode and file one update; block until the round closes."""
         record = session.record
         with self.cond:
@@ -300,57 +286,47 @@ class Coordinator:
         if not math.isfinite(update.train_loss):
             raise Rejected("INVALID_ARGUMENT", f"train_loss is {update.train_loss}; refusing an update from a diverged worker")
         try:
-            tensors = [wire.encoded_from_proto(t) for t in update.tensors]
-            decoded = session.decoder.decode(tensors, self._ctx(record.rank, current))
-        except (wire.MalformedMessage, InvalidUpdate) as exc:
+            decoded = session.decoder.decode(update.tensors, self._ctx(record.rank, current))
+        except InvalidUpdate as exc:
             raise Rejected("INVALID_ARGUMENT", str(exc)) from None
-        payload = wire.payload_bytes(tensors)
+        payload = protocol.payload_bytes(update.tensors)
         buffers = None
-        if update.HasField("buffers") and self.buffer_specs:
+        if update.buffers is not None and self.buffer_specs:
             try:
-                buffers = wire.model_from_proto(update.buffers)
-                check_buffers(buffers, self.buffer_specs)
-            except (wire.MalformedMessage, InvalidBuffers) as exc:
+                check_buffers(update.buffers, self.buffer_specs)
+            except InvalidBuffers as exc:
                 raise Rejected("INVALID_ARGUMENT", f"buffers: {exc}") from None
-            payload += sum(len(t.data) for t in update.buffers.tensors)  # buffers are model payload too
+            buffers = update.buffers
+            payload += protocol.model_payload_bytes(buffers)  # buffers are model payload too
         with self.cond:
             if self.round != current or self.phase != "collecting" or not session.alive:
                 raise Rejected("FAILED_PRECONDITION", f"stale update for round {current}: the round closed while it was decoded")
             self.contributions[record.worker_id] = Contribution(
                 decoded, float(update.train_loss), int(update.num_examples), payload, message_bytes, buffers
             )
-            record.uplink_payload_bytes += payload
-            record.uplink_message_bytes += message_bytes
+            self.ledger.count_update(record, payload, message_bytes)
             self.cond.notify_all()
             while self.round == current and self.phase != "finished" and session.alive:
                 self.cond.wait(0.5)
             if self.phase == "finished":
-                return pb.ServerMessage(finished=pb.Finished(rounds=self.round, reason=self.finish_reason))
-            return pb.ServerMessage(
-                round_result=self._model_reply(
-                    session, round=self.round, directive=self._directive_proto(record.rank, self.round),
-                    update_aggregated=record.worker_id in self.aggregated_last, workers=len(self.expected),
-                )
+                return Finished(rounds=self.round, reason=self.finish_reason)
+            return self._model_reply(
+                session, round=self.round, directive=self._directive_for(record.rank, self.round),
+                update_aggregated=record.worker_id in self.aggregated_last, workers=len(self.expected),
             )
 
     def count_downlink(self, session: Session, nbytes: int, payload: int = 0, models: int = 0) -> None:
         """``payload``: model bytes the message carries (floats, or delta codec bytes) in ``models`` models."""
         with self.cond:
-            session.record.downlink_message_bytes += nbytes
-            session.record.downlink_payload_bytes += payload
-            session.record.downlink_models += models
-            if self.rounds_log and self.phase != "waiting":
-                entry = self.rounds_log[-1]
-                entry["downlink_message_bytes"] += nbytes
-                entry["downlink_payload_bytes"] = entry.get("downlink_payload_bytes", 0) + payload
+            self.ledger.count_downlink(session.record, nbytes, payload, models, in_round=self.phase != "waiting")
 
-    def report(self, session: Session, report: pb.WorkerReport, message_bytes: int) -> None:
+    def report(self, session: Session, report: WorkerReport, message_bytes: int) -> None:
         with self.cond:
             rec = session.record
-            rec.uplink_control_bytes += message_bytes
-            rec.codec_stats = {k: float(v) for k, v in report.codec_stats.items()}
-            rec.interface_start = wire.counters_from_proto(report.interface_start) or rec.interface_start
-            rec.interface_end = wire.counters_from_proto(report.interface_end)
+            self.ledger.count_control(rec, message_bytes)
+            rec.codec_stats = dict(report.codec_stats)
+            rec.interface_start = report.interface_start or rec.interface_start
+            rec.interface_end = report.interface_end
             rec.decoder_stats = session.decoder.stats()
             self.cond.notify_all()
 
@@ -387,14 +363,9 @@ class Coordinator:
         self.phase = "collecting"
         self.expected = set(self.sessions)
         self.contributions = {}
-        if self.codec_coordinator is not None:
-            ranks = sorted(self.sessions[w].record.rank for w in self.expected)
-            self.directive = {k: float(v) for k, v in self.codec_coordinator.directive(round_, ranks).items()}
-        self.rounds_log.append({
-            "round": round_, "uplink_payload_bytes": 0, "uplink_message_bytes": 0, "downlink_message_bytes": 0,
-            "downlink_payload_bytes": 0, "workers": 0, "stragglers": 0, "train_loss": None, "test_accuracy": None, "test_loss": None,
-            "lr": self.optimizer.lr_at(round_),
-        })
+        ranks = sorted(self.sessions[w].record.rank for w in self.expected)
+        self.directive_values = {k: float(v) for k, v in self.codec_state.open_round(round_, ranks).items()}
+        self.ledger.open_round(round_, self.optimizer.lr_at(round_))
 
     def _collect(self, round_: int) -> tuple[dict[str, Contribution], set[str]] | None:
         """The round's contributions and stragglers; None when every worker is gone."""
@@ -430,7 +401,7 @@ class Coordinator:
         try:
             self._run()
         except Exception:
-            log.exception("coordinator failed")
+            log.exception("round engine failed")
             self.finish_reason = "server error"
             raise
         finally:
@@ -447,7 +418,7 @@ class Coordinator:
         if not self._wait_for_start():
             return
         self.started_at = time.monotonic()
-        first = len(self.rounds_log)  # > 0 when resumed from a checkpoint
+        first = len(self.ledger.rounds)  # > 0 when resumed from a checkpoint
         with self.cond:
             self._open_round(first)
             self.cond.notify_all()
@@ -455,44 +426,43 @@ class Coordinator:
         for r in range(first, self.config.rounds):
             collected = self._collect(r)
             if collected is None:
-                self.rounds_log.pop()
+                with self.cond:
+                    self.ledger.drop_open_round()
                 return
             contributions, stragglers = collected
             if self.stop_requested.is_set():
                 self.finish_reason = "stopped (SIGTERM)"
-                self.rounds_log.pop()
+                with self.cond:
+                    self.ledger.drop_open_round()
                 return
-            by_rank = {self.records[w].rank: c.decoded for w, c in contributions.items()}
-            if self.codec_coordinator is not None:
-                by_rank = self._finalize(r, by_rank)
+            by_rank = self._finalize(r, {self.records[w].rank: c.decoded for w, c in contributions.items()})
             self.optimizer.step(mean_update(by_rank), r)
             sent = [contributions[w].buffers for w in sorted(contributions, key=lambda w: self.records[w].rank)]
             if any(b is not None for b in sent):
                 load_buffers(self.model, mean_buffers([b for b in sent if b is not None]))
-            if self.codec_coordinator is not None:
-                self.codec_coordinator.observe(r, by_rank)
-            entry = self.rounds_log[-1]
-            entry["uplink_payload_bytes"] = sum(c.payload_bytes for c in contributions.values())
-            entry["uplink_message_bytes"] = sum(c.message_bytes for c in contributions.values())
-            entry["workers"] = len(contributions)
-            entry["stragglers"] = len(stragglers)
-            entry["train_loss"] = float(np.mean([c.train_loss for c in contributions.values()]))
-            if (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds:
-                entry["test_loss"], entry["test_accuracy"] = self._evaluate()
-            for w in contributions:
-                self.records[w].rounds_aggregated += 1
-            new_model = broadcast = None
-            if self.downlink is None:
-                new_model = self._model_proto()
-            elif r + 1 < self.config.rounds:  # after the last round the workers get Finished
-                broadcast = self.downlink.advance(self.broadcast, self._params(), r + 1)
-            if self.config.checkpoint_every and self.config.out and (r + 1) % self.config.checkpoint_every == 0:
-                self.save_checkpoint(Path(self.config.out) / "checkpoint.pt")
+            self.codec_state.observe(r, by_rank)
+            train_loss = float(np.mean([c.train_loss for c in contributions.values()]))
+            evaluated = (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds
+            test_loss, test_accuracy = self._evaluate() if evaluated else (None, None)
             with self.cond:
-                if new_model is not None:
-                    self.model_msg = new_model
+                entry = self.ledger.close_round(
+                    {w: (c.payload_bytes, c.message_bytes) for w, c in contributions.items()}, len(stragglers), train_loss
+                )
+                entry.test_loss, entry.test_accuracy = test_loss, test_accuracy
+            model_sent = broadcast = None
+            buffers_sent = buffer_state(self.model)
+            if self.downlink is None:
+                model_sent = self._params_copy()
+            elif r + 1 < self.config.rounds:  # after the last round the workers get Finished
+                broadcast = self.downlink.advance(self.broadcast, self._params(), r + 1)  # type: ignore[arg-type]
+            if self.config.checkpoint_every and self.config.out and (r + 1) % self.config.checkpoint_every == 0:
+                self.save_checkpoint(Path(self.config.out) / CHECKPOINT_NAME)
+            with self.cond:
+                if model_sent is not None:
+                    self.model_sent = model_sent
                 if broadcast is not None:
                     self.broadcast = broadcast
+                self.buffers_sent = buffers_sent
                 self.aggregated_last = set(contributions)
                 if r + 1 < self.config.rounds:
                     self._open_round(r + 1)
@@ -502,13 +472,13 @@ class Coordinator:
                     self.phase = "finished"
                 self.cond.notify_all()
             log.info(
-                "round %d: %d workers, %d payload bytes, loss %.4f%s", r, entry["workers"], entry["uplink_payload_bytes"],
-                entry["train_loss"], f", test accuracy {entry['test_accuracy']:.4f}" if entry["test_accuracy"] is not None else "",
+                "round %d: %d workers, %d payload bytes, loss %.4f%s", r, entry.workers, entry.uplink_payload_bytes,
+                entry.train_loss, f", test accuracy {entry.test_accuracy:.4f}" if entry.test_accuracy is not None else "",
             )
 
     def _finalize(self, round_: int, by_rank: dict[int, dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
         """The codec's cross-worker decoding; anything non-finite is left out of the round."""
-        out = self.codec_coordinator.finalize(round_, by_rank)
+        out = self.codec_state.finalize(round_, by_rank)
         clean = {}
         for rank, update in out.items():
             if all(np.isfinite(a).all() for a in update.values()):
@@ -534,48 +504,33 @@ class Coordinator:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "config": self.config.to_json(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rounds_log": self.rounds_log,
-            "initial": (self.initial_loss, self.initial_accuracy),
-            "records": {w: vars(r).copy() for w, r in self.records.items()},
-            "codec_coordinator": self.codec_coordinator.state_dict() if self.codec_coordinator else None,
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        with self.cond:
+            ledger = self.ledger.state_dict()
+        save_checkpoint(path, Checkpoint(
+            config_json=self.config.to_json(), model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            ledger=ledger, initial_loss=self.initial_loss, initial_accuracy=self.initial_accuracy,
+            codec_state=self.codec_state.state_dict(),
+        ))
 
-    def _load_checkpoint(self, path: str) -> None:
+    def _resume(self, path: str) -> None:
         # Workers reconnect after a PS restart, so every decoder starts fresh and
-        # the workers reset their encoders: the resync rule of ALGORITHMS.md §0.
-        state = torch.load(path, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rounds_log = [e for e in state["rounds_log"] if e["workers"] > 0]
-        self.initial_loss, self.initial_accuracy = state["initial"]
-        for w, fields in state["records"].items():
-            rec = WorkerRecord(**{**fields, "connected": False})
-            self.records[w] = rec
-        if self.codec_coordinator is not None and state["codec_coordinator"] is not None:
-            self.codec_coordinator.load_state_dict(state["codec_coordinator"])
-        log.info("resumed from %s at round %d", path, len(self.rounds_log))
+        # the workers reset their encoders: the resync rule of docs/algorithms.md §0.
+        checkpoint = load_checkpoint(path)
+        self.model.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(dict(checkpoint.optimizer))
+        self.ledger.load_state_dict(checkpoint.ledger)
+        self.initial_loss, self.initial_accuracy = checkpoint.initial_loss, checkpoint.initial_accuracy
+        self.codec_state.load_state_dict(checkpoint.codec_state)
+        log.info("resumed from %s at round %d", path, len(self.ledger.rounds))
 
     # ------------------------------------------------------------ reporting
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> LedgerSnapshot:
         with self.cond:
-            return {
-                "round": self.round,
-                "phase": self.phase,
-                "records": [vars(r).copy() for r in sorted(self.records.values(), key=lambda r: r.rank)],
-                "rounds_log": [dict(e) for e in self.rounds_log],
-            }
+            return self.ledger.snapshot(self.round, self.phase)
 
     def shard_sizes(self) -> dict[int, int]:
         c = self.config
-        labels = self.task.train_targets() if c.partition == "dirichlet" else np.zeros(len(self.task.train))
+        labels = self.task.train_targets() if c.partition == "dirichlet" else np.zeros(self.task.train_size)
         n = max(1, self.num_shards)
         return {i: len(shard_indices(labels, n, i, self.config.partition, self.config.dirichlet_alpha, self.config.seed)) for i in range(n)}

@@ -21,7 +21,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # pip itself; a .pth file puts /opt/gradwire on the venv's path.
 RUN --mount=type=bind,source=wheelhouse,target=/wheels \
     python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --quiet -r /wheels/requirements.txt \
+    && /opt/venv/bin/pip install --quiet -r /wheels/requirements.txt -c /wheels/constraints.txt \
     && cd /opt/venv/lib/python3.*/site-packages \
     && rm -rf torch/include torch/test torch/bin/*Test torch/bin/test_* torch/bin/protoc* \
               torch/lib/libtorchbind_test.so \

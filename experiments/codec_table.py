@@ -237,6 +237,9 @@ def total_bits_curve(summary: dict) -> list[tuple[float, float]]:
 
 def plot(rows: list[Row], seed: int, summaries: dict[tuple[str, int], dict], path: Path,
          args: argparse.Namespace) -> None:
+    from gradwire.extras import require
+
+    require("matplotlib", "plotting")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -219,6 +219,9 @@ def write_tables(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
 
 
 def plot(runs: list[dict], summaries: dict[str, dict], path: Path, args: argparse.Namespace) -> None:
+    from gradwire.extras import require
+
+    require("matplotlib", "plotting")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -157,6 +157,9 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(summaries: dict[str, dict], path: Path) -> None:
+    from gradwire.extras import require
+
+    require("matplotlib", "plotting")
     import matplotlib
 
     matplotlib.use("Agg")

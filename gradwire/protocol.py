@@ -58,6 +58,9 @@ class TaskSpec:
     dirichlet_alpha: float = 0.0
     seed: int = 0
     data_dir: str = ""
+    task: str = ""  # a user task's reference (MODULE:FACTORY); empty for a built-in task
+    local_steps: int = 0  # local optimizer steps per round (0 or 1: one gradient per round)
+    local_lr: float = 0.0  # the workers' local learning rate when local_steps > 1
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Update:
     train_loss: float
     num_examples: int
     compute_seconds: float = 0.0
+    buffers: Params | None = None  # the worker's buffers (BatchNorm statistics), sent in full
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class Welcome:
     directive: Directive
     workers: int
     downlink_codec_spec: str = ""
+    buffers: Params | None = None  # the PS's buffers (BatchNorm statistics), when the model has any
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class RoundResult:
     workers: int
     model: Params | None = None
     model_delta: ModelDelta | None = None
+    buffers: Params | None = None  # the averaged buffers, when the model has any
 
 
 @dataclass(frozen=True)
@@ -282,10 +288,13 @@ def worker_message_to_proto(m: WorkerMessage) -> pb.WorkerMessage:
             hostname=m.hostname, interface_start=counters_to_proto(m.interface_start),
         ))
     if isinstance(m, Update):
-        return pb.WorkerMessage(update=pb.Update(
+        update = pb.Update(
             round=m.round, tensors=[encoded_to_proto(e) for e in m.tensors], train_loss=m.train_loss,
             num_examples=m.num_examples, compute_seconds=m.compute_seconds,
-        ))
+        )
+        if m.buffers is not None:
+            update.buffers.CopyFrom(model_to_proto(m.buffers))
+        return pb.WorkerMessage(update=update)
     if isinstance(m, WorkerReport):
         return pb.WorkerMessage(report=pb.WorkerReport(
             codec_stats=dict(m.codec_stats), interface_start=counters_to_proto(m.interface_start),
@@ -305,7 +314,8 @@ def worker_message_from_proto(msg: pb.WorkerMessage) -> WorkerMessage:
         u = msg.update
         return Update(round=int(u.round), tensors=tuple(encoded_from_proto(t) for t in u.tensors),
                       train_loss=float(u.train_loss), num_examples=int(u.num_examples),
-                      compute_seconds=float(u.compute_seconds))
+                      compute_seconds=float(u.compute_seconds),
+                      buffers=model_from_proto(u.buffers) if u.HasField("buffers") else None)
     if kind == "report":
         r = msg.report
         return WorkerReport(codec_stats={k: float(v) for k, v in r.codec_stats.items()},
@@ -327,11 +337,14 @@ def model_delta_from_proto(msg: pb.ModelDelta) -> ModelDelta:
 
 def server_message_to_proto(m: ServerMessage) -> pb.ServerMessage:
     if isinstance(m, Welcome):
-        return pb.ServerMessage(welcome=pb.Welcome(
+        welcome = pb.Welcome(
             protocol=m.protocol, worker_id=m.worker_id, rank=m.rank, task=task_to_proto(m.task),
             codec_spec=m.codec_spec, round=m.round, total_rounds=m.total_rounds, model=model_to_proto(m.model),
             directive=directive_to_proto(m.directive), workers=m.workers, downlink_codec_spec=m.downlink_codec_spec,
-        ))
+        )
+        if m.buffers is not None:
+            welcome.buffers.CopyFrom(model_to_proto(m.buffers))
+        return pb.ServerMessage(welcome=welcome)
     if isinstance(m, RoundResult):
         rr = pb.RoundResult(round=m.round, directive=directive_to_proto(m.directive),
                             update_aggregated=m.update_aggregated, workers=m.workers)
@@ -339,6 +352,8 @@ def server_message_to_proto(m: ServerMessage) -> pb.ServerMessage:
             rr.model_delta.CopyFrom(model_delta_to_proto(m.model_delta))
         else:
             rr.model.CopyFrom(model_to_proto(m.model or {}))
+        if m.buffers is not None:
+            rr.buffers.CopyFrom(model_to_proto(m.buffers))
         return pb.ServerMessage(round_result=rr)
     if isinstance(m, Finished):
         return pb.ServerMessage(finished=pb.Finished(rounds=m.rounds, reason=m.reason))
@@ -354,6 +369,7 @@ def server_message_from_proto(msg: pb.ServerMessage) -> ServerMessage:
             codec_spec=w.codec_spec, round=int(w.round), total_rounds=int(w.total_rounds),
             model=model_from_proto(w.model), directive=directive_from_proto(w.directive), workers=int(w.workers),
             downlink_codec_spec=w.downlink_codec_spec,
+            buffers=model_from_proto(w.buffers) if w.HasField("buffers") else None,
         )
     if kind == "round_result":
         rr = msg.round_result
@@ -362,6 +378,7 @@ def server_message_from_proto(msg: pb.ServerMessage) -> ServerMessage:
             round=int(rr.round), directive=directive_from_proto(rr.directive),
             update_aggregated=bool(rr.update_aggregated), workers=int(rr.workers),
             model=None if delta is not None else model_from_proto(rr.model), model_delta=delta,
+            buffers=model_from_proto(rr.buffers) if rr.HasField("buffers") else None,
         )
     if kind == "finished":
         return Finished(rounds=int(msg.finished.rounds), reason=msg.finished.reason)
@@ -369,13 +386,15 @@ def server_message_from_proto(msg: pb.ServerMessage) -> ServerMessage:
 
 
 def server_message_payload_bytes(m: ServerMessage) -> int:
-    """What a server message carries as model payload: a full model's floats, or a delta's codec bytes."""
+    """What a server message carries as model payload: a full model's floats, or a delta's codec bytes,
+    plus the buffers (BatchNorm statistics and the like), which always go in full."""
     if isinstance(m, Welcome):
-        return model_payload_bytes(m.model)
+        return model_payload_bytes(m.model) + model_payload_bytes(m.buffers or {})
     if isinstance(m, RoundResult):
+        buffers = model_payload_bytes(m.buffers or {})
         if m.model_delta is not None:
-            return payload_bytes(m.model_delta.tensors)
-        return model_payload_bytes(m.model or {})
+            return payload_bytes(m.model_delta.tensors) + buffers
+        return model_payload_bytes(m.model or {}) + buffers
     return 0
 
 

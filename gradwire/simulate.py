@@ -35,6 +35,35 @@ def _pump(stream, sink, prefix: str, found: dict | None = None) -> None:
             sink.flush()
 
 
+def check_simulation(args) -> None:
+    """What can be checked before starting processes, in this one: settings, codec, task reference.
+
+    A ValueError says what is wrong (the CLI prints it as one line). Loading the data is left to the
+    PS process, whose own one-line error run_simulation relays as soon as it exits.
+    """
+    from gradwire.server.config import config_from_args
+    from gradwire.taskref import resolve_factory
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    resolve_factory(args.task or args.dataset)  # before the codecs (and torch) are imported
+    config = config_from_args(args)
+    check_data_dir(config)
+
+
+def check_data_dir(config) -> None:
+    """A built-in file dataset needs an existing folder: say so now rather than from the PS process."""
+    from pathlib import Path
+
+    name = config.task_ref
+    if name not in ("mnist", "fashion-mnist", "cifar10"):
+        return
+    if config.data_dir and not Path(config.data_dir).is_dir():
+        raise ValueError(f"dataset folder {config.data_dir} does not exist")
+    if not config.data_dir and name != "fashion-mnist":  # fashion-mnist may have a system-wide default
+        raise ValueError(f"dataset {name!r} is read from files: give their folder with --data-dir")
+
+
 def run_simulation(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -47,6 +76,7 @@ def run_simulation(args) -> int:
     server_args = [
         "server", "--address", "127.0.0.1:0", "--workers", str(args.workers), "--rounds", str(args.rounds),
         "--codec", args.codec, "--downlink-codec", args.downlink_codec, "--dataset", args.dataset, "--model", args.model, "--data-dir", args.data_dir,
+        "--task", args.task, "--local-steps", str(args.local_steps), "--local-lr", str(args.local_lr),
         "--batch-size", "full" if args.batch_size == 0 else str(args.batch_size), "--partition", args.partition,
         "--dirichlet-alpha", str(args.dirichlet_alpha), "--seed", str(args.seed), "--lr", str(args.lr),
         "--momentum", "auto" if args.momentum is None else str(args.momentum), "--weight-decay", str(args.weight_decay),
@@ -60,10 +90,24 @@ def run_simulation(args) -> int:
     try:
         server = subprocess.Popen(_cli(*server_args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         procs.append(server)
-        threading.Thread(target=_pump, args=(server.stdout, log_file, "[ps] ", found), daemon=True).start()
-        if not found["event"].wait(120) or server.poll() is not None:
-            console.print(f"[red]the parameter server did not start; see {log_path}")
-            return 1
+        ps_pump = threading.Thread(target=_pump, args=(server.stdout, log_file, "[ps] ", found), daemon=True)
+        ps_pump.start()
+        # Wait for "listening on", but notice at once when the PS exits instead (a bad dataset or
+        # data folder): relay its one-line error rather than waiting out the timeout.
+        deadline = time.monotonic() + 120
+        while not found["event"].wait(0.1):
+            if server.poll() is not None or time.monotonic() > deadline:
+                break
+        if not found["event"].is_set() or server.poll() is not None:
+            if server.poll() is None:
+                server.terminate()
+            server.wait(timeout=10)
+            ps_pump.join(5)  # the PS's last lines reach the log before it is read
+            log_file.flush()
+            last = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+            reason = last[0].removeprefix("[ps] ") if last else f"the parameter server did not start; see {log_path}"
+            print(f"gradwire simulate: error: {reason.split(': error: ', 1)[-1]}", file=sys.stderr)
+            return 2
         address = found["address"]
         for i in range(args.workers):
             w = subprocess.Popen(

@@ -95,7 +95,10 @@ print("\n".join(sorted(deps)))
 PYEOF
 # setuptools builds gradwire itself inside the image (build-system.requires).
 BUILD_REQS="setuptools>=68"
-stamp=$(cat "$WHEELHOUSE/requirements.txt.new"; echo "$BUILD_REQS")
+# constraints.txt pins the exact versions (torch's CPU build); it travels with the wheelhouse so
+# the image build installs with the same constraints.
+cp "$ROOT/constraints.txt" "$WHEELHOUSE/constraints.txt"
+stamp=$(cat "$WHEELHOUSE/requirements.txt.new" "$ROOT/constraints.txt"; echo "$BUILD_REQS")
 if [ -f "$WHEELHOUSE/.complete" ] && [ "$(cat "$WHEELHOUSE/.complete")" = "$stamp" ] \
         && cmp -s "$WHEELHOUSE/requirements.txt.new" "$WHEELHOUSE/requirements.txt"; then
     rm -f "$WHEELHOUSE/requirements.txt.new"
@@ -108,7 +111,7 @@ else
     # shellcheck disable=SC2086
     "$PY" -m pip download --disable-pip-version-check -q \
         --only-binary=:all: --python-version 3.11 --implementation cp \
-        -d "$WHEELHOUSE" -r "$WHEELHOUSE/requirements.txt" $BUILD_REQS \
+        -d "$WHEELHOUSE" -r "$WHEELHOUSE/requirements.txt" -c "$ROOT/constraints.txt" $BUILD_REQS \
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     # One wheel per project: drop older versions left by an earlier download.
     "$PY" - "$WHEELHOUSE" <<'PYEOF'

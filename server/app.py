@@ -21,7 +21,7 @@ from gradwire.server.metrics import serve_metrics
 from gradwire.server.round_engine import RoundEngine
 from gradwire.server.servicer import GradientExchangeServicer, generic_handler
 from gradwire.server.summary import build_summary, write_summary
-from gradwire.tasks import make_task
+from gradwire.task import Task, load_task
 
 log = logging.getLogger("gradwire.server")
 # gRPC answers keepalive pings so that a worker behind NAT (compose bridge) keeps
@@ -55,9 +55,10 @@ class RunningServer:
             self.metrics_http.server_close()
 
 
-def start_server(config: ServerConfig) -> RunningServer:
+def start_server(config: ServerConfig, task: Task | None = None) -> RunningServer:
     """Build the round engine, bind, start serving and start the rounds thread."""
-    task = make_task(config.dataset, config.model or None, config.seed, config.data_dir or None)
+    if task is None:
+        task = load_task(config.task_ref, config.seed, config.data_dir or None, config.model or None)
     engine = RoundEngine(config, task)
     limit = config.max_message_mb * 2**20
     server = grpc.server(
@@ -84,11 +85,11 @@ def start_server(config: ServerConfig) -> RunningServer:
     return RunningServer(server, engine, health_servicer, port, thread, metrics_http)
 
 
-def serve(config: ServerConfig) -> int:
+def serve(config: ServerConfig, task: Task | None = None) -> int:
     """`gradwire server`: run until the rounds are done (or SIGTERM), write the summary."""
     torch.set_num_threads(1)
     log.info("config %s", config.to_json())
-    running = start_server(config)
+    running = start_server(config, task)
     host = config.address.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)
     if running.metrics_port:

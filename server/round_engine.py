@@ -31,6 +31,14 @@ import numpy as np
 import torch
 
 from gradwire import protocol
+from gradwire.buffers import (
+    InvalidBuffers,
+    buffer_specs,
+    buffer_state,
+    check_buffers,
+    load_buffers,
+    mean_buffers,
+)
 from gradwire.compressors.base import Directive, RoundContext
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
@@ -50,7 +58,8 @@ from gradwire.server.aggregation import ServerOptimizer, mean_update
 from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from gradwire.server.config import ServerConfig
 from gradwire.server.ledger import Ledger, LedgerSnapshot, WorkerRecord
-from gradwire.tasks import Task, shard_indices, tensor_specs
+from gradwire.task import Task
+from gradwire.tasks import BUILTIN_TASKS, shard_indices, tensor_specs
 
 log = logging.getLogger("gradwire.server")
 
@@ -80,6 +89,7 @@ class Contribution:
     num_examples: int
     payload_bytes: int
     message_bytes: int
+    buffers: dict[str, np.ndarray] | None = None  # the worker's buffers (BatchNorm statistics), if any
 
 
 class RoundEngine:
@@ -90,8 +100,11 @@ class RoundEngine:
         self.downlink_codec = check_downlink_codec(config.downlink_codec)
         self.codec_state = self.codec.make_cross_worker_state()
         torch.manual_seed(config.seed)
-        self.model = task.build_model()
+        self.model = task.build_model(config.seed)
+        task.check_outputs(self.model)
         self.specs = tensor_specs(self.model)
+        # Buffers (BatchNorm statistics) are averaged from the workers each round (gradwire/buffers.py).
+        self.buffer_specs = buffer_specs(self.model)
         self.params = sum(s.numel for s in self.specs)
         self.server_momentum = config.server_momentum(self.codec.worker_momentum)
         if self.codec.worker_momentum and self.server_momentum:
@@ -134,6 +147,8 @@ class RoundEngine:
             self.broadcast = self.downlink.start(self._params(), len(self.ledger.rounds))
         else:
             self.model_sent = self._params_copy()
+        # The buffers go out in full with every model (gradwire/buffers.py), as of the last closed round.
+        self.buffers_sent = buffer_state(self.model)
 
     @property
     def records(self) -> dict[str, WorkerRecord]:
@@ -149,13 +164,17 @@ class RoundEngine:
         """The model as it is now, for messages sent while the next round steps it."""
         return {n: np.array(a, dtype=np.float32) for n, a in self._params().items()}
 
+    def _buffers_sent(self) -> dict[str, np.ndarray] | None:
+        """The PS's buffers as of the last closed round, or None when the model has none."""
+        return self.buffers_sent if self.buffer_specs else None
+
     def _model_reply(self, session: Session, **fields) -> RoundResult:
         """A RoundResult with the model delta when the worker holds its base, else the full model."""
         b = self.broadcast
         if b is not None and b.delta is not None and session.reference_round == b.delta.base_round:
-            result = RoundResult(model_delta=b.delta, **fields)
+            result = RoundResult(model_delta=b.delta, buffers=self._buffers_sent(), **fields)
         else:
-            result = RoundResult(model=self._full_model(), **fields)
+            result = RoundResult(model=self._full_model(), buffers=self._buffers_sent(), **fields)
         session.reference_round = b.round if b is not None else -1
         return result
 
@@ -174,10 +193,14 @@ class RoundEngine:
 
     def _task_spec(self, rank: int) -> TaskSpec:
         c = self.config
+        # A built-in task goes out as before (dataset and model names); a user task as its reference.
+        builtin = not c.task or c.task in BUILTIN_TASKS
         return TaskSpec(
-            dataset=c.dataset, model=self.task.model_name, batch_size=c.batch_size,
-            num_shards=self.num_shards, shard_index=rank % self.num_shards, partition=c.partition,
-            dirichlet_alpha=c.dirichlet_alpha, seed=c.seed, data_dir=c.data_dir,
+            dataset=(c.task or c.dataset) if builtin else "", model=self.task.model_name if builtin else c.model,
+            batch_size=c.batch_size, num_shards=self.num_shards, shard_index=rank % self.num_shards,
+            partition=c.partition, dirichlet_alpha=c.dirichlet_alpha, seed=c.seed, data_dir=c.data_dir,
+            task="" if builtin else c.task, local_steps=c.local_steps if c.local_steps > 1 else 0,
+            local_lr=c.effective_local_lr if c.local_steps > 1 else 0.0,
         )
 
     # ------------------------------------------------------------ worker side
@@ -224,7 +247,7 @@ class RoundEngine:
                 task=self._task_spec(rank), codec_spec=self.codec.spec, round=self.round,
                 total_rounds=self.config.rounds, model=self._full_model(),
                 directive=self._directive_for(rank, self.round), workers=len(self.expected),
-                downlink_codec_spec=self.downlink_codec.spec,
+                downlink_codec_spec=self.downlink_codec.spec, buffers=self._buffers_sent(),
             )
 
     def leave(self, session: Session) -> None:
@@ -267,11 +290,19 @@ class RoundEngine:
         except InvalidUpdate as exc:
             raise Rejected("INVALID_ARGUMENT", str(exc)) from None
         payload = protocol.payload_bytes(update.tensors)
+        buffers = None
+        if update.buffers is not None and self.buffer_specs:
+            try:
+                check_buffers(update.buffers, self.buffer_specs)
+            except InvalidBuffers as exc:
+                raise Rejected("INVALID_ARGUMENT", f"buffers: {exc}") from None
+            buffers = update.buffers
+            payload += protocol.model_payload_bytes(buffers)  # buffers are model payload too
         with self.cond:
             if self.round != current or self.phase != "collecting" or not session.alive:
                 raise Rejected("FAILED_PRECONDITION", f"stale update for round {current}: the round closed while it was decoded")
             self.contributions[record.worker_id] = Contribution(
-                decoded, float(update.train_loss), int(update.num_examples), payload, message_bytes
+                decoded, float(update.train_loss), int(update.num_examples), payload, message_bytes, buffers
             )
             self.ledger.count_update(record, payload, message_bytes)
             self.cond.notify_all()
@@ -406,6 +437,9 @@ class RoundEngine:
                 return
             by_rank = self._finalize(r, {self.records[w].rank: c.decoded for w, c in contributions.items()})
             self.optimizer.step(mean_update(by_rank), r)
+            sent = [contributions[w].buffers for w in sorted(contributions, key=lambda w: self.records[w].rank)]
+            if any(b is not None for b in sent):
+                load_buffers(self.model, mean_buffers([b for b in sent if b is not None]))
             self.codec_state.observe(r, by_rank)
             train_loss = float(np.mean([c.train_loss for c in contributions.values()]))
             evaluated = (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds
@@ -416,6 +450,7 @@ class RoundEngine:
                 )
                 entry.test_loss, entry.test_accuracy = test_loss, test_accuracy
             model_sent = broadcast = None
+            buffers_sent = buffer_state(self.model)
             if self.downlink is None:
                 model_sent = self._params_copy()
             elif r + 1 < self.config.rounds:  # after the last round the workers get Finished
@@ -427,6 +462,7 @@ class RoundEngine:
                     self.model_sent = model_sent
                 if broadcast is not None:
                     self.broadcast = broadcast
+                self.buffers_sent = buffers_sent
                 self.aggregated_last = set(contributions)
                 if r + 1 < self.config.rounds:
                     self._open_round(r + 1)
@@ -494,6 +530,7 @@ class RoundEngine:
             return self.ledger.snapshot(self.round, self.phase)
 
     def shard_sizes(self) -> dict[int, int]:
-        labels = self.task.dataset.train_y
+        c = self.config
+        labels = self.task.train_targets() if c.partition == "dirichlet" else np.zeros(self.task.train_size)
         n = max(1, self.num_shards)
         return {i: len(shard_indices(labels, n, i, self.config.partition, self.config.dirichlet_alpha, self.config.seed)) for i in range(n)}

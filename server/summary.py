@@ -73,7 +73,9 @@ def build_summary(engine) -> dict[str, Any]:
         "protocol": PROTOCOL,
         "codec": cfg.codec,  # as the user gave it; codec_spec drops options equal to their defaults
         "codec_spec": engine.codec.spec,
-        "dataset": cfg.dataset,
+        "dataset": engine.task.name or cfg.dataset,
+        "task": cfg.task or cfg.dataset,
+        "local_steps": cfg.local_steps,
         "model": engine.task.model_name,
         "batch_size": "full" if cfg.batch_size == 0 else cfg.batch_size,
         "partition": cfg.partition,

@@ -15,6 +15,7 @@ from gradwire.protocol import DEFAULT_MAX_MESSAGE_MB
 class WorkerConfig:
     server: str = "127.0.0.1:50051"
     worker_id: str = ""  # "" = the hostname (a container id under compose)
+    task: str = ""  # how this worker imports the run's task; "" = the reference the PS sends
     connect_timeout_s: float = 300.0  # give up if the PS cannot be reached for this long
     max_reconnects: int = 20
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
@@ -38,6 +39,8 @@ class WorkerConfig:
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
     d = WorkerConfig()
     p.add_argument("--server", default=env("SERVER", d.server), help="PS address host:port")
+    p.add_argument("--task", default=env("TASK", d.task),
+                   help="import the run's task this way (MODULE:FACTORY); default: the reference the PS sends")
     p.add_argument("--worker-id", default=env("WORKER_ID", d.worker_id), help="default: the hostname")
     p.add_argument("--connect-timeout-s", type=float, default=env("CONNECT_TIMEOUT_S", d.connect_timeout_s))
     p.add_argument("--max-reconnects", type=int, default=env("MAX_RECONNECTS", d.max_reconnects))

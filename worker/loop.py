@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-import zlib
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,10 +18,12 @@ import numpy as np
 import torch
 
 from gradwire import links, protocol
+from gradwire.buffers import buffer_state, load_buffers
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateEncoder
 from gradwire.downlink import DownlinkDecoder, model_digest
+from gradwire.local import LocalTrainer
 from gradwire.netstats import read_counters
 from gradwire.protocol import (
     Finished,
@@ -34,7 +35,8 @@ from gradwire.protocol import (
     Welcome,
     WorkerReport,
 )
-from gradwire.tasks import Task, make_task, shard_indices, tensor_specs
+from gradwire.task import Task, load_task
+from gradwire.tasks import shard_indices
 from gradwire.worker.client import TrainStream, open_channel, wait_for_server
 from gradwire.worker.config import WorkerConfig
 
@@ -54,6 +56,7 @@ class WorkerResult:
     rejections: list[str] = field(default_factory=list)
     finished: bool = False
     last_model: dict[str, np.ndarray] | None = None  # the last model received from the PS
+    last_buffers: dict[str, np.ndarray] | None = None  # this worker's buffers after its last update
 
     @property
     def model_digest(self) -> str:
@@ -61,42 +64,19 @@ class WorkerResult:
         return model_digest(self.last_model) if self.last_model is not None else ""
 
 
-class Trainer:
-    """Local model and shard; computes the gradient for a round."""
+class Trainer(LocalTrainer):
+    """Local model and shard (gradwire/local.py) as a TaskSpec describes them."""
 
     def __init__(self, task: Task, spec: TaskSpec, rank: int):
-        self.task = task
-        self.model = task.build_model()
-        idx = shard_indices(
-            task.dataset.train_y, max(1, spec.num_shards), spec.shard_index, spec.partition or "iid",
-            spec.dirichlet_alpha or 0.5, spec.seed,
-        )
-        self.x = torch.from_numpy(task.dataset.train_x[idx])
-        self.y = torch.from_numpy(task.dataset.train_y[idx])
-        self.batch_size = int(spec.batch_size)
-        self.seed = int(spec.seed)
-        self.rank = rank
-        self.specs = tensor_specs(self.model)
-
-    def load(self, params: dict[str, np.ndarray]) -> None:
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(torch.from_numpy(params[name]).reshape(p.shape))
-
-    def gradient(self, round_: int) -> tuple[dict[str, np.ndarray], float, int]:
-        n = len(self.x)
-        if self.batch_size == 0 or self.batch_size >= n:
-            xb, yb = self.x, self.y
-        else:
-            # Seeded by (seed, rank, round): a rerun draws the same batches.
-            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.rank}/{round_}".encode()))
-            idx = torch.randperm(n, generator=g)[: self.batch_size]
-            xb, yb = self.x[idx], self.y[idx]
-        self.model.zero_grad(set_to_none=True)
-        loss = self.task.loss_fn(self.model(xb), yb)
-        loss.backward()
-        grads = {name: p.grad.detach().numpy().copy() for name, p in self.model.named_parameters()}  # type: ignore[union-attr]
-        return grads, float(loss.detach()), len(xb)
+        n = task.train_size
+        partition = spec.partition or "iid"
+        # Only a dirichlet partition needs the labels; an iid shard needs the length alone, so a
+        # lazy dataset reads nothing but this worker's own items.
+        labels = task.train_targets() if partition == "dirichlet" else np.zeros(n, dtype=np.int64)
+        idx = shard_indices(labels, max(1, spec.num_shards), spec.shard_index, partition,
+                            spec.dirichlet_alpha or 0.5, spec.seed)
+        super().__init__(task, idx, batch_size=int(spec.batch_size), seed=int(spec.seed), rank=rank,
+                         local_steps=max(1, int(spec.local_steps)), local_lr=float(spec.local_lr))
 
 
 class Worker:
@@ -106,12 +86,14 @@ class Worker:
         self.interface = config.interface or None
         self.interface_start = read_counters(self.interface)
         self._task_cache: dict[tuple, Task] = {}
+        self.task_ref = config.task  # this worker's own way to import the PS's task, if given
         self.stats: dict[str, float] = {}
 
     def _task(self, spec: TaskSpec) -> Task:
-        key = (spec.dataset, spec.model, spec.seed, spec.data_dir)
+        ref = self.task_ref or spec.task or spec.dataset
+        key = (ref, spec.model, spec.seed, spec.data_dir)
         if key not in self._task_cache:
-            self._task_cache[key] = make_task(spec.dataset, spec.model, int(spec.seed), spec.data_dir or None)
+            self._task_cache[key] = load_task(ref, int(spec.seed), spec.data_dir or None, spec.model or None)
         return self._task_cache[key]
 
     def run(self) -> WorkerResult:
@@ -160,8 +142,11 @@ class Worker:
             encoder = UpdateEncoder(codec, trainer.specs)  # fresh state: the session is a resync
             downlink = DownlinkDecoder(welcome.downlink_codec_spec, trainer.specs, int(welcome.task.seed))
             params = welcome.model
+            trainer.check_model(params)
             result.last_model = params
             trainer.load(params)
+            if welcome.buffers is not None:
+                load_buffers(trainer.model, welcome.buffers)
             encoder.model_received(params)
             round_, directive, workers = welcome.round, welcome.directive, welcome.workers
             if self.config.link or self.config.links:
@@ -176,13 +161,15 @@ class Worker:
                      welcome.task.shard_index, welcome.task.num_shards, codec.spec, round_)
             while True:
                 started = time.perf_counter()
-                grads, loss, n = trainer.gradient(round_)
+                grads, loss, n = trainer.update(round_)
                 ctx = RoundContext(round=round_, rank=welcome.rank, seed=int(welcome.task.seed),
                                    num_workers=max(1, workers))
                 encoded = encoder.encode(grads, ctx, directive)
+                buffers = buffer_state(trainer.model)
+                result.last_buffers = buffers
                 stream.send(Update(
                     round=round_, tensors=tuple(encoded), train_loss=loss, num_examples=n,
-                    compute_seconds=time.perf_counter() - started,
+                    compute_seconds=time.perf_counter() - started, buffers=buffers or None,
                 ))
                 try:
                     reply = stream.receive()
@@ -216,6 +203,8 @@ class Worker:
                 params = new_params
                 result.last_model = params
                 trainer.load(params)
+                if reply.buffers is not None:
+                    load_buffers(trainer.model, reply.buffers)
                 encoder.model_received(params)
                 round_, directive, workers = reply.round, reply.directive, reply.workers
                 result.rounds += 1

@@ -197,3 +197,34 @@ def test_compose_cluster_trains_and_interface_bytes_match_protobuf(cluster):
     # 4. The image runs as a non-root user.
     user = _run(["docker", "image", "inspect", "-f", "{{.Config.User}}", "gradwire:latest"], env).stdout.strip()
     assert user and user not in ("root", "0")
+
+
+def test_compose_runs_a_user_task_from_the_mounted_tasks_folder(image):
+    """Issue 11: GRADWIRE_TASK names a module in the mounted tasks folder (examples/ by default): the
+    BatchNorm example trains in containers and the PS evaluates it with the workers' statistics."""
+    project = f"gwtask{os.getpid()}"
+    env = dict(os.environ)
+    env.update({
+        "GRADWIRE_WORKERS": "2", "GRADWIRE_ROUNDS": "30", "GRADWIRE_LR": "0.1", "GRADWIRE_EVAL_EVERY": "10",
+        "GRADWIRE_TASK": "bn_task:make_task", "GRADWIRE_TASKS_DIR": str(ROOT / "examples"),
+        "GRADWIRE_JOIN_GRACE_S": "3", "GRADWIRE_LINGER_S": "0",
+    })
+    for name in ("COMPOSE_PROJECT_NAME", "GRADWIRE_CODEC", "GRADWIRE_DATASET", "GRADWIRE_DATA_DIR"):
+        env.pop(name, None)
+    try:
+        _run(["docker", "compose", "-p", project, "up", "-d", "--scale", "worker=2"], env, timeout=TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        rep = None
+        while time.monotonic() < deadline:
+            _run(["docker", "compose", "-p", project, "wait", "ps"], env, timeout=TIMEOUT_S, check=False)
+            rep = _bytes_json(project, env)
+            if rep is not None and rep["finished"] and rep["source"] == "summary":
+                break
+            time.sleep(2)
+        logs = _run(["docker", "compose", "-p", project, "logs", "--no-color", "--tail", "30", "ps"], env,
+                    check=False).stdout
+        assert rep is not None and rep["finished"], logs
+        assert rep["round"] == 30 and rep["final_accuracy"] > 0.85, (rep, logs)
+    finally:
+        _run(["docker", "compose", "-p", project, "down", "-v", "--remove-orphans", "-t", "5"], env, timeout=300,
+             check=False)

@@ -135,3 +135,38 @@ def test_protobuf_stays_at_the_edge():
     assert importers == ["gradwire/protocol.py", "server/servicer.py", "worker/client.py"]
     for p in (ROOT / "worker").rglob("*.py"):
         assert "gradwire.server" not in p.read_text(), p
+
+
+def test_task_fields_and_buffers_round_trip_and_count_as_payload():
+    """Issue 11's fields: TaskSpec.task/local_steps/local_lr and the buffers of Update, Welcome and
+    RoundResult survive the wire, and the buffers count as model payload (float32, in full)."""
+    rng = np.random.default_rng(3)
+    model = {"fc.weight": rng.standard_normal((2, 3)).astype(np.float32)}
+    buffers = {"bn.running_mean": rng.standard_normal(3).astype(np.float32),
+               "bn.num_batches_tracked": np.array(7.0, np.float32)}
+    spec = protocol.TaskSpec("", "", 16, 2, 1, "iid", 0.0, 5, "", task="mytasks:make_task", local_steps=4,
+                             local_lr=0.05)
+    welcome = protocol.Welcome("gradwire.v1", "w", 1, spec, "dense", 0, 3, model, Directive(), 2, "dense",
+                               buffers=buffers)
+    result = protocol.RoundResult(1, Directive(), True, 2, model=model, buffers=buffers)
+    for m in (welcome, result):
+        data = protocol.server_message_to_proto(m).SerializeToString()
+        back = protocol.server_message_from_proto(pb.ServerMessage.FromString(data))
+        assert back.buffers is not None and set(back.buffers) == set(buffers)
+        for name in buffers:
+            np.testing.assert_array_equal(back.buffers[name], buffers[name])
+        assert protocol.server_message_payload_bytes(back) == 4 * 6 + 4 * 4  # model + buffers
+    back_welcome = protocol.server_message_from_proto(
+        pb.ServerMessage.FromString(protocol.server_message_to_proto(welcome).SerializeToString()))
+    assert isinstance(back_welcome, protocol.Welcome)
+    assert (back_welcome.task.task, back_welcome.task.local_steps) == ("mytasks:make_task", 4)
+    assert back_welcome.task.local_lr == pytest.approx(0.05)
+    update = protocol.Update(1, (), 0.5, 16, buffers=buffers)
+    back_update = protocol.worker_message_from_proto(
+        pb.WorkerMessage.FromString(protocol.worker_message_to_proto(update).SerializeToString()))
+    assert isinstance(back_update, protocol.Update) and back_update.buffers is not None
+    np.testing.assert_array_equal(back_update.buffers["bn.running_mean"], buffers["bn.running_mean"])
+    # No buffers: the fields stay unset, and a model without buffers sends none.
+    plain = protocol.worker_message_from_proto(protocol.worker_message_to_proto(protocol.Update(1, (), 0.5, 16)))
+    assert isinstance(plain, protocol.Update) and plain.buffers is None
+    assert not protocol.worker_message_to_proto(protocol.Update(1, (), 0.5, 16)).update.HasField("buffers")

@@ -96,6 +96,20 @@ def test_default_task_and_regression():
     assert acc is None and loss > 0
 
 
+def test_an_idx_dataset_with_12_classes_gets_12_outputs(tmp_path):
+    """Issue 11: the classes come from the labels, not a constant 10 (`Target 10 is out of bounds`)."""
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", 48), ("t10k", 24)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 12)
+    task = make_task("mnist", data_dir=str(tmp_path))
+    assert task.dataset.num_classes == 12
+    model = task.build_model()
+    x = torch.from_numpy(task.dataset.train_x[:4])
+    loss = task.loss_fn(model(x), torch.from_numpy(task.dataset.train_y[:4]) + 8)  # labels 8..11
+    assert model(x).shape == (4, 12) and torch.isfinite(loss)
+
+
 # ---------------------------------------------------------------- real Fashion-MNIST, offline
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"

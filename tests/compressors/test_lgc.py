@@ -25,7 +25,7 @@ from torch import nn
 
 from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
 from gradwire.compressors.learned import lgc_model
-from gradwire.compressors.learned.lgc import (
+from gradwire.compressors.learned.payload import (
     BLOB_ENCODER,
     BLOB_FALLBACK,
     KIND_DENSE,

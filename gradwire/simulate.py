@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 
 from gradwire.counters import LinkCounters, total
+from gradwire.netns import PS_HOST, WorkerNetwork
 from gradwire.status import fetch_status
 
 
@@ -47,6 +48,14 @@ def check_simulation(args) -> None:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     resolve_factory(args.task or args.dataset)  # before the codecs (and torch) are imported
+    if args.link or args.links:
+        from gradwire.links import validate
+        from gradwire.netns import why_unavailable
+
+        validate(args.link, args.links)
+        why = why_unavailable()
+        if why:
+            raise ValueError(why)
     config = config_from_args(args)
     check_data_dir(config)
 
@@ -73,8 +82,13 @@ def run_simulation(args) -> int:
     json_path = Path(args.json).resolve() if args.json else workdir / "summary.json"
     log_path = Path(args.log) if args.log else workdir / "run.log"
     log_file = open(log_path, "w")
+    # Shaped links: every worker in a network namespace of its own behind a bridge (gradwire/netns.py),
+    # the PS on the bridge's address; unshaped, everything on loopback.
+    network = WorkerNetwork(args.workers) if (args.link or args.links) else None
+    if network is not None:
+        network.__enter__()
     server_args = [
-        "server", "--address", "127.0.0.1:0", "--workers", str(args.workers), "--rounds", str(args.rounds),
+        "server", "--address", f"{PS_HOST}:0" if network else "127.0.0.1:0", "--workers", str(args.workers), "--rounds", str(args.rounds),
         "--codec", args.codec, "--downlink-codec", args.downlink_codec, "--dataset", args.dataset, "--model", args.model, "--data-dir", args.data_dir,
         "--task", args.task, "--local-steps", str(args.local_steps), "--local-lr", str(args.local_lr),
         "--batch-size", "full" if args.batch_size == 0 else str(args.batch_size), "--partition", args.partition,
@@ -110,8 +124,12 @@ def run_simulation(args) -> int:
             return 2
         address = found["address"]
         for i in range(args.workers):
+            worker_argv = _cli("worker", "--server", address, "--worker-id", f"sim-{i}", "--connect-timeout-s", "60")
+            if network is not None:
+                worker_argv = network.command(i, [*worker_argv, "--interface", network.interface(i),
+                                                  "--link", args.link, "--links", args.links])
             w = subprocess.Popen(
-                _cli("worker", "--server", address, "--worker-id", f"sim-{i}", "--connect-timeout-s", "60"),
+                worker_argv,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
             )
             procs.append(w)
@@ -170,6 +188,8 @@ def run_simulation(args) -> int:
                 except subprocess.TimeoutExpired:
                     p.kill()
         log_file.close()
+        if network is not None:
+            network.close()
 
 
 def _print_log_tail(console, log_path: Path, lines: int = 40) -> None:

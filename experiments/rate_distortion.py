@@ -65,6 +65,8 @@ FAMILIES: dict[str, list[str]] = {
                           "lag:trigger=always,residual=(ans:bits=4)"],
 }
 PREDICTIVE = ("tpc", "lag")
+# Families whose points are not one swept setting of one codec: drawn as markers, not joined by a line.
+UNORDERED = ("dense / fp16 / bf16", "fp8", "sign", "tpc (closed loop)", "lag (closed loop)")
 HUFFMAN_MODELS = ("gennorm", "zgennorm", "normal", "empirical")
 
 
@@ -184,9 +186,13 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     cmap = plt.get_cmap("tab20")
     families = list(dict.fromkeys(p["family"] for p in points))
     for i, fam in enumerate(families):
-        pts = sorted((p for p in points if p["family"] == fam), key=lambda p: p["bits_per_entry"])
-        err = [max(p["normalized_error"], 1e-12) for p in pts]
-        ax.plot([p["bits_per_entry"] for p in pts], err, marker="o", ms=4, lw=1.3, color=cmap(i % 20), label=fam)
+        # A lossless point (dense: error 0) has no place on a log axis; the table lists it.
+        pts = sorted((p for p in points if p["family"] == fam and p["normalized_error"] > 0),
+                     key=lambda p: p["bits_per_entry"])
+        if not pts:
+            continue
+        ax.plot([p["bits_per_entry"] for p in pts], [p["normalized_error"] for p in pts], marker="o", ms=4,
+                lw=0 if fam in UNORDERED else 1.3, color=cmap(i % 20), label=fam)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("bits per entry (8 × payload bytes / entries, side information included)")
@@ -210,9 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--families", default="", help="comma-separated family names (default: all)")
+    p.add_argument("--plot-only", action="store_true", help="redraw rd.png from --out/results.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        saved = json.loads((out / "results.json").read_text())
+        plot(saved["points"], out / "rd.png", saved["title"])
+        return 0
     start = time.perf_counter()
     specs, grads = capture(args.dataset, args.model, args.seed, args.warm, args.window, args.lr, args.batch)
     entries = sum(s.numel for s in specs)
@@ -229,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     hm = huffman_models(specs, grads)
     title = (f"{args.dataset} {args.model} ({entries} parameters): {len(grads)} consecutive mini-batch gradients "
              f"after {args.warm} SGD steps, seed {args.seed}")
-    result = {"config": vars(args), "entries": entries, "points": points, "huffman_models": hm,
+    result = {"config": vars(args), "title": title, "entries": entries, "points": points, "huffman_models": hm,
               "elapsed_s": time.perf_counter() - start}
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "table.md").write_text(title + "\n\n" + rd_table(points))

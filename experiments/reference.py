@@ -281,7 +281,26 @@ def aggregate(methods: Sequence[Method], controls: Sequence[Control], seeds: Seq
     control_rows = [compare(c, seeds, summaries, per_run) for c in controls]
     return {"target_accuracy": target, "target_drop": target_drop, "dense_final_accuracy": dense_final,
             "seeds": list(seeds), "methods": rows, "controls": control_rows,
+            "per_bit_accuracy_correlation": per_bit_correlation(list(per_run.values())),
             "runs": {f"{label}_s{seed}": fig for (label, seed), fig in sorted(per_run.items())}}
+
+
+def per_bit_correlation(figures: Sequence[dict]) -> dict:
+    """Pearson correlation, over runs, of per-bit accuracy with 1 / bits per entry and with final accuracy.
+
+    The first near 1 and the second near 0 or below says the figure ranks bit rates, not what the bits bought.
+    """
+    rows = [f for f in figures if f["per_bit_accuracy"] is not None and f["uplink_bits_per_entry"] > 0]
+    if len(rows) < 3:
+        return {"runs": len(rows), "with_inverse_bits_per_entry": None, "with_final_accuracy": None}
+    pba = np.array([f["per_bit_accuracy"] for f in rows])
+    inv = np.array([1.0 / f["uplink_bits_per_entry"] for f in rows])
+    acc = np.array([f["final_accuracy"] for f in rows])
+
+    def corr(a: np.ndarray, b: np.ndarray) -> float | None:
+        return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else None
+
+    return {"runs": len(rows), "with_inverse_bits_per_entry": corr(pba, inv), "with_final_accuracy": corr(pba, acc)}
 
 
 def compare(c: Control, seeds: Sequence[int], summaries: dict, per_run: dict) -> dict:
@@ -369,6 +388,12 @@ def table(agg: dict, methods: Sequence[Method], preset: Preset, seeds: Sequence[
         "B(t), per Mbit: it peaks at the first evaluations, so it mostly ranks bit rates (≈ 1/bits per entry), not "
         "the accuracy a bit buys by the end of training; it is shown for continuity only.",
     ]
+    corr = agg.get("per_bit_accuracy_correlation") or {}
+    if corr.get("with_inverse_bits_per_entry") is not None:
+        acc_corr = corr.get("with_final_accuracy")
+        lines[-1] += (f" Over these {corr['runs']} runs its Pearson correlation with 1 / (bits per entry) is "
+                      f"{corr['with_inverse_bits_per_entry']:.3f}"
+                      + ("" if acc_corr is None else f", with final accuracy {acc_corr:.3f}") + ".")
     if agg["controls"]:
         lines += [
             "", "### Equal-bits controls", "",

@@ -146,3 +146,13 @@ def test_ci_preset_runs_end_to_end_and_every_figure_has_an_interval(tmp_path):
         assert (tmp_path / name).stat().st_size > 5000
     # A second invocation reuses every run instead of simulating again.
     assert reference.main(["--preset", "ci", "--out", str(tmp_path), "--aggregate-only"]) == 0
+
+
+def test_per_bit_correlation_detects_a_figure_that_only_ranks_bit_rates():
+    # per-bit accuracy exactly proportional to 1 / bits, accuracy unrelated: correlation 1 with the rate
+    figures = [{"per_bit_accuracy": 0.3 / b, "uplink_bits_per_entry": b, "final_accuracy": a}
+               for b, a in [(32.0, 0.75), (16.0, 0.74), (2.0, 0.73), (0.5, 0.76)]]
+    corr = reference.per_bit_correlation(figures)
+    assert corr["runs"] == 4 and corr["with_inverse_bits_per_entry"] == pytest.approx(1.0)
+    assert abs(corr["with_final_accuracy"]) < 0.99
+    assert reference.per_bit_correlation(figures[:2])["with_inverse_bits_per_entry"] is None

@@ -21,6 +21,9 @@ Figures (all over seeds, mean ± 95 % Student-t CI; paired CIs for differences w
 - **target** = mean final accuracy of dense − 1 point (``--target-drop``); one target for every method;
 - **bits to target**: cumulative uplink payload bits of all workers, side information included, at the
   first evaluation reaching the target; runs that never reach it are counted as "not reached (k of n)";
+- **bits to the looser target** (dense − 3 points, ``--looser-target-drop``): dense's own final accuracy
+  spreads over a few points across seeds, so some dense runs miss the 1-point target; the looser one
+  separates the codecs' speed from that spread;
 - **wire bytes to target**: the same point counted in serialized protobuf bytes (what gRPC frames);
 - **final accuracy** and its paired difference from dense;
 - **accuracy at equal bits** (the controls): for a pair A, B and a seed, both runs' accuracy at the
@@ -141,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="simulations at a time")
     p.add_argument("--target-drop", type=float, default=0.01,
                    help="target accuracy = dense's mean final accuracy minus this")
+    p.add_argument("--looser-target-drop", type=float, default=0.03,
+                   help="a second, looser target (dense's mean final accuracy minus this); negative: none")
     p.add_argument("--force", action="store_true", help="rerun runs whose summary exists")
     p.add_argument("--aggregate-only", action="store_true", help="build the tables from existing summaries")
     p.add_argument("--timeout-s", type=float, default=1200.0, help="per-run time limit (seconds)")
@@ -222,9 +227,11 @@ def curves(summary: dict) -> dict[str, list[tuple[float, float]]]:
     return {"bits": by_bits, "wire_bytes": by_wire}
 
 
-def run_figures(summary: dict, target: float) -> dict:
+def run_figures(summary: dict, target: float, looser_target: float | None = None) -> dict:
     c = curves(summary)
     return {
+        "bits_to_looser_target": (None if looser_target is None
+                                  else stats.bits_to_target(c["bits"], looser_target)),
         "final_accuracy": float(summary["final_accuracy"]),
         "uplink_bits_per_entry": float(summary["uplink_bits_per_entry"]),
         "uplink_bits": 8.0 * float(summary["uplink_payload_bytes"]),
@@ -242,13 +249,15 @@ def run_figures(summary: dict, target: float) -> dict:
 
 
 def aggregate(methods: Sequence[Method], controls: Sequence[Control], seeds: Sequence[int],
-              results: dict[tuple[str, int], tuple[dict | None, str]], target_drop: float) -> dict:
+              results: dict[tuple[str, int], tuple[dict | None, str]], target_drop: float,
+              looser_drop: float | None = None) -> dict:
     summaries = {k: s for k, (s, status) in results.items() if s is not None}
     dense_final = [summaries[("dense", s)]["final_accuracy"] for s in seeds if ("dense", s) in summaries]
     if not dense_final:
         raise SystemExit("no dense run finished: nothing to measure against")
     target = float(np.mean(dense_final)) - target_drop
-    per_run = {k: run_figures(s, target) for k, s in summaries.items()}
+    looser = None if looser_drop is None else float(np.mean(dense_final)) - looser_drop
+    per_run = {k: run_figures(s, target, looser) for k, s in summaries.items()}
 
     def column(label: str, key: str) -> list[float | None]:
         return [per_run[(label, s)][key] if (label, s) in per_run else None for s in seeds]
@@ -271,6 +280,8 @@ def aggregate(methods: Sequence[Method], controls: Sequence[Control], seeds: Seq
             "uplink_bits_per_entry": stats.t_ci([v for v in column(m.label, "uplink_bits_per_entry")
                                                  if v is not None]).as_dict(),
             "bits_to_target": reach.as_dict(),
+            "bits_to_looser_target": stats.summarize_reach(
+                [per_run[(m.label, s)]["bits_to_looser_target"] for s in ok]).as_dict(),
             "wire_bytes_to_target": wire_reach.as_dict(),
             "bits_to_target_over_dense": stats.t_ci([r for r in ratio if r is not None]).as_dict(),
             "per_bit_accuracy": stats.t_ci([v for v in column(m.label, "per_bit_accuracy") if v is not None]).as_dict(),
@@ -280,6 +291,7 @@ def aggregate(methods: Sequence[Method], controls: Sequence[Control], seeds: Seq
         })
     control_rows = [compare(c, seeds, summaries, per_run) for c in controls]
     return {"target_accuracy": target, "target_drop": target_drop, "dense_final_accuracy": dense_final,
+            "looser_target_accuracy": looser, "looser_target_drop": looser_drop,
             "seeds": list(seeds), "methods": rows, "controls": control_rows,
             "per_bit_accuracy_correlation": per_bit_correlation(list(per_run.values())),
             "runs": {f"{label}_s{seed}": fig for (label, seed), fig in sorted(per_run.items())}}
@@ -358,11 +370,14 @@ def table(agg: dict, methods: Sequence[Method], preset: Preset, seeds: Sequence[
     lines = [
         f"{preset.description}; seeds {', '.join(map(str, seeds))}. Every figure is the mean over seeds ± the "
         f"half-width of its 95 % Student-t confidence interval; differences are paired by seed. Target accuracy "
-        f"= dense's mean final accuracy − {100 * agg['target_drop']:g} point = **{agg['target_accuracy']:.4f}**.",
+        f"= dense's mean final accuracy − {100 * agg['target_drop']:g} point = **{agg['target_accuracy']:.4f}**"
+        + ("." if agg.get("looser_target_accuracy") is None else
+           f"; looser target (− {100 * agg['looser_target_drop']:g} points) = {agg['looser_target_accuracy']:.4f}."),
         "",
         "| codec | runs | final accuracy | Δ vs dense (paired) | uplink bits/entry | uplink Mbit to target "
-        "| uplink wire MB to target | bits to target / dense's | per-bit acc. (/Mbit, secondary) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| uplink wire MB to target | bits to target / dense's | uplink Mbit to looser target "
+        "| per-bit acc. (/Mbit, secondary) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         r = by_label[m.label]
@@ -377,6 +392,8 @@ def table(agg: dict, methods: Sequence[Method], preset: Preset, seeds: Sequence[
             stats.fmt_reach(_reach(r["bits_to_target"]), ".3g", 1e-6),
             stats.fmt_reach(_reach(r["wire_bytes_to_target"]), ".3g", 1e-6),
             "–" if m.label == "dense" else stats.fmt_interval(_iv(r["bits_to_target_over_dense"]), ".3f"),
+            "–" if agg.get("looser_target_accuracy") is None
+            else stats.fmt_reach(_reach(r["bits_to_looser_target"]), ".3g", 1e-6),
             stats.fmt_interval(_iv(r["per_bit_accuracy"]), ".3g", 1e6),
         ]) + " |")
     lines += [
@@ -545,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_all(args, preset, run_dir)
     wall = time.perf_counter() - start
     summaries = {k: s for k, (s, _status) in results.items() if s is not None}
-    agg = aggregate(args.methods, args.controls, args.seed_list, results, args.target_drop)
+    agg = aggregate(args.methods, args.controls, args.seed_list, results, args.target_drop,
+                    args.looser_target_drop if args.looser_target_drop >= 0 else None)
     agg["config"] = {"preset": args.preset, "workers": preset.workers, "rounds": preset.rounds,
                      "eval_every": preset.eval_every, "simulate": list(preset.simulate),
                      "methods": {m.label: {"spec": m.spec, "flags": list(m.flags)} for m in args.methods},

@@ -104,9 +104,9 @@ def test_aggregate_reports_bits_to_target_with_not_reached_runs_and_equal_bits_c
         ("small", 1): (_summary(0.1, [0.5, 0.6], 50), "ok"),  # never reaches 0.79
         ("small", 2): (None, "diverged"),
     }
-    agg = reference.aggregate(methods, controls, seeds, results, target_drop=0.01, looser_drop=0.2)
-    assert agg["target_accuracy"] == pytest.approx(0.79) and agg["looser_target_accuracy"] == pytest.approx(0.6)
-    # looser target 0.6: dense seed 0 (0.5 at its first evaluation) needs 4 rounds, seeds 1 and 2 need 2
+    agg = reference.aggregate(methods, controls, seeds, results, target_drop=0.01, looser_drop=0.25)
+    assert agg["target_accuracy"] == pytest.approx(0.79) and agg["looser_target_accuracy"] == pytest.approx(0.55)
+    # looser target 0.55: dense seed 0 (0.5 at its first evaluation) needs 4 rounds, seeds 1 and 2 need 2
     assert agg["methods"][0]["bits_to_looser_target"]["mean"] == pytest.approx(8 * (1600 + 800 + 800) / 3)
     assert agg["methods"][1]["bits_to_looser_target"]["reached"] == 2
     dense, small = agg["methods"]

@@ -460,6 +460,7 @@ def plot_small_multiples(agg: dict, methods: Sequence[Method], summaries: dict, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     others = [m for m in methods if m.label != "dense"]
     cols = min(4, max(1, len(others)))
@@ -477,8 +478,10 @@ def plot_small_multiples(agg: dict, methods: Sequence[Method], summaries: dict, 
             ax.fill_between(x, y - hw, y + hw, color="tab:blue", alpha=0.25)
         ax.axhline(agg["target_accuracy"], color="tab:red", ls=":", lw=1)
         n_ok = sum((m.label, s) in summaries for s in seeds)
-        ax.set_title(f"{m.spec} (n={n_ok})", fontsize=8)
+        spec = m.spec if len(m.spec) <= 44 else m.spec[:43] + "…"
+        ax.set_title(f"{m.label} (n={n_ok})\n{spec}", fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
         ax.set_ylim(0.0, 1.0)  # accuracy; a 2-seed band can reach past it
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes.flat[len(others):]:

@@ -237,6 +237,7 @@ def run_figures(summary: dict, target: float, looser_target: float | None = None
         "uplink_bits": 8.0 * float(summary["uplink_payload_bytes"]),
         "uplink_wire_bytes": float(summary["uplink_message_bytes"]),
         "downlink_bits_per_entry": summary.get("downlink_bits_per_entry"),
+        "downlink_wire_bytes": summary.get("downlink_message_bytes"),
         "bits_to_target": stats.bits_to_target(c["bits"], target),
         "wire_bytes_to_target": stats.bits_to_target(c["wire_bytes"], target),
         "per_bit_accuracy": summary.get("per_bit_accuracy"),
@@ -287,6 +288,8 @@ def aggregate(methods: Sequence[Method], controls: Sequence[Control], seeds: Seq
             "per_bit_accuracy": stats.t_ci([v for v in column(m.label, "per_bit_accuracy") if v is not None]).as_dict(),
             "downlink_bits_per_entry": stats.t_ci([v for v in column(m.label, "downlink_bits_per_entry")
                                                    if v is not None]).as_dict(),
+            "downlink_wire_bytes": stats.t_ci([v for v in column(m.label, "downlink_wire_bytes")
+                                               if v is not None]).as_dict(),
             "trigger_rate": stats.t_ci([v for v in column(m.label, "trigger_rate") if v is not None]).as_dict(),
         })
     control_rows = [compare(c, seeds, summaries, per_run) for c in controls]
@@ -294,7 +297,45 @@ def aggregate(methods: Sequence[Method], controls: Sequence[Control], seeds: Seq
             "looser_target_accuracy": looser, "looser_target_drop": looser_drop,
             "seeds": list(seeds), "methods": rows, "controls": control_rows,
             "per_bit_accuracy_correlation": per_bit_correlation(list(per_run.values())),
+            "lgc_autoencoder": lgc_autoencoder(summaries, seeds) if any(m.label == "lgc" for m in methods) else None,
             "runs": {f"{label}_s{seed}": fig for (label, seed), fig in sorted(per_run.items())}}
+
+
+def lgc_autoencoder(summaries: dict, seeds: Sequence[int], label: str = "lgc", last: int = 5) -> dict | None:
+    """Does LGC's autoencoder beat innovation-only decoding, and what does shipping it cost downlink?
+
+    Per seed, the PS's relative squared errors on stage-2 data (``reconstruction_error_by_round``: the
+    autoencoder's; ``innovation_only_error_by_round``: passing the innovation through), averaged over the
+    last ``last`` recorded rounds, and the encoder bytes the PS shipped to workers.
+    """
+    rec, inn, shipped, down, stage3 = [], [], [], [], []
+    for s in seeds:
+        summary = summaries.get((label, s))
+        cs = (summary or {}).get("codec_stats") or {}
+        r_series, i_series = cs.get("reconstruction_error_by_round"), cs.get("innovation_only_error_by_round")
+        if not summary or not isinstance(r_series, dict) or not isinstance(i_series, dict):
+            rec.append(None)
+            inn.append(None)
+            continue
+        tail = sorted(set(r_series) & set(i_series), key=int)[-last:]
+        rec.append(float(np.mean([r_series[k] for k in tail])) if tail else None)
+        inn.append(float(np.mean([i_series[k] for k in tail])) if tail else None)
+        shipped.append(float(cs.get("lgc_encoder_bytes_shipped") or 0.0))
+        down.append(float(summary.get("downlink_message_bytes") or 0.0))
+        stage3.append(cs.get("lgc_stage3_first_round"))
+    if not any(v is not None for v in rec):
+        return None
+    diff = stats.paired_ci(rec, inn)
+    return {
+        "reconstruction_error": stats.t_ci([v for v in rec if v is not None]).as_dict(),
+        "innovation_only_error": stats.t_ci([v for v in inn if v is not None]).as_dict(),
+        "autoencoder_minus_innovation_only": diff.as_dict(),
+        "verdict": stats.verdict(diff, better_if_positive=False,
+                                 what="autoencoder lower error" if diff.mean < 0 else "innovation-only lower error"),
+        "encoder_bytes_shipped": stats.t_ci(shipped).as_dict(),
+        "downlink_wire_bytes": stats.t_ci(down).as_dict(),
+        "stage3_first_round": stage3,
+    }
 
 
 def per_bit_correlation(figures: Sequence[dict]) -> dict:
@@ -376,8 +417,8 @@ def table(agg: dict, methods: Sequence[Method], preset: Preset, seeds: Sequence[
         "",
         "| codec | runs | final accuracy | Δ vs dense (paired) | uplink bits/entry | uplink Mbit to target "
         "| uplink wire MB to target | bits to target / dense's | uplink Mbit to looser target "
-        "| per-bit acc. (/Mbit, secondary) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| downlink wire MB (whole run) | per-bit acc. (/Mbit, secondary) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         r = by_label[m.label]
@@ -394,6 +435,7 @@ def table(agg: dict, methods: Sequence[Method], preset: Preset, seeds: Sequence[
             "–" if m.label == "dense" else stats.fmt_interval(_iv(r["bits_to_target_over_dense"]), ".3f"),
             "–" if agg.get("looser_target_accuracy") is None
             else stats.fmt_reach(_reach(r["bits_to_looser_target"]), ".3g", 1e-6),
+            stats.fmt_interval(_iv(r["downlink_wire_bytes"]), ".4g", 1e-6),
             stats.fmt_interval(_iv(r["per_bit_accuracy"]), ".3g", 1e6),
         ]) + " |")
     lines += [
@@ -436,6 +478,19 @@ def table(agg: dict, methods: Sequence[Method], preset: Preset, seeds: Sequence[
                 stats.fmt_interval(_iv(c["final_accuracy_a_minus_b"]), ".4f", signed=True),
                 ratio,
             ]) + " |")
+    lgc = agg.get("lgc_autoencoder")
+    if lgc:
+        lines += [
+            "", "### LGC: autoencoder against innovation-only decoding", "",
+            "Relative squared error on stage-2 data (PS side), mean of the last 5 recorded rounds per seed: "
+            f"autoencoder {stats.fmt_interval(_iv(lgc['reconstruction_error']))}, innovation only "
+            f"{stats.fmt_interval(_iv(lgc['innovation_only_error']))}, paired difference "
+            f"{stats.fmt_interval(_iv(lgc['autoencoder_minus_innovation_only']), '.4f', signed=True)}: "
+            f"**{lgc['verdict']}**. Encoder bytes shipped downlink per run: "
+            f"{stats.fmt_interval(_iv(lgc['encoder_bytes_shipped']), '.4g')}; downlink wire bytes per run "
+            f"{stats.fmt_interval(_iv(lgc['downlink_wire_bytes']), '.4g')}. Stage 3 from round "
+            f"{', '.join(str(r) for r in lgc['stage3_first_round'])}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -159,3 +159,20 @@ def test_per_bit_correlation_detects_a_figure_that_only_ranks_bit_rates():
     assert corr["runs"] == 4 and corr["with_inverse_bits_per_entry"] == pytest.approx(1.0)
     assert abs(corr["with_final_accuracy"]) < 0.99
     assert reference.per_bit_correlation(figures[:2])["with_inverse_bits_per_entry"] is None
+
+
+def test_lgc_autoencoder_compares_the_last_rounds_errors_seed_by_seed():
+    def lgc(rec: list[float], inn: list[float]) -> dict:
+        return {"downlink_message_bytes": 1000, "codec_stats": {
+            "reconstruction_error_by_round": {str(10 + i): v for i, v in enumerate(rec)},
+            "innovation_only_error_by_round": {str(10 + i): v for i, v in enumerate(inn)},
+            "lgc_encoder_bytes_shipped": 400, "lgc_stage3_first_round": 50}}
+    summaries = {("lgc", 0): lgc([9.0, 0.2, 0.2], [9.0, 0.5, 0.5]), ("lgc", 1): lgc([0.3, 0.3], [0.5, 0.7]),
+                 ("lgc", 2): lgc([0.25], [0.55])}
+    out = reference.lgc_autoencoder(summaries, [0, 1, 2, 3], last=2)
+    # per seed, the mean of the last 2 rounds: 0.2 vs 0.5, 0.3 vs 0.6, 0.25 vs 0.55 (seed 3 has no run)
+    assert out["autoencoder_minus_innovation_only"]["n"] == 3
+    assert out["autoencoder_minus_innovation_only"]["mean"] == pytest.approx(-0.3)
+    assert out["verdict"] == "better (autoencoder lower error)"
+    assert out["encoder_bytes_shipped"]["mean"] == 400 and out["stage3_first_round"] == [50, 50, 50]
+    assert reference.lgc_autoencoder({}, [0]) is None

@@ -90,6 +90,10 @@ REFERENCE_METHODS: tuple[Method, ...] = (
     Method("m22_M0_R2", "m22:bits=2,M=0,dist=gennorm", note="M22's control: M = 0 (plain MSE) at the same rate"),
     Method("huffman4", "huffman:bits=4"),
     Method("lgc", "lgc"),
+    # The A/A control: dense again with the same seeds. Same data order, shards and initialization; only
+    # the run-to-run nondeterminism (the PS sums worker updates in arrival order, threads) differs. Its
+    # paired difference from dense is the noise floor of every "paired by seed" comparison.
+    Method("dense_repeat", "dense", note="dense again, same seeds: the A/A control"),
 )
 REFERENCE_CONTROLS: tuple[Control, ...] = (
     Control("tpc", "fp16", "does prediction (with the trigger) beat the same fp16 residual sent every round?"),
@@ -100,6 +104,8 @@ REFERENCE_CONTROLS: tuple[Control, ...] = (
     Control("m22_M2_R2", "m22_M0_R2", "does M22's M = 2 distortion beat plain MSE (M = 0) at R = 2?"),
     Control("huffman4", "ans4", "Huffman against ANS on the same 4-bit quantizer"),
     Control("qsgd16", "ans4", "QSGD (unbiased) against ans:bits=4 (biased)"),
+    Control("dense_repeat", "dense", "A/A: the same dense run repeated (noise floor of a paired comparison)"),
+    Control("fp16", "dense", "fp16 (relative error ~4e-8 per gradient) against dense"),
 )
 
 CI_METHODS: tuple[Method, ...] = (

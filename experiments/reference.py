@@ -441,7 +441,7 @@ def table(agg: dict, methods: Sequence[Method], preset: Preset, seeds: Sequence[
             "–" if m.label == "dense" else stats.fmt_interval(_iv(r["bits_to_target_over_dense"]), ".3f"),
             "–" if agg.get("looser_target_accuracy") is None
             else stats.fmt_reach(_reach(r["bits_to_looser_target"]), ".3g", 1e-6),
-            stats.fmt_interval(_iv(r["downlink_wire_bytes"]), ".4g", 1e-6),
+            stats.fmt_interval(_iv(r["downlink_wire_bytes"]), ".1f", 1e-6),
             stats.fmt_interval(_iv(r["per_bit_accuracy"]), ".3g", 1e6),
         ]) + " |")
     lines += [

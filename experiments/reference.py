@@ -421,7 +421,7 @@ def table(agg: dict, methods: Sequence[Method], preset: Preset, seeds: Sequence[
         + ("." if agg.get("looser_target_accuracy") is None else
            f"; looser target (− {100 * agg['looser_target_drop']:g} points) = {agg['looser_target_accuracy']:.4f}."),
         "",
-        "| codec | runs | final accuracy | Δ vs dense (paired) | uplink bits/entry | uplink Mbit to target "
+        "| method: codec | runs | final accuracy | Δ vs dense (paired) | uplink bits/entry | uplink Mbit to target "
         "| uplink wire MB to target | bits to target / dense's | uplink Mbit to looser target "
         "| downlink wire MB (whole run) | per-bit acc. (/Mbit, secondary) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -432,7 +432,7 @@ def table(agg: dict, methods: Sequence[Method], preset: Preset, seeds: Sequence[
         if r["seeds_failed"]:
             runs += " (" + ", ".join(f"s{s}: {why}" for s, why in r["seeds_failed"].items()) + ")"
         lines.append(" | ".join([
-            f"| {m.shown}", runs,
+            f"| {m.label}: {m.shown}", runs,
             stats.fmt_interval(_iv(r["final_accuracy"])),
             "–" if m.label == "dense" else stats.fmt_interval(_iv(r["delta_accuracy_vs_dense"]), ".4f", signed=True),
             stats.fmt_interval(_iv(r["uplink_bits_per_entry"]), ".3f"),

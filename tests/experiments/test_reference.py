@@ -142,7 +142,7 @@ def test_ci_preset_runs_end_to_end_and_every_figure_has_an_interval(tmp_path):
     assert by_label["ans4"]["uplink_bits_per_entry"]["mean"] < 8.0
     assert by_label["ans4"]["delta_accuracy_vs_dense"]["n"] == 2
     table = (tmp_path / "table.md").read_text()
-    rows = [ln for ln in table.splitlines() if ln.startswith("| `")]
+    rows = [ln for ln in table.splitlines() if ln.startswith(("| dense: `", "| ans4: `"))]
     assert len(rows) == 2 and all(" ± " in ln for ln in rows)
     assert "### Equal-bits controls" in table
     for name in ("accuracy_vs_bits.png", "pareto.png"):

@@ -41,10 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.update import UpdateDecoder, UpdateEncoder
-
 from gradwire.tasks import make_task, tensor_specs
 
 FAMILIES: dict[str, list[str]] = {
@@ -103,7 +103,7 @@ def measure(spec_text: str, specs, grads: list[dict[str, np.ndarray]]) -> dict:
     predictive = spec_text.split(":")[0] in PREDICTIVE
     bits, errors, stats = [], [], {}
     if predictive:
-        enc, dec = UpdateEncoder(codec, specs), UpdateDecoder(codec, specs, codec.make_coordinator())
+        enc, dec = UpdateEncoder(codec, specs), UpdateDecoder(codec, specs, codec.make_cross_worker_state())
         skip = int(getattr(codec, "order", 1) or 1)
         if len(grads) <= skip:
             raise ValueError(f"{spec_text}: a closed-loop measurement needs more than {skip} gradients, got {len(grads)}")
@@ -118,7 +118,7 @@ def measure(spec_text: str, specs, grads: list[dict[str, np.ndarray]]) -> dict:
         stats = enc.stats()
     else:
         for t, g in enumerate(grads):
-            enc, dec = UpdateEncoder(codec, specs), UpdateDecoder(codec, specs, codec.make_coordinator())
+            enc, dec = UpdateEncoder(codec, specs), UpdateDecoder(codec, specs, codec.make_cross_worker_state())
             ctx = RoundContext(round=0, rank=0, seed=t, num_workers=1)
             msgs = enc.encode(g, ctx)
             ghat = dec.decode(msgs, ctx)

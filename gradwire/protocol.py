@@ -386,15 +386,17 @@ def server_message_from_proto(msg: pb.ServerMessage) -> ServerMessage:
 
 
 def server_message_payload_bytes(m: ServerMessage) -> int:
-    """What a server message carries as model payload: a full model's floats, or a delta's codec bytes,
-    plus the buffers (BatchNorm statistics and the like), which always go in full."""
+    """What a server message carries as payload: a full model's floats, or a delta's codec bytes,
+    plus the buffers (BatchNorm statistics and the like), which always go in full, plus the codec's
+    per-worker directive blob (LGC's encoder weights and support feedback): bytes the method sends
+    down, so they count as payload, not as framing."""
     if isinstance(m, Welcome):
-        return model_payload_bytes(m.model) + model_payload_bytes(m.buffers or {})
+        return model_payload_bytes(m.model) + model_payload_bytes(m.buffers or {}) + len(m.directive.blob)
     if isinstance(m, RoundResult):
-        buffers = model_payload_bytes(m.buffers or {})
+        extra = model_payload_bytes(m.buffers or {}) + len(m.directive.blob)
         if m.model_delta is not None:
-            return payload_bytes(m.model_delta.tensors) + buffers
-        return model_payload_bytes(m.model or {}) + buffers
+            return payload_bytes(m.model_delta.tensors) + extra
+        return model_payload_bytes(m.model or {}) + extra
     return 0
 
 

@@ -555,3 +555,7 @@ def test_real_ps_reaches_stage3_and_adopts_a_late_worker(make_server):
     assert late_stats["lgc_rounds"] - late_stats["lgc_fallback_rounds"] >= 2
     assert c["lgc_encoder_shipments"] >= 2 and c["lgc_decoded_from_latent"] > 0
     assert s["downlink_message_bytes"] > c["lgc_encoder_bytes_shipped"]
+    # The encoder weights and support feedback ride in the directive blob: downlink payload, not framing.
+    models_sent = sum(w["downlink_models"] for w in s["per_worker"])
+    assert s["downlink_payload_bytes"] >= 4 * s["params"] * models_sent + c["lgc_encoder_bytes_shipped"]
+    assert s["downlink_payload_bytes"] <= s["downlink_message_bytes"]

@@ -99,8 +99,9 @@ def test_every_message_round_trips_through_its_serialized_form():
         data = protocol.worker_message_to_proto(m).SerializeToString(deterministic=True)
         assert protocol.worker_message_from_proto(pb.WorkerMessage.FromString(data)) == m
     # what the ledger counts: a full model's payload is its float32 bytes, a delta's its codec bytes
-    assert protocol.server_message_payload_bytes(server_messages[0]) == 4 * 9
-    assert protocol.server_message_payload_bytes(server_messages[1]) == 12
+    assert protocol.server_message_payload_bytes(server_messages[0]) == 4 * 9 + len(directive.blob)  # the Welcome carries the blob too
+    assert protocol.server_message_payload_bytes(server_messages[1]) == 12 + len(directive.blob)
+    assert protocol.server_message_payload_bytes(server_messages[2]) == 4 * 9
 
 
 def test_status_json_is_the_protobuf_json_of_the_status():

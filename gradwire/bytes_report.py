@@ -138,11 +138,13 @@ def _print(console, report: Mapping[str, Any], rounds: int | None, wide: bool) -
     renderable = render(report, rounds, wide)
     if wide:
         from rich.measure import Measurement
+        from rich.table import Table
 
         # The widest table decides: rich would otherwise cut its columns to the terminal (`↑ protob…`);
         # a terminal narrower than that wraps the lines instead, with every figure whole.
         options = console.options.update_width(10_000)
-        need = max(Measurement.get(console, options, table).maximum for table in renderable.renderables[:2])
+        need = max(Measurement.get(console, options, part).maximum for part in renderable.renderables
+                   if isinstance(part, Table))
         console.width = max(console.width, need)
     console.print(renderable)
 

@@ -239,6 +239,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         "interface_source": ps_source, "interface_tx_bytes": ps_tx, "interface_rx_bytes": ps_rx,
         **links.to_dict(),
         "rx_over_uplink_message": ratio(ps_rx, total_msg), "tx_over_downlink": ratio(ps_tx, total_down),
+        "achieved_up_bps": _bps(ps_rx, run.elapsed_s), "achieved_down_bps": _bps(ps_tx, run.elapsed_s),
     }
     ranks = [r["rank"] for r in joined]
     uplink = {"payload_compression": ratio(dense_total, links.uplink_payload_bytes),

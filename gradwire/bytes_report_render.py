@@ -108,6 +108,11 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None, wide: bool 
     t.add_row(Text("all", style="bold"), "", "", _si(tot["uplink_payload_bytes"]), _si(tot["interface_tx_bytes"]),
               _si(tot["achieved_up_bps"], "b/s"), _si(tot["downlink_payload_bytes"]), _si(tot["interface_rx_bytes"]),
               _si(tot["achieved_down_bps"], "b/s"))
+    ps = report["ps"]
+    # The PS's side of the same traffic: it receives the uplink (rx) and sends the downlink (tx).
+    t.add_row(Text(f"{ps['name']} (PS)", style="bold"), "", "", _si(ps["uplink_payload_bytes"]),
+              _si(ps["interface_rx_bytes"]), _si(ps["achieved_up_bps"], "b/s"), _si(ps["downlink_payload_bytes"]),
+              _si(ps["interface_tx_bytes"]), _si(ps["achieved_down_bps"], "b/s"))
     rounds = report["rounds"]
     limit = COMPACT_ROUNDS if max_rounds is None else max_rounds
     shown = rounds[-limit:] if limit else rounds
@@ -197,4 +202,4 @@ def render_wide(report: Mapping[str, Any], max_rounds: int | None = None):
         notes.append("\nWhile training runs, the interface counters and the PS's counts are read up to about half "
                      "a second apart, so the ratios of fast rounds move by a few percent; they are exact once the "
                      "run has finished.", style="yellow")
-    return Group(t, rt, notes)
+    return Group(_header(report), t, rt, notes)

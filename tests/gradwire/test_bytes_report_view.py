@@ -69,6 +69,7 @@ def test_compact_view_fits_100_columns_and_leads_with_accuracy_time_and_compress
     assert "accuracy 0.4290" in head[1] and "time 10.3 s" in head[1] and "round 6/6" in head[1]
     assert head[2].startswith("↑ uplink") and "1.00× payload" in head[2] and "0.93× on the wire" in head[2]
     assert head[3].startswith("↓ downlink") and "1.00× payload" in head[3] and "0.77× on the wire" in head[3]
+    assert "ps (PS)" in text  # the PS's side of the same traffic
 
     big = _big_compose_run()
     text = _text(br.render(big))
@@ -155,6 +156,8 @@ def test_json_has_every_figure_including_downlink_compression(tmp_path, capsys):
     assert head["downlink"]["interface_compression"] == pytest.approx(
         rep["totals"]["downlink_dense_equivalent_bytes"] / rep["totals"]["interface_rx_bytes"])
     assert rep["totals"]["achieved_up_bps"] == pytest.approx(8 * rep["totals"]["interface_tx_bytes"] / rep["elapsed_s"])
+    # The PS row: its eth0 never saw the bridge traffic of `simulate --link`, so n/a.
+    assert rep["ps"]["interface_rx_bytes"] is None and rep["ps"]["achieved_up_bps"] is None
     # Each figure of the compact table is a JSON figure: rendered from the JSON, it matches.
     from gradwire.bytes_report_render import _si
 

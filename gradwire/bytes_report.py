@@ -20,7 +20,8 @@ instead and need no Docker engine.
 Parts: ``bytes_report_run`` (the sources: Status / summary.json into ``RunData``),
 ``bytes_report_model`` (the report: rows, totals, allowance), ``bytes_report_render`` (rich
 tables), ``bytes_report_docker`` (containers and counters via the docker SDK); this module is
-the command line (``--summary`` / ``--status`` / ``--project``, ``--json``, ``--watch``, ``--wait``).
+the command line (``--summary`` / ``--status`` / ``--project``, ``--json``, ``--wide``, ``--watch``,
+``--wait``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from gradwire.bytes_report_model import ContainerInfo as ContainerInfo
 from gradwire.bytes_report_model import allowance_bytes as allowance_bytes
 from gradwire.bytes_report_model import interface_bytes as interface_bytes
 from gradwire.bytes_report_model import within_allowance as within_allowance
-from gradwire.bytes_report_render import render
+from gradwire.bytes_report_render import COMPACT_WIDTH, render
 from gradwire.bytes_report_run import ReportError, run_from_status, run_from_summary
 from gradwire.bytes_report_run import _counters as _counters
 from gradwire.bytes_report_run import run_from_json as run_from_json
@@ -59,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--status", metavar="FILE", help="read saved `gradwire status --json` output instead")
     p.add_argument("--ps-service", default=DEFAULT_PS_SERVICE)
     p.add_argument("--worker-service", default=DEFAULT_WORKER_SERVICE)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (every figure the tables show)")
+    p.add_argument("--wide", action="store_true",
+                   help="every byte count side by side (about 170 columns) instead of the compact 100-column view")
+    p.add_argument("--link", default=None, metavar="PROFILE",
+                   help="the run's GRADWIRE_LINK, where the source does not say it (a summary of `simulate --link`)")
+    p.add_argument("--links", default=None, metavar="LIST",
+                   help="the run's GRADWIRE_LINKS (by rank), where the source does not say it")
     p.add_argument("--watch", action="store_true", help="live view, refreshed until the PS stops (Ctrl-C ends it)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
     p.add_argument("--rounds", type=int, default=None, metavar="N", help="show only the last N rounds")
@@ -107,21 +114,53 @@ def wait_for_summary(path: str, since: float, ps_host: str = "", timeout_s: floa
         time.sleep(poll_s)
 
 
-def _from_file(path: str, kind: str) -> dict[str, Any]:
+def _from_file(path: str, kind: str, link: str | None = None, links: str | None = None) -> dict[str, Any]:
     try:
         with open(path) as fh:
             data = json.load(fh)
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"cannot read {path}: {e}") from e
     run = run_from_summary(data) if kind == "summary" else run_from_status(data)
-    return build_report(run, project=None)
+    return build_report(run, project=None, link_env=link, links_env=links)
 
 
-def _console():
+def _console(wide: bool = False):
     from rich.console import Console
 
-    # Not a terminal (a pipe, a file, `docker compose up` logs): wide enough that no column is cut.
-    return Console(width=None if sys.stdout.isatty() else max(160, int(os.environ.get("COLUMNS", "0") or 0)))
+    if sys.stdout.isatty():
+        return Console()
+    # Not a terminal (a pipe, a file, `docker compose up` logs): the compact view's 100 columns, or
+    # for --wide as wide as the table needs (set in _print) so that no column is cut.
+    return Console(width=max(COMPACT_WIDTH, int(os.environ.get("COLUMNS", "0") or 0)))
+
+
+def _print(console, report: Mapping[str, Any], rounds: int | None, wide: bool) -> None:
+    renderable = render(report, rounds, wide)
+    if wide:
+        from rich.measure import Measurement
+        from rich.table import Table
+
+        # The widest table decides: rich would otherwise cut its columns to the terminal (`↑ protob…`);
+        # a terminal narrower than that wraps the lines instead, with every figure whole.
+        options = console.options.update_width(10_000)
+        need = max(Measurement.get(console, options, part).maximum for part in renderable.renderables
+                   if isinstance(part, Table))
+        console.width = max(console.width, need)
+    console.print(renderable)
+
+
+def _line(report: Mapping[str, Any]) -> str:
+    """One line per refresh for --watch without a terminal (logs keep every one)."""
+    head, tot = report["headline"], report["totals"]
+    acc = head["final_accuracy"]
+
+    def si(n: float | None) -> str:
+        return "n/a" if n is None else f"{n:,.0f}"
+
+    return (f"{time.strftime('%H:%M:%S')} round {head['round']}/{head['total_rounds']} · "
+            f"{head['workers']} workers · accuracy {'n/a' if acc is None else f'{acc:.4f}'} · "
+            f"↑ payload {si(tot['uplink_payload_bytes'])} B wire {si(tot['interface_tx_bytes'])} B · "
+            f"↓ payload {si(tot['downlink_payload_bytes'])} B wire {si(tot['interface_rx_bytes'])} B")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,18 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.summary or args.status:
             if args.wait and args.summary:
                 wait_for_summary(args.summary, started, args.ps_host, args.wait_timeout_s)
-            report = _from_file(args.summary or args.status, "summary" if args.summary else "status")
+            report = _from_file(args.summary or args.status, "summary" if args.summary else "status",
+                                args.link, args.links)
             if args.json:
                 print(json.dumps(report, indent=2))
             else:
-                _console().print(render(report, args.rounds))
+                _print(_console(), report, args.rounds, args.wide)
             return 0
         client = docker_client()
         if args.json and not args.watch:
-            print(json.dumps(collect(client, args.project, args.ps_service, args.worker_service), indent=2))
+            print(json.dumps(_collect(client, args), indent=2))
             return 0
         if not args.watch:
-            _console().print(render(collect(client, args.project, args.ps_service, args.worker_service), args.rounds))
+            _print(_console(), _collect(client, args), args.rounds, args.wide)
             return 0
         return _watch(client, args)
     except ReportError as e:
@@ -153,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _collect(client, args) -> dict[str, Any]:
+    return collect(client, args.project, args.ps_service, args.worker_service, link=args.link, links=args.links)
+
+
 def _watch(client, args) -> int:
-    """Refresh until the PS has finished and stopped. With --json: one JSON object per line."""
+    """Refresh until the PS has finished and stopped. With --json: one JSON object per line; without
+    a terminal: one line per refresh, then the whole report once the run is done."""
     from rich.live import Live
     from rich.text import Text
 
@@ -165,7 +210,7 @@ def _watch(client, args) -> int:
         if args.json:
             while True:
                 try:
-                    report = collect(client, args.project, args.ps_service, args.worker_service)
+                    report = _collect(client, args)
                 except ReportError as e:
                     print(f"gradwire bytes: {e}", file=sys.stderr)
                 else:
@@ -173,14 +218,27 @@ def _watch(client, args) -> int:
                     if done(report):
                         return 0
                 time.sleep(args.interval)
+        if not sys.stdout.isatty():
+            # rich's Live draws only the last frame into a pipe or a log: print a line per refresh.
+            while True:
+                try:
+                    report = _collect(client, args)
+                except ReportError as e:
+                    print(f"{time.strftime('%H:%M:%S')} gradwire bytes: {e}", flush=True)
+                else:
+                    print(_line(report), flush=True)
+                    if done(report):
+                        _print(_console(), report, args.rounds, args.wide)
+                        return 0
+                time.sleep(args.interval)
         with Live(Text("waiting for the first report…"), console=_console(), refresh_per_second=4) as live:
             while True:
                 try:
-                    report = collect(client, args.project, args.ps_service, args.worker_service)
+                    report = _collect(client, args)
                 except ReportError as e:
                     live.update(Text(f"{time.strftime('%H:%M:%S')} {e}", style="yellow"))
                 else:
-                    live.update(render(report, args.rounds or 15))
+                    live.update(render(report, args.rounds or (15 if args.wide else None), args.wide))
                     if done(report):
                         return 0
                 time.sleep(args.interval)

@@ -65,6 +65,7 @@ def list_containers(client, project: str) -> list[tuple[Any, ContainerInfo]]:
         out.append((c, ContainerInfo(
             name=c.name, id=c.id, hostname=(c.attrs.get("Config") or {}).get("Hostname", ""),
             service=labels.get(SERVICE_LABEL, ""), state=c.status, number=json_int(labels.get(NUMBER_LABEL)),
+            link=_container_env(c, "GRADWIRE_LINK") or "", links=_container_env(c, "GRADWIRE_LINKS") or "",
         )))
     return out
 
@@ -126,7 +127,8 @@ def _summary_via_archive(container) -> dict | None:
 
 
 def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
-            worker_service: str = DEFAULT_WORKER_SERVICE) -> dict[str, Any]:
+            worker_service: str = DEFAULT_WORKER_SERVICE, *, link: str | None = None,
+            links: str | None = None) -> dict[str, Any]:
     pairs = list_containers(client, project)
     if not pairs:
         projects = sorted({p for c in client.containers.list(all=True) if (p := (c.labels or {}).get(PROJECT_LABEL))})
@@ -151,4 +153,4 @@ def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
                               "written no summary.json yet; try again in a moment")
         run = run_from_summary(summary)
     return build_report(run, [info for _, info in pairs], project=project, ps_service=ps_service,
-                        worker_service=worker_service)
+                        worker_service=worker_service, link_env=link, links_env=links)

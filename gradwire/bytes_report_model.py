@@ -15,6 +15,7 @@ from typing import Any
 
 from gradwire.bytes_report_run import RunData, WorkerRun
 from gradwire.counters import LinkCounters, total
+from gradwire.links import LinkError, LinkProfile, profile_for_rank
 
 DEFAULT_PS_SERVICE = "ps"
 DEFAULT_WORKER_SERVICE = "worker"
@@ -39,6 +40,14 @@ class ContainerInfo:
     number: int = 0
     # docker stats while running: interface name -> {"tx_bytes", "rx_bytes"}; None otherwise
     live: dict[str, dict[str, int]] | None = None
+    # The container's GRADWIRE_LINK / GRADWIRE_LINKS (empty: unset, i.e. an unshaped link)
+    link: str = ""
+    links: str = ""
+
+    @property
+    def compose_name(self) -> str:
+        """What ``docker compose`` calls it (``worker-1``): service and replica number from its labels."""
+        return f"{self.service}-{self.number}" if self.service and self.number else self.name
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -95,6 +104,39 @@ def _match(worker: WorkerRun, containers: list[ContainerInfo]) -> ContainerInfo 
     return None
 
 
+def _session_bytes(start: Mapping[str, Any] | None, end: Mapping[str, Any] | None,
+                   live: Mapping[str, Mapping[str, int]] | None, sent: int, received: int) -> tuple[int | None, int | None, str]:
+    """``interface_bytes``, with None where the counters recorded are not on the traffic's path.
+
+    Recorded counters that did not move at all while the PS counted messages over the link belong to
+    an interface the traffic never crossed (``gradwire simulate`` without ``--link`` talks over
+    loopback while the processes record eth0): no counter exists for that traffic, so n/a, not 0.
+    """
+    tx, rx, source = interface_bytes(start, end, live)
+    if source == "recorded" and tx == 0 and rx == 0 and (sent > 0 or received > 0):
+        return None, None, "not-on-path"
+    return tx, rx, source
+
+
+def _link_profile(container: ContainerInfo | None, rank: int, link: str | None, links: str | None) -> LinkProfile | None:
+    """The worker's link profile: its container's GRADWIRE_LINK/LINKS (unset: unshaped), else the
+    profiles the user gave (``--link``/``--links``), else None (unknown: the summary does not carry it)."""
+    if container is not None:
+        link, links = container.link, container.links
+    elif link is None and links is None:
+        return None
+    try:
+        return profile_for_rank(link or "", links or "", rank)
+    except LinkError:
+        return None  # a worker with a bad profile fails at start-up, so this one ran unknown
+
+
+def _bps(nbytes: int | None, seconds: float | None) -> float | None:
+    if nbytes is None or seconds is None or seconds <= 0:
+        return None
+    return 8.0 * nbytes / seconds
+
+
 def _bits_per_entry(nbytes: int | None, params: int, updates: int) -> float | None:
     if nbytes is None or params <= 0 or updates <= 0:
         return None
@@ -102,8 +144,14 @@ def _bits_per_entry(nbytes: int | None, params: int, updates: int) -> float | No
 
 
 def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, project: str | None = None,
-                 ps_service: str = DEFAULT_PS_SERVICE, worker_service: str = DEFAULT_WORKER_SERVICE) -> dict[str, Any]:
-    """The report as plain data (what ``--json`` prints)."""
+                 ps_service: str = DEFAULT_PS_SERVICE, worker_service: str = DEFAULT_WORKER_SERVICE,
+                 link_env: str | None = None, links_env: str | None = None) -> dict[str, Any]:
+    """The report as plain data (what ``--json`` prints): every figure the tables show.
+
+    ``link_env``/``links_env``: the run's GRADWIRE_LINK/GRADWIRE_LINKS where no container says (a summary).
+    Compression is dense-equivalent bytes (4 B × params × messages) over payload or interface bytes,
+    per direction; achieved throughput is interface bits over the PS's training time (``elapsed_s``).
+    """
     containers = list(containers)
     worker_containers = [c for c in containers if c.service == worker_service]
     ps_container = next((c for c in containers if c.service == ps_service), None)
@@ -113,15 +161,24 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         c = _match(w, worker_containers)
         if c is not None:
             seen.add(c.id)
-        tx, rx, source = interface_bytes(w.interface_start, w.interface_end, c.live if c else None)
         up_msg = w.link.uplink_message_bytes + w.uplink_control_bytes
+        tx, rx, source = _session_bytes(w.interface_start, w.interface_end, c.live if c else None,
+                                        up_msg, w.link.downlink_message_bytes)
         messages = w.rounds + (2 if w.uplink_control_bytes else 0)
         dense_bytes = DENSE_BYTES_PER_ENTRY * run.params * w.rounds
+        down_dense = None if w.downlink_models is None else DENSE_BYTES_PER_ENTRY * run.params * w.downlink_models
+        profile = _link_profile(c, w.rank, link_env, links_env)
         rows.append({
+            "name": c.compose_name if c else (w.hostname or w.worker_id),
             "container": c.name if c else None, "container_id": c.id[:12] if c else None,
             "state": c.state if c else ("connected" if w.connected else "gone"),
             "worker_id": w.worker_id, "hostname": w.hostname, "rank": w.rank, "rounds": w.rounds,
-            **w.link.to_dict(), "uplink_control_bytes": w.uplink_control_bytes,
+            **w.link.to_dict(), "uplink_control_bytes": w.uplink_control_bytes, "uplink_protobuf_bytes": up_msg,
+            "downlink_models": w.downlink_models,
+            "link_profile": None if profile is None else str(profile),
+            "link_up_bps": None if profile is None else profile.up_bps,
+            "link_down_bps": None if profile is None else profile.down_bps,
+            "achieved_up_bps": _bps(tx, run.elapsed_s), "achieved_down_bps": _bps(rx, run.elapsed_s),
             "interface": (w.interface_start or w.interface_end or {}).get("interface"),
             "interface_source": source, "interface_tx_bytes": tx, "interface_rx_bytes": rx,
             "tx_over_message": ratio(tx, up_msg), "rx_over_downlink": ratio(rx, w.link.downlink_message_bytes),
@@ -131,6 +188,9 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
             "dense_equivalent_bytes": dense_bytes,
             "payload_compression": ratio(dense_bytes, w.link.uplink_payload_bytes),
             "interface_compression": ratio(dense_bytes, tx),
+            "downlink_dense_equivalent_bytes": down_dense,
+            "downlink_payload_compression": ratio(down_dense, w.link.downlink_payload_bytes),
+            "downlink_interface_compression": ratio(down_dense, rx),
             "uplink_within_allowance": within_allowance(tx, up_msg, messages),
             "uplink_allowance_bytes": allowance_bytes(up_msg, messages),
         })
@@ -140,12 +200,18 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
             continue
         tx, rx, source = interface_bytes(None, None, c.live)
         rows.append({
+            "name": c.compose_name,
             "container": c.name, "container_id": c.id[:12], "state": c.state, "worker_id": None, "hostname": c.hostname,
             "rank": None, "rounds": 0, **LinkCounters().to_dict(), "uplink_control_bytes": 0,
+            "uplink_protobuf_bytes": 0, "downlink_models": None,
+            # The rank (which picks a GRADWIRE_LINKS entry) comes from the PS: not known before joining.
+            "link_profile": None, "link_up_bps": None, "link_down_bps": None,
+            "achieved_up_bps": None, "achieved_down_bps": None,
             "interface": None, "interface_source": source, "interface_tx_bytes": tx,
             "interface_rx_bytes": rx, "tx_over_message": None, "rx_over_downlink": None, "message_over_payload": None,
             "payload_bits_per_entry": None, "interface_bits_per_entry": None, "dense_equivalent_bytes": 0,
-            "payload_compression": None, "interface_compression": None, "uplink_within_allowance": None,
+            "payload_compression": None, "interface_compression": None, "downlink_dense_equivalent_bytes": None,
+            "downlink_payload_compression": None, "downlink_interface_compression": None, "uplink_within_allowance": None,
             "uplink_allowance_bytes": None,
         })
 
@@ -159,20 +225,33 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
     total_tx = sum(txs) if txs and None not in txs else None
     total_rx = sum(rxs) if rxs and None not in rxs else None
     dense_total = sum(r["dense_equivalent_bytes"] for r in joined)
+    down_denses = [r["downlink_dense_equivalent_bytes"] for r in joined]
+    down_dense_total = sum(down_denses) if down_denses and None not in down_denses else None
     updates = sum(r["rounds"] for r in joined)
 
-    ps_tx, ps_rx, ps_source = interface_bytes(run.server_interface_start, run.server_interface_end,
-                                              ps_container.live if ps_container else None)
+    ps_tx, ps_rx, ps_source = _session_bytes(run.server_interface_start, run.server_interface_end,
+                                             ps_container.live if ps_container else None, total_down, total_msg)
     ps = {
+        "name": ps_container.compose_name if ps_container else DEFAULT_PS_SERVICE,
         "container": ps_container.name if ps_container else None,
         "state": ps_container.state if ps_container else None,
         "interface": (run.server_interface_start or run.server_interface_end or {}).get("interface"),
         "interface_source": ps_source, "interface_tx_bytes": ps_tx, "interface_rx_bytes": ps_rx,
         **links.to_dict(),
         "rx_over_uplink_message": ratio(ps_rx, total_msg), "tx_over_downlink": ratio(ps_tx, total_down),
+        "achieved_up_bps": _bps(ps_rx, run.elapsed_s), "achieved_down_bps": _bps(ps_tx, run.elapsed_s),
     }
     ranks = [r["rank"] for r in joined]
+    uplink = {"payload_compression": ratio(dense_total, links.uplink_payload_bytes),
+              "interface_compression": ratio(dense_total, total_tx)}
+    downlink = {"payload_compression": ratio(down_dense_total, links.downlink_payload_bytes),
+                "interface_compression": ratio(down_dense_total, total_rx)}
     return {
+        # What a reader wants first: how well it trained, how long it took, what each direction saved.
+        "headline": {"final_accuracy": run.final_accuracy, "elapsed_s": run.elapsed_s, "round": run.round,
+                     "total_rounds": run.total_rounds, "workers": len(joined), "uplink": uplink, "downlink": downlink},
+        "elapsed_s": run.elapsed_s,
+        "throughput_over": "interface bytes × 8 / elapsed_s, the PS's training time (first round to finish)",
         "project": project, "source": run.source, "codec": run.codec, "downlink_codec": run.downlink_codec,
         "params": run.params, "round": run.round,
         "total_rounds": run.total_rounds, "finished": run.finished, "final_accuracy": run.final_accuracy,
@@ -190,6 +269,10 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
             "dense_equivalent_bytes": dense_total,
             "payload_compression": ratio(dense_total, links.uplink_payload_bytes),
             "interface_compression": ratio(dense_total, total_tx),
+            "downlink_dense_equivalent_bytes": down_dense_total,
+            "downlink_payload_compression": downlink["payload_compression"],
+            "downlink_interface_compression": downlink["interface_compression"],
+            "achieved_up_bps": _bps(total_tx, run.elapsed_s), "achieved_down_bps": _bps(total_rx, run.elapsed_s),
         },
         "rounds": [
             {"round": r.round, "workers": r.workers, **r.link.to_dict(),

@@ -35,6 +35,7 @@ class WorkerRun:
     connected: bool | None = None
     interface_start: dict[str, Any] | None = None
     interface_end: dict[str, Any] | None = None
+    downlink_models: int | None = None  # messages that carried a model or delta (None: the source does not say)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RunData:
     server_interface_end: dict[str, Any] | None = None
     final_accuracy: float | None = None
     downlink_codec: str = "dense"
+    elapsed_s: float | None = None  # the PS's training time (summary only; Status does not carry it)
 
 
 def json_int(value: Any, default: int = 0) -> int:
@@ -91,6 +93,7 @@ def _worker_run(w: Mapping[str, Any], *, uplink_control_bytes: int, connected: b
         rounds=json_int(w.get("rounds_aggregated")), link=LinkCounters.from_dict(w, convert=json_int),
         uplink_control_bytes=uplink_control_bytes, connected=connected,
         interface_start=_counters(w.get("interface_start")), interface_end=_counters(w.get("interface_end")),
+        downlink_models=json_int(w["downlink_models"]) if "downlink_models" in w else None,
     )
 
 
@@ -130,6 +133,7 @@ def run_from_summary(d: Mapping[str, Any]) -> RunData:
         total_rounds=json_int(config.get("rounds"), n_rounds), finished=True, workers=workers, rounds=rounds,
         server_interface_start=_counters(server.get("start")), server_interface_end=_counters(server.get("end")),
         final_accuracy=json_float(d.get("final_accuracy")), downlink_codec=str(d.get("downlink_codec") or "dense"),
+        elapsed_s=json_float(d.get("elapsed_s")),
     )
 
 

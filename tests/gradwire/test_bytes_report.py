@@ -189,13 +189,13 @@ def test_run_from_json_tells_formats_apart():
 def test_render_has_every_container_and_round():
     rep = br.build_report(br.run_from_summary(fake_summary(rounds=3)), project="p")
     console = Console(file=io.StringIO(), width=200)
-    console.print(br.render(rep))
+    console.print(br.render(rep, wide=True))
     text = console.file.getvalue()
     assert "aaaaaaaaaaaa" in text and "bbbbbbbbbbbb" in text and "(PS)" in text
     assert "1.010" in text  # the tx / protobuf ratio
     assert text.count("│     2 │") >= 1  # the per-round table's last round
     console = Console(file=io.StringIO(), width=200)
-    console.print(br.render(rep, max_rounds=1))
+    console.print(br.render(rep, max_rounds=1, wide=True))
     assert "last 1 of 3" in console.file.getvalue()
 
 
@@ -257,6 +257,6 @@ def test_downlink_payload_and_codec_are_reported_from_both_sources():
     assert br.build_report(br.run_from_summary(fake_summary()))["downlink_codec"] == "dense"  # older summaries
 
     console = Console(file=io.StringIO(), width=260)
-    console.print(br.render(br.build_report(br.run_from_summary(summary))))
+    console.print(br.render(br.build_report(br.run_from_summary(summary)), wide=True))
     text = console.file.getvalue()
     assert "downlink ans:bits=6" in text and "10,000" in text and "3,000" in text

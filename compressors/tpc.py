@@ -92,7 +92,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from gradwire.compressors.base import (
@@ -106,6 +106,7 @@ from gradwire.compressors.base import (
     TensorSpec,
     check_input,
 )
+from gradwire.compressors.bounds import check_spec_text
 from gradwire.compressors.registry import create_codec, register
 from gradwire.compressors.spec import SpecError
 
@@ -252,15 +253,6 @@ def validate_common(
     if inner.make_coordinator() is not None:
         raise ValueError(f"residual codec {inner.spec!r} needs PS-wide state; it cannot code a residual")
     return inner
-
-
-def _canonical(spec_text: str, cache: dict[str, str]) -> str:
-    if spec_text not in cache:
-        try:
-            cache[spec_text] = create_codec(spec_text).spec
-        except SpecError as exc:
-            raise CodecError(f"unparseable codec spec {spec_text!r}: {exc}") from None
-    return cache[spec_text]
 
 
 # ------------------------------------------------------------ shared state
@@ -576,14 +568,12 @@ class PredictiveDecoder(_HistoryHolder, Decoder):
         self.cfg = cfg
         self.cores: dict[str, _TensorCore] = {}
         self._stats = _Stats()
-        self._canon: dict[str, str] = {}
         self._residual_spec = cfg.residual.spec
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
         cfg = self.cfg
         spec = msg.spec
-        if _canonical(msg.codec, self._canon) != cfg.codec_spec:
-            raise CodecError(f"message for {spec.name!r} uses codec {msg.codec!r}; this decoder is {cfg.codec_spec!r}")
+        check_spec_text(msg.codec, cfg.codec_spec, f"message for {spec.name!r}")
         core = self.cores.get(spec.name)
         if core is None:
             core = _TensorCore(cfg, spec.numel, worker=False)
@@ -629,8 +619,7 @@ class PredictiveDecoder(_HistoryHolder, Decoder):
                 )
             g_hat = pred
         else:
-            if _canonical(res.codec, self._canon) != self._residual_spec:
-                raise CodecError(f"residual of {spec.name!r} uses codec {res.codec!r}; expected {self._residual_spec!r}")
+            check_spec_text(res.codec, self._residual_spec, f"residual of {spec.name!r}")
             if res.spec != spec:
                 raise CodecError(f"residual spec {res.spec} does not match tensor spec {spec}")
             r_hat = np.asarray(core.mirror.decode(res, ctx), dtype=np.float32).reshape(-1)
@@ -665,6 +654,7 @@ class PredictiveCodecBase(Codec):
     with ``trigger, eps, tau, alpha, window, max_stale, check, residual, granularity``."""
 
     stateless_decoder = False  # the decoder holds the predictor history
+    carries_residual: ClassVar[bool] = True  # the wire's residual (and, for TPC, coefficient) fields
 
     def _resolve_residual(self) -> None:
         """Validate the options both codecs have; store the residual codec, canonical."""

@@ -73,6 +73,9 @@ class ServerConfig:
     linger_s: float = 0.0  # keep serving Status this long after training ends
     report_timeout_s: float = 10.0
     metrics_address: str = ""  # host:port for Prometheus /metrics; "" = off
+    aggregate: str = "mean"  # mean | trimmed-mean | median (server/robust.py)
+    clip_multiple: float = 3.0  # clip each update's norm to this x the round's median norm; 0 = off
+    trim_fraction: float = 0.2  # trimmed-mean: fraction dropped at each end of every coordinate
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -92,6 +95,9 @@ class ServerConfig:
         if self.max_message_mb < 1:
             raise ValueError(f"max_message_mb must be >= 1, got {self.max_message_mb}")
         parse_momentum(self.momentum)
+        from gradwire.server.robust import check_robust_options
+
+        check_robust_options(self.aggregate, self.clip_multiple, self.trim_fraction)
         from gradwire.compressors.registry import create_codec
 
         create_codec(self.codec)  # fail at startup, with the registry's reason
@@ -139,6 +145,12 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=env("EVAL_EVERY", d.eval_every))
     p.add_argument("--round-timeout-s", type=float, default=env("ROUND_TIMEOUT_S", d.round_timeout_s))
     p.add_argument("--max-message-mb", type=int, default=env("MAX_MESSAGE_MB", d.max_message_mb))
+    p.add_argument("--aggregate", default=env("AGGREGATE", d.aggregate), choices=("mean", "trimmed-mean", "median"),
+                   help="how the PS combines the round's updates (coordinate-wise for trimmed-mean and median)")
+    p.add_argument("--clip-multiple", type=float, default=env("CLIP_MULTIPLE", d.clip_multiple),
+                   help="clip each update's L2 norm to this multiple of the round's median norm (0: off)")
+    p.add_argument("--trim-fraction", type=float, default=env("TRIM_FRACTION", d.trim_fraction),
+                   help="trimmed-mean: fraction of the workers dropped at each end of every coordinate")
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:

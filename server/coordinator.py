@@ -27,8 +27,9 @@ import torch
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
-from gradwire.server.aggregation import ServerOptimizer, mean_update
+from gradwire.server.aggregation import ServerOptimizer
 from gradwire.server.config import ServerConfig
+from gradwire.server.robust import robust_step
 
 from gradwire import wire
 from gradwire.downlink import DENSE, Broadcast, DownlinkEncoder, check_downlink_codec
@@ -434,7 +435,8 @@ class Coordinator:
             by_rank = {self.records[w].rank: c.decoded for w, c in contributions.items()}
             if self.codec_coordinator is not None:
                 by_rank = self._finalize(r, by_rank)
-            self.optimizer.step(mean_update(by_rank), r)
+            step = robust_step(by_rank, {self.records[w].rank: w for w in contributions}, self.optimizer, self.model,
+                               r, self.config.aggregate, self.config.clip_multiple, self.config.trim_fraction)
             if self.codec_coordinator is not None:
                 self.codec_coordinator.observe(r, by_rank)
             entry = self.rounds_log[-1]
@@ -442,6 +444,7 @@ class Coordinator:
             entry["uplink_message_bytes"] = sum(c.message_bytes for c in contributions.values())
             entry["workers"] = len(contributions)
             entry["stragglers"] = len(stragglers)
+            entry.update(refused=step.refused, clipped=step.clipped, suspects=step.suspects)
             entry["train_loss"] = float(np.mean([c.train_loss for c in contributions.values()]))
             if (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds:
                 entry["test_loss"], entry["test_accuracy"] = self._evaluate()

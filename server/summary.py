@@ -102,6 +102,9 @@ def build_summary(coord) -> dict[str, Any]:
         "accuracy_vs_uplink_bits": curve,
         "codec_stats": codec_stats,
         "stragglers": sum(e["stragglers"] for e in log),
+        # server/robust.py: rounds whose step was not finite (rolled back), updates scaled down
+        "refused_rounds": [e["round"] for e in log if e.get("refused")],
+        "clipped_updates": sum(len(e.get("clipped", ())) for e in log),
         "rejected_messages": sum(r["rejected_messages"] for r in records),
         "elapsed_s": elapsed,
         "finish_reason": coord.finish_reason,

@@ -22,6 +22,7 @@ from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateEncoder
 from gradwire.worker.client import TrainStream, open_channel, wait_for_server
 from gradwire.worker.config import WorkerConfig
+from gradwire.worker.guard import SESSION_ERRORS, usable_model
 
 from gradwire import wire
 from gradwire.downlink import DownlinkDecoder, model_digest
@@ -134,6 +135,10 @@ class Worker:
                         log.warning("the PS refused an update: %s: %s; reconnecting with reset codec state", code.name, details)
                         result.rejections.append(f"{code.name}: {details}")
                     time.sleep(0.2)
+                except SESSION_ERRORS as exc:
+                    log.warning("cannot continue this session (%s: %s); reconnecting", type(exc).__name__, exc)
+                    result.rejections.append(f"{type(exc).__name__}: {exc}")
+                    time.sleep(0.2)
         finally:
             channel.close()
         return result
@@ -156,7 +161,7 @@ class Worker:
             trainer = Trainer(self._task(welcome.task), welcome.task, welcome.rank)
             encoder = UpdateEncoder(codec, trainer.specs)  # fresh state: the session is a resync
             downlink = DownlinkDecoder(welcome.downlink_codec_spec, trainer.specs, int(welcome.task.seed))
-            params = wire.model_from_proto(welcome.model)
+            params = usable_model(wire.model_from_proto(welcome.model), "Welcome")
             result.last_model = params
             trainer.load(params)
             round_, directive, workers = int(welcome.round), welcome.directive, int(welcome.workers)
@@ -193,6 +198,7 @@ class Worker:
                         return
                 else:
                     new_params = wire.model_from_proto(rr.model)
+                usable_model(new_params, f"result of round {round_}")
                 motion = _motion(params, new_params)
                 if motion is not None:
                     motions.append(motion)

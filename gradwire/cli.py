@@ -27,7 +27,7 @@ def _logging(verbose: bool, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from gradwire.server.config import add_server_flags, add_task_flags, env
-    from gradwire.worker.config import add_worker_flags
+    from gradwire.worker.config import add_client_security_flags, add_worker_flags
 
     p = argparse.ArgumentParser(prog="gradwire", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -49,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="print a running PS's Status")
     st.add_argument("--address", default=env("STATUS_ADDRESS", "127.0.0.1:50051"))
     st.add_argument("--json", action="store_true")
+    add_client_security_flags(st)
 
     h = sub.add_parser("health", help="exit 0 when the PS's gRPC health service says SERVING")
     h.add_argument("--address", default=env("STATUS_ADDRESS", "127.0.0.1:50051"))
     h.add_argument("--service", default="")
+    add_client_security_flags(h)
 
     b = sub.add_parser("bytes", help="wire bytes per container and round of a compose project", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -87,18 +89,21 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--workers must be >= 1")
         return run_simulation(args)
     if args.command == "status":
-        import grpc
-
+        from gradwire.server.auth import client_channel
         from gradwire.status import fetch_status, status_as_dict
 
-        with grpc.insecure_channel(args.address) as channel:
+        with client_channel(args.address, [], args.tls_ca, args.tls_cert, args.tls_key, args.token,
+                            args.tls_server_name) as channel:
             st = fetch_status(channel)
         print(json.dumps(status_as_dict(st), indent=2) if args.json else st)
         return 0
     if args.command == "health":
+        from gradwire.server.auth import client_channel
         from gradwire.status import is_serving
 
-        return 0 if is_serving(args.address, args.service) else 1
+        with client_channel(args.address, [], args.tls_ca, args.tls_cert, args.tls_key, args.token,
+                            args.tls_server_name) as channel:
+            return 0 if is_serving(args.address, args.service, channel=channel) else 1
     if args.command == "codecs":
         from gradwire.compressors.registry import CODECS, available_codecs
 

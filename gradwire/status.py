@@ -18,10 +18,15 @@ def status_as_dict(status: pb.StatusResponse) -> dict:
     return json_format.MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def is_serving(address: str, service: str = "", timeout: float = 3.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError:
-            return False
+def is_serving(address: str, service: str = "", timeout: float = 3.0, channel: grpc.Channel | None = None) -> bool:
+    """Health check over ``channel`` (a TLS one for a TLS PS), or a new insecure channel to ``address``."""
+    own = channel is None
+    channel = grpc.insecure_channel(address) if own else channel
+    try:
+        resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.RpcError:
+        return False
+    finally:
+        if own:
+            channel.close()
     return resp.status == health_pb2.HealthCheckResponse.SERVING

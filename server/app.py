@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 import torch
+from gradwire.server.admission import StreamGate, default_max_streams, executor_threads
+from gradwire.server.auth import Credentials, TokenInterceptor, server_credentials
 from gradwire.server.config import ServerConfig
 from gradwire.server.coordinator import Coordinator
 from gradwire.server.metrics import serve_metrics
@@ -58,8 +60,13 @@ def start_server(config: ServerConfig) -> RunningServer:
     task = make_task(config.dataset, config.model or None, config.seed, config.data_dir or None)
     coordinator = Coordinator(config, task)
     limit = config.max_message_mb * 2**20
+    credentials = Credentials.load(config.token, config.token_file)
+    gate = StreamGate(config.max_streams or default_max_streams(config.workers), config.hello_timeout_s)
+    threads = executor_threads(gate.max_streams)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(16, 4 * config.workers + 8), thread_name_prefix="gradwire-rpc"),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradwire-rpc"),
+        interceptors=[TokenInterceptor(credentials)] if credentials else [],
+        maximum_concurrent_rpcs=threads,  # beyond: RESOURCE_EXHAUSTED at once, not an endless queue
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -67,10 +74,13 @@ def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
         ],
     )
-    server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(coordinator)),))
+    server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(coordinator, credentials, gate)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(config.address)
+    if config.tls_cert:
+        port = server.add_secure_port(config.address, server_credentials(config.tls_cert, config.tls_key, config.tls_ca))
+    else:
+        port = server.add_insecure_port(config.address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.address}")
     server.start()

@@ -8,6 +8,15 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
+from gradwire.server.admission import (
+    MAX_HOSTNAME_CHARS,
+    MAX_REASON_CHARS,
+    StreamGate,
+    check_worker_id,
+    default_max_streams,
+    printable,
+)
+from gradwire.server.auth import Credentials, bound_identities
 from gradwire.server.coordinator import Coordinator, Rejected, Session
 
 from gradwire import wire
@@ -38,12 +47,16 @@ def parse_worker_message(data: bytes) -> Received:
 
 
 def _abort(context: grpc.ServicerContext, code: str, reason: str):
-    context.abort(getattr(grpc.StatusCode, code), reason)
+    context.abort(getattr(grpc.StatusCode, code), printable(reason, MAX_REASON_CHARS))
 
 
 class GradientExchangeServicer:
-    def __init__(self, coordinator: Coordinator):
+    def __init__(self, coordinator: Coordinator, credentials: Credentials | None = None,
+                 gate: StreamGate | None = None):
         self.coord = coordinator
+        self.credentials = credentials
+        c = coordinator.config
+        self.gate = gate or StreamGate(c.max_streams or default_max_streams(c.workers), c.hello_timeout_s)
 
     def _send(self, session: Session, message: pb.ServerMessage) -> pb.ServerMessage:
         payload = downlink_payload_bytes(message)
@@ -52,15 +65,26 @@ class GradientExchangeServicer:
         return message
 
     def Train(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None:
+        if not self.gate.enter(context):
+            _abort(context, "RESOURCE_EXHAUSTED", f"the PS holds its maximum of {self.gate.max_streams} streams")
+        deadline = self.gate.hello_deadline(context)  # an idle stream holds no thread for long
+        try:
+            first = next(request_iterator, None)
+        except Exception:  # noqa: BLE001 - cancelled at the Hello deadline, or the client went away
+            first = None
+        finally:
+            deadline.cancel()
+        if first is None or not context.is_active():
             return
         if first.message is None:
             _abort(context, "INVALID_ARGUMENT", first.error)
         if first.message.WhichOneof("body") != "hello":
             _abort(context, "INVALID_ARGUMENT", "the first message of a Train stream must be a Hello")
+        hello, refusal = admitted_hello(first.message.hello, bound_identities(context, self.credentials))
+        if refusal:
+            _abort(context, *refusal)
         try:
-            session = self.coord.join(first.message.hello, first.nbytes)
+            session = self.coord.join(hello, first.nbytes)
         except Rejected as exc:
             log.warning("refused a worker: %s", exc.reason)
             _abort(context, exc.code, exc.reason)
@@ -74,7 +98,7 @@ class GradientExchangeServicer:
                 try:
                     reply = self._handle(session, item)
                 except Rejected as exc:
-                    self.coord.reject(session, exc.reason, item.nbytes)
+                    self.coord.reject(session, printable(exc.reason, MAX_REASON_CHARS), item.nbytes)
                     _abort(context, exc.code, exc.reason)
                 if reply is None:
                     return
@@ -122,6 +146,28 @@ class GradientExchangeServicer:
                 test_loss=e["test_loss"] if e["test_loss"] is not None else math.nan,
             ))
         return resp
+
+
+def admitted_hello(hello: pb.Hello, identities: set[str]) -> tuple[pb.Hello, tuple[str, str] | None]:
+    """The Hello with bounded strings and the id its credentials bind, or (code, reason) to refuse it."""
+    requested = hello.requested_worker_id
+    if len(identities) > 1:
+        return hello, ("PERMISSION_DENIED", "the certificate and the token belong to different workers")
+    identity = next(iter(identities), "")
+    if identity:
+        if requested and requested != identity:
+            return hello, ("PERMISSION_DENIED", f"these credentials belong to worker {identity!r}, "
+                                                f"not {printable(requested, 64)!r}")
+        requested = identity
+    elif requested:
+        why = check_worker_id(requested)
+        if why:
+            return hello, ("INVALID_ARGUMENT", why)
+    admitted = pb.Hello()
+    admitted.CopyFrom(hello)
+    admitted.requested_worker_id = requested
+    admitted.hostname = printable(hello.hostname, MAX_HOSTNAME_CHARS)
+    return admitted, None
 
 
 def _now_counters(coord: Coordinator):

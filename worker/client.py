@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+from gradwire.server.auth import client_channel
 from gradwire.server.servicer import SERVICE_NAME
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -18,10 +19,12 @@ log = logging.getLogger("gradwire.worker")
 _CLOSE = object()
 
 
-def open_channel(target: str, max_message_mb: int) -> grpc.Channel:
+def open_channel(target: str, max_message_mb: int, **security: str) -> grpc.Channel:
+    """``security``: tls_ca, tls_cert, tls_key, token, server_name (see server/auth.py's client_channel)."""
     limit = max_message_mb * 2**20
-    return grpc.insecure_channel(
+    return client_channel(
         target,
+        **security,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

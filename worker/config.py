@@ -18,12 +18,22 @@ class WorkerConfig:
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     interface: str = ""  # network interface whose counters are reported
     threads: int = 1
+    tls_ca: str = ""  # PEM CA of the PS's certificate: connect with TLS
+    tls_cert: str = ""  # PEM client certificate and key, for a PS that requires mTLS
+    tls_key: str = ""
+    tls_server_name: str = ""  # name to verify in the PS's certificate, when not the host of --server
+    token: str = ""  # GRADWIRE_TOKEN; never logged
 
     def __post_init__(self) -> None:
         if ":" not in self.server:
             raise ValueError(f"server must be host:port, got {self.server!r}")
         if self.connect_timeout_s <= 0:
             raise ValueError("connect_timeout_s must be > 0")
+
+    @property
+    def security(self) -> dict[str, str]:
+        return {"tls_ca": self.tls_ca, "tls_cert": self.tls_cert, "tls_key": self.tls_key, "token": self.token,
+                "server_name": self.tls_server_name}
 
     @property
     def resolved_worker_id(self) -> str:
@@ -39,6 +49,18 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=env("MAX_MESSAGE_MB", d.max_message_mb))
     p.add_argument("--interface", default=env("INTERFACE", d.interface), help="interface whose byte counters are reported")
     p.add_argument("--threads", type=int, default=env("THREADS", d.threads), help="torch threads")
+    add_client_security_flags(p)
+
+
+def add_client_security_flags(p: argparse.ArgumentParser) -> None:
+    """TLS and token flags of every client of the PS (worker, status, health)."""
+    d = WorkerConfig()
+    p.add_argument("--tls-ca", default=env("TLS_CA", d.tls_ca), help="PEM CA that signed the PS's certificate")
+    p.add_argument("--tls-cert", default=env("TLS_CERT", d.tls_cert), help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", default=env("TLS_KEY", d.tls_key), help="PEM key of --tls-cert")
+    p.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", d.tls_server_name),
+                   help="name the PS's certificate must carry (default: the host of the address)")
+    p.set_defaults(token=env("TOKEN", d.token))  # GRADWIRE_TOKEN only: a flag would show in `ps`
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:

@@ -116,7 +116,7 @@ class Worker:
 
     def run(self) -> WorkerResult:
         result = WorkerResult()
-        channel = open_channel(self.config.server, self.config.max_message_mb)
+        channel = open_channel(self.config.server, self.config.max_message_mb, **self.config.security)
         try:
             while not result.finished:
                 if result.sessions > self.config.max_reconnects:

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bytes", help="wire bytes per container and round of a compose project", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
 
+    fz = sub.add_parser("fuzz", help="mutation campaign against a PS of its own on loopback (gradwire/fuzz.py)")
+    add_fuzz_flags(fz)
+
     codecs = sub.add_parser("codecs", help="list the registered codecs")
     codecs.add_argument("--options", action="store_true", help="also list every spec option with its default")
     return p
@@ -104,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         with client_channel(args.address, [], args.tls_ca, args.tls_cert, args.tls_key, args.token,
                             args.tls_server_name) as channel:
             return 0 if is_serving(args.address, args.service, channel=channel) else 1
+    if args.command == "fuzz":
+        from gradwire.fuzz import run_fuzz
+
+        return run_fuzz(args)
     if args.command == "codecs":
         from gradwire.compressors.registry import CODECS, available_codecs
 
@@ -114,6 +121,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'':12s} options: {codec_options(CODECS[name]) or '(none)'}")
         return 0
     return 2
+
+
+FUZZ_CODECS = ("dense", "topk", "randk", "sign", "qsgd", "huffman:bits=4", "ans", "fp8", "m22", "powersgd", "tpc", "lag")
+
+
+def add_fuzz_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--codecs", default=",".join(FUZZ_CODECS), help="semicolon- or comma-separated codec specs")
+    p.add_argument("--messages", type=int, default=1000, help="messages in all, shared among the codecs")
+    p.add_argument("--seconds", type=float, default=300.0, help="time budget in all, shared among the codecs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="write the report here")
 
 
 def codec_options(cls) -> str:

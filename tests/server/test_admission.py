@@ -93,3 +93,17 @@ def test_printable_cuts_and_escapes():
     assert printable("abc", 10) == "abc"
     assert printable("a\x00b", 10) == "a\\x00b"
     assert printable("z" * 20, 5) == "zzzzz…"
+
+
+def test_the_message_limit_applies_to_the_decompressed_size_of_a_gzip_message(make_server):
+    # 4 MiB of zeros gzip to ~4 KiB; gRPC refuses it against --max-message-mb 1 after decompression.
+    running = make_server(workers=1, rounds=1, max_message_mb=1)
+    hello = pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id="w0", codecs=["dense"],
+                                            hostname="\x00" * (4 * 2**20)))
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}", compression=grpc.Compression.Gzip) as channel:
+        method = channel.stream_stream(f"/{SERVICE_NAME}/Train", request_serializer=pb.WorkerMessage.SerializeToString,
+                                       response_deserializer=pb.ServerMessage.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            next(method(iter([hello]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not running.coordinator.records

@@ -81,3 +81,27 @@ class StreamGate:
         timer.daemon = True
         timer.start()
         return timer
+
+
+# Ledger records the PS keeps at most; beyond, departed workers that never had an update
+# aggregated are forgotten first (an attacker cycling worker ids must not grow the PS's memory).
+MAX_RECORDS = 1024
+
+
+def prune_records(records: dict, limit: int = MAX_RECORDS) -> int:
+    """Drop the oldest disconnected records with no aggregated update until ``len(records) < limit``;
+    returns how many were dropped. ``records`` maps worker id -> record (insertion order = age)."""
+    dropped = 0
+    for worker_id in list(records):
+        if len(records) < limit:
+            break
+        record = records[worker_id]
+        if not record.connected and record.rounds_aggregated == 0:
+            del records[worker_id]
+            dropped += 1
+    return dropped
+
+
+def next_rank(records: dict) -> int:
+    """A rank no kept record has (ranks of pruned records, which never contributed, may come back)."""
+    return max((r.rank for r in records.values()), default=-1) + 1

@@ -27,6 +27,7 @@ import torch
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
+from gradwire.server.admission import next_rank, prune_records
 from gradwire.server.aggregation import ServerOptimizer
 from gradwire.server.config import ServerConfig
 from gradwire.server.robust import robust_step
@@ -203,7 +204,8 @@ class Coordinator:
                 raise Rejected("ALREADY_EXISTS", f"worker id {worker_id!r} is already connected")
             record = self.records.get(worker_id)
             if record is None:
-                record = WorkerRecord(worker_id, rank=len(self.records))
+                prune_records(self.records)
+                record = WorkerRecord(worker_id, rank=next_rank(self.records))
                 self.records[worker_id] = record
             record.hostname = hello.hostname
             record.connected = True

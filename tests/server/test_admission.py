@@ -107,3 +107,23 @@ def test_the_message_limit_applies_to_the_decompressed_size_of_a_gzip_message(ma
             next(method(iter([hello]), timeout=10))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert not running.coordinator.records
+
+
+def test_records_of_departed_workers_that_never_contributed_are_pruned(make_server, manual_workers, monkeypatch):
+    from gradwire.server import admission
+
+    monkeypatch.setattr(admission.prune_records, "__defaults__", (5,))
+    running = make_server(workers=50, rounds=1, start_timeout_s=60)
+    for i in range(12):
+        worker = manual_workers(f"127.0.0.1:{running.port}")
+        worker.send(pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id=f"cycling-{i}",
+                                                    codecs=["dense"])))
+        deadline = time.monotonic() + 10
+        while f"cycling-{i}" not in running.coordinator.records and time.monotonic() < deadline:
+            time.sleep(0.02)
+        worker.close()
+        while running.coordinator.records[f"cycling-{i}"].connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+    records = running.coordinator.records
+    assert len(records) <= 5 and "cycling-11" in records
+    assert len({r.rank for r in records.values()}) == len(records)

@@ -220,3 +220,16 @@ def client_channel(target: str, options: list[tuple], tls_ca: str = "", tls_cert
             raise AuthError("a client certificate needs --tls-ca (the CA that signed the PS's certificate)")
         channel = grpc.insecure_channel(target, options=options)
     return grpc.intercept_channel(channel, _TokenMetadata(token)) if token else channel
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def check_metrics_address(metrics_address: str, authenticated: bool) -> None:
+    """The Prometheus endpoint has no authentication: with credentials on, it may listen on loopback only."""
+    if not metrics_address or not authenticated:
+        return
+    host = metrics_address.rpartition(":")[0]
+    if host not in LOOPBACK_HOSTS:
+        raise AuthError(f"--metrics-address {metrics_address!r}: the metrics endpoint has no authentication; "
+                        "with TLS client certificates or tokens on, bind it to 127.0.0.1")

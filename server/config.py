@@ -107,9 +107,10 @@ class ServerConfig:
         from gradwire.server.robust import check_robust_options
 
         check_robust_options(self.aggregate, self.clip_multiple, self.trim_fraction)
-        from gradwire.server.auth import check_server_auth_options
+        from gradwire.server.auth import check_metrics_address, check_server_auth_options
 
         check_server_auth_options(self.tls_cert, self.tls_key, self.tls_ca)
+        check_metrics_address(self.metrics_address, bool(self.tls_ca or self.token or self.token_file))
         from gradwire.compressors.registry import create_codec
 
         create_codec(self.codec)  # fail at startup, with the registry's reason

@@ -173,3 +173,13 @@ def test_gen_certs_script_makes_certificates_the_ps_and_a_worker_accept(make_ser
     running = _mtls_server(make_server, certs, token_file)
     with client_channel(f"localhost:{running.port}", [], **_tls(certs, "w0", TOKENS["w0"])) as channel:
         assert fetch_status(channel, timeout=5).protocol == wire.PROTOCOL
+
+
+def test_with_credentials_on_the_unauthenticated_metrics_endpoint_must_listen_on_loopback():
+    from gradwire.server.auth import AuthError
+    from gradwire.server.config import ServerConfig
+
+    with pytest.raises(AuthError, match="bind it to 127.0.0.1"):
+        ServerConfig(token="a-shared-token-0123456789", metrics_address="0.0.0.0:9100")
+    assert ServerConfig(token="a-shared-token-0123456789", metrics_address="127.0.0.1:9100")
+    assert ServerConfig(metrics_address="0.0.0.0:9100")  # no credentials: as before

@@ -86,7 +86,7 @@ class GradientExchangeServicer:
         try:
             session = self.coord.join(hello, first.nbytes)
         except Rejected as exc:
-            log.warning("refused a worker: %s", exc.reason)
+            log.warning("refused a worker: %s", printable(exc.reason, MAX_REASON_CHARS))  # may quote its Hello
             _abort(context, exc.code, exc.reason)
         context.add_callback(lambda: self.coord.leave(session))
         try:

@@ -76,6 +76,7 @@ class ServerConfig:
     aggregate: str = "mean"  # mean | trimmed-mean | median (server/robust.py)
     clip_multiple: float = 3.0  # clip each update's norm to this x the round's median norm; 0 = off
     trim_fraction: float = 0.2  # trimmed-mean: fraction dropped at each end of every coordinate
+    outliers: str = "drop"  # updates above the clip norm: dropped from the round, or scaled down to it
     tls_cert: str = ""  # PEM files (server/auth.py): TLS with cert+key, mutual TLS with a CA too
     tls_key: str = ""
     tls_ca: str = ""
@@ -106,7 +107,7 @@ class ServerConfig:
         parse_momentum(self.momentum)
         from gradwire.server.robust import check_robust_options
 
-        check_robust_options(self.aggregate, self.clip_multiple, self.trim_fraction)
+        check_robust_options(self.aggregate, self.clip_multiple, self.trim_fraction, self.outliers)
         from gradwire.server.auth import check_metrics_address, check_server_auth_options
 
         check_server_auth_options(self.tls_cert, self.tls_key, self.tls_ca)
@@ -164,6 +165,8 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
                    help="how the PS combines the round's updates (coordinate-wise for trimmed-mean and median)")
     p.add_argument("--clip-multiple", type=float, default=env("CLIP_MULTIPLE", d.clip_multiple),
                    help="clip each update's L2 norm to this multiple of the round's median norm (0: off)")
+    p.add_argument("--outliers", default=env("OUTLIERS", d.outliers), choices=("scale", "drop"),
+                   help="an update above the clip norm is dropped from the round (default) or scaled down to it")
     p.add_argument("--trim-fraction", type=float, default=env("TRIM_FRACTION", d.trim_fraction),
                    help="trimmed-mean: fraction of the workers dropped at each end of every coordinate")
 

@@ -438,7 +438,8 @@ class Coordinator:
             if self.codec_coordinator is not None:
                 by_rank = self._finalize(r, by_rank)
             step = robust_step(by_rank, {self.records[w].rank: w for w in contributions}, self.optimizer, self.model,
-                               r, self.config.aggregate, self.config.clip_multiple, self.config.trim_fraction)
+                               r, self.config.aggregate, self.config.clip_multiple, self.config.trim_fraction,
+                               self.config.outliers)
             if self.codec_coordinator is not None:
                 self.codec_coordinator.observe(r, by_rank)
             entry = self.rounds_log[-1]

@@ -5,11 +5,14 @@ finite values can still do harm: entries of 1e30 drag the mean anywhere, and ent
 3e38 overflow float32 once summed or stepped. Three defences, applied in this order:
 
 1. **Norm clipping** (``clip_multiple``, default 3; 0 = off): each update whose L2 norm
-   exceeds ``clip_multiple`` × the round's median update norm is scaled down to that norm.
+   exceeds ``clip_multiple`` × the round's median update norm is left out of the round
+   (``outliers="drop"``, the default) or scaled down to that norm (``outliers="scale"``).
    The median is the *lower* median of the round's norms, so with two workers one of which
    is hostile the honest norm sets the bar. Honest updates of one round have norms within
    a small factor of each other, so a multiple of 3 leaves honest training (nearly) alone
-   while one worker can move the mean by at most ``clip_multiple / n`` honest norms.
+   while one worker can move the mean by at most ``clip_multiple / n`` honest norms. Scaling
+   still lets a worker that pushes one direction every round steer a mean; dropping removes
+   any update that is far out of line, at the price of losing an honest outlier's round.
 2. **Aggregation** (``aggregate``): ``mean`` (the default), ``trimmed-mean`` (coordinate-wise:
    drop the ``f`` largest and ``f`` smallest values of each coordinate, ``f = max(1, ⌊trim·n⌋)``
    with ``2f < n``; with fewer than 3 workers it is the mean) or ``median`` (coordinate-wise).
@@ -42,7 +45,12 @@ DEFAULT_TRIM_FRACTION = 0.2
 Update = Mapping[str, np.ndarray]
 
 
-def check_robust_options(aggregate: str, clip_multiple: float, trim_fraction: float) -> None:
+OUTLIER_MODES = ("scale", "drop")
+
+
+def check_robust_options(aggregate: str, clip_multiple: float, trim_fraction: float, outliers: str = "scale") -> None:
+    if outliers not in OUTLIER_MODES:
+        raise ValueError(f"outliers must be one of {', '.join(OUTLIER_MODES)}, got {outliers!r}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     if not (math.isfinite(clip_multiple) and (clip_multiple == 0 or clip_multiple >= 1)):
@@ -64,8 +72,10 @@ class ClipReport:
     clipped: tuple[int, ...]  # ranks whose update was scaled down
 
 
-def clip_updates(by_rank: Mapping[int, Update], multiple: float) -> tuple[dict[int, dict[str, np.ndarray]], ClipReport]:
-    """Scale each update with norm > multiple × (lower) median norm down to that norm."""
+def clip_updates(by_rank: Mapping[int, Update], multiple: float, mode: str = "scale",
+                 ) -> tuple[dict[int, dict[str, np.ndarray]], ClipReport]:
+    """Scale each update with norm > multiple × (lower) median norm down to that norm, or with
+    ``mode="drop"`` leave it out of the round (the median update itself always stays)."""
     norms = {rank: update_norm(u) for rank, u in by_rank.items()}
     ordered = sorted(norms.values())
     median = ordered[(len(ordered) - 1) // 2] if ordered else 0.0
@@ -74,7 +84,9 @@ def clip_updates(by_rank: Mapping[int, Update], multiple: float) -> tuple[dict[i
     clipped = []
     for rank, update in by_rank.items():
         norm = norms[rank]
-        if norm > threshold:
+        if norm > threshold and mode == "drop":
+            clipped.append(rank)
+        elif norm > threshold:
             # in float64: the scale of a 3e38-entry update is below float32's normal range
             scale = threshold / norm
             out[rank] = {name: (a.astype(np.float64) * scale).astype(np.float32) for name, a in update.items()}
@@ -154,15 +166,17 @@ class RobustStep:
 
 
 def robust_step(by_rank: Mapping[int, Update], names: Mapping[int, str], optimizer, model: nn.Module,
-                round_: int, aggregate: str, clip_multiple: float, trim_fraction: float) -> RobustStep:
+                round_: int, aggregate: str, clip_multiple: float, trim_fraction: float,
+                outliers: str = "scale") -> RobustStep:
     """Clip, aggregate and step the server optimizer; roll back and refuse a step that is not finite."""
-    clipped, report = clip_updates(by_rank, clip_multiple)
+    clipped, report = clip_updates(by_rank, clip_multiple, outliers)
     ordered = sorted(report.norms.values())
     median = ordered[(len(ordered) - 1) // 2]
     clipped_names = [str(names.get(r, r)) for r in report.clipped]
     if clipped_names:
-        log.warning("round %d: clipped %d update(s) to %.3g (%g x median norm %.3g): %s", round_, len(clipped_names),
-                    report.threshold, clip_multiple, median, ", ".join(clipped_names))
+        log.warning("round %d: %s %d update(s) with norm above %.3g (%g x median norm %.3g): %s", round_,
+                    "dropped" if outliers == "drop" else "clipped", len(clipped_names), report.threshold,
+                    clip_multiple, median, ", ".join(clipped_names))
     gradient = aggregate_updates(clipped, aggregate, trim_fraction)
     if not all_finite(gradient):
         suspects = describe_suspects(report, names)

@@ -57,28 +57,30 @@ def _clean_summary(make_server, run_workers, manual_workers) -> dict:
     return _CLEAN["summary"]
 
 
-@pytest.mark.parametrize(("value", "aggregate"), [(1e30, "trimmed-mean"), (3e38, "median")])
-def test_one_attacker_among_three_workers_cannot_wreck_a_robust_run(make_server, run_workers, manual_workers,
-                                                                    value, aggregate):
+@pytest.mark.parametrize(("value", "overrides"), [(1e30, {}), (3e38, {}), (1e30, {"aggregate": "trimmed-mean"}),
+                                                  (3e38, {"aggregate": "median"})])
+def test_one_attacker_among_three_workers_cannot_wreck_the_run(make_server, run_workers, manual_workers,
+                                                               value, overrides):
     clean = _clean_summary(make_server, run_workers, manual_workers)
-    summary, results, model, seen = _run(make_server, run_workers, manual_workers, value, aggregate=aggregate)
+    summary, results, model, seen = _run(make_server, run_workers, manual_workers, value, **overrides)
     assert all(r is not None and r.finished for r in results), [getattr(r, "rejections", r) for r in results]
     assert summary["rounds"] == ROUNDS and not summary["refused_rounds"]
     assert len(seen) >= ROUNDS - 1  # the attacker took part in every round
     assert all(np.isfinite(a).all() for a in model.values())
+    clipped = [e["clipped"] for e in summary["rounds_log"]]
+    assert all(c == ["attacker"] for c in clipped), clipped  # named every round
     assert summary["final_accuracy"] >= clean["final_accuracy"] - 0.05, (summary["final_accuracy"], clean["final_accuracy"])
 
 
 @pytest.mark.parametrize("value", [1e30, 3e38])
-def test_with_the_default_mean_an_attacker_is_clipped_every_round_and_the_run_completes(
+def test_scaled_instead_of_dropped_an_attacker_is_bounded_and_the_run_completes(
         make_server, run_workers, manual_workers, value):
-    summary, results, model, seen = _run(make_server, run_workers, manual_workers, value)
+    summary, results, model, seen = _run(make_server, run_workers, manual_workers, value, outliers="scale")
     assert all(r is not None and r.finished for r in results), [getattr(r, "rejections", r) for r in results]
     assert summary["rounds"] == ROUNDS and not summary["refused_rounds"]
     assert all(np.isfinite(a).all() for a in model.values())
-    clipped = [e["clipped"] for e in summary["rounds_log"]]
-    assert all(c == ["attacker"] for c in clipped[1:]), clipped
-    print(f"default mean, attacker {value:g}: final accuracy {summary['final_accuracy']:.4f}")
+    assert all(e["clipped"] == ["attacker"] for e in summary["rounds_log"])
+    assert summary["final_accuracy"] > 0.3  # far above chance (0.1), below the clean run: see README
 
 
 def test_without_clipping_a_3e38_attacker_is_refused_round_by_round_and_the_model_stays_finite(
@@ -96,7 +98,9 @@ def test_clipping_scales_only_the_outlier_to_the_multiple_of_the_median():
     honest = [{"w": rng.standard_normal(100).astype(np.float32)} for _ in range(3)]
     hostile = {"w": np.full(100, 3e38, dtype=np.float32)}
     by_rank = {0: honest[0], 1: honest[1], 2: honest[2], 3: hostile}
-    out, report = clip_updates(by_rank, 3.0)
+    dropped, report = clip_updates(by_rank, 3.0, "drop")
+    assert report.clipped == (3,) and sorted(dropped) == [0, 1, 2]
+    out, report = clip_updates(by_rank, 3.0, "scale")
     assert report.clipped == (3,)
     norms = sorted(report.norms.values())
     assert np.linalg.norm(out[3]["w"].astype(np.float64)) == pytest.approx(3.0 * norms[1], rel=1e-5)

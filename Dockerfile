@@ -21,7 +21,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # pip itself; a .pth file puts /opt/gradwire on the venv's path.
 RUN --mount=type=bind,source=wheelhouse,target=/wheels \
     python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --quiet -r /wheels/requirements.txt \
+    && /opt/venv/bin/pip install --quiet -r /wheels/requirements.txt -c /wheels/constraints.txt \
     && cd /opt/venv/lib/python3.*/site-packages \
     && rm -rf torch/include torch/test torch/bin/*Test torch/bin/test_* torch/bin/protoc* \
               torch/lib/libtorchbind_test.so \
@@ -56,11 +56,13 @@ RUN groupadd --system --gid 10001 gradwire \
     && mkdir -p /runs && chown gradwire:gradwire /runs
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=app /opt/gradwire /opt/gradwire
+COPY docker/entrypoint.sh /usr/local/bin/gradwire-entrypoint
 ENV PATH=/opt/gradwire/bin:/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     GRADWIRE_OUT=/runs
-USER gradwire
 WORKDIR /home/gradwire
-ENTRYPOINT ["gradwire"]
+# The entry point starts as root and runs gradwire as the `gradwire` user (setpriv), passing on
+# CAP_NET_ADMIN only when the container has it (link shaping); see docker/entrypoint.sh.
+ENTRYPOINT ["gradwire-entrypoint"]
 CMD ["--help"]

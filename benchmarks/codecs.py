@@ -42,6 +42,7 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
+
 from gradwire.compressors.base import RoundContext, TensorSpec  # noqa: E402
 from gradwire.compressors.entropy import entropy_from_counts  # noqa: E402
 from gradwire.compressors.registry import available_codecs, create_codec  # noqa: E402
@@ -172,8 +173,7 @@ def bench_codec(spec_text: str, x: np.ndarray, repeats: int) -> dict:
     codec = create_codec(spec_text)
     spec = TensorSpec("bench.weight", _shape(x.size))
     xs = x.reshape(spec.shape)
-    coordinator = codec.make_coordinator()
-    encoder, decoder = codec.make_encoder(), codec.make_decoder(coordinator)
+    encoder, decoder = codec.make_encoder(), codec.make_decoder(codec.make_cross_worker_state())
     rounds = iter(range(10**6))
 
     def encode():

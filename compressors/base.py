@@ -3,7 +3,7 @@
 A codec never does I/O. The worker holds one ``Encoder`` per session; the PS holds
 one ``Decoder`` per worker. Anything both ends must agree on (predictor history,
 entropy model, quantizer table) is updated on both sides only from *decoded*
-values, in the same order (ALGORITHMS.md §0), and both sides expose
+values, in the same order (docs/algorithms.md §0), and both sides expose
 ``state_dict()`` / ``load_state_dict()`` / ``reset()`` so that a reconnect or a
 restart can resync them explicitly.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -67,6 +67,18 @@ class Encoded:
 
 
 @dataclass(frozen=True)
+class Directive:
+    """What the PS's cross-worker codec state tells one worker's encoder for a round.
+
+    ``values`` are the same for every worker (e.g. LGC's stage and leader); ``blob`` is for this
+    worker only (LGC's stage-3 support and error feedback) and is counted as downlink bytes.
+    """
+
+    values: Mapping[str, float] = field(default_factory=dict)
+    blob: bytes = b""
+
+
+@dataclass(frozen=True)
 class RoundContext:
     """Round-level facts both ends know without sending them in the payload."""
 
@@ -74,11 +86,13 @@ class RoundContext:
     rank: int
     seed: int = 0
     num_workers: int = 1
-    # Codec instructions the PS broadcast for this round (e.g. LGC stage, leader).
+    # The round's Directive from the codec's cross-worker state (e.g. LGC stage, leader), and,
+    # at the worker, its blob; the update layer fills both.
     directive: Mapping[str, float] = field(default_factory=dict)
     directive_blob: bytes = b""
-    # Squared norms of the most recent model moves ||θ^t − θ^{t−1}||², newest
-    # last; only the worker fills this (LAG-style triggers run at the encoder).
+    # Squared norms of the most recent model moves ||θ^t − θ^{t−1}||², newest last; the
+    # worker's update layer fills this for codecs that declare needs_model_motion (LAG-style
+    # triggers run at the encoder).
     model_motion_sq: tuple[float, ...] = ()
 
     def rng(self, tensor_name: str, salt: int = 0) -> np.random.Generator:
@@ -107,6 +121,10 @@ class Encoder(ABC):
         """Codec-specific statistics accumulated since the last reset."""
         return {}
 
+    def set_layout(self, specs: Sequence[TensorSpec]) -> None:  # noqa: B027 - a need most codecs lack
+        """The model's tensors, given once before the first round to a codec that declares
+        ``needs_layout`` (a model-scope codec sees one flat vector otherwise)."""
+
 
 class Decoder(ABC):
     """PS side, one per worker. Mirrors the worker's encoder state."""
@@ -127,21 +145,36 @@ class Decoder(ABC):
     def stats(self) -> dict[str, float]:
         return {}
 
+    def set_layout(self, specs: Sequence[TensorSpec]) -> None:  # noqa: B027 - a need most codecs lack
+        """As ``Encoder.set_layout``."""
 
-class Coordinator:
-    """Optional PS-wide codec state shared by all of a codec's decoders.
 
-    Codecs whose decoders depend on other workers (learned compression trains one
-    autoencoder on every worker's updates) keep that state here. The PS asks it for
-    each round's directive and shows it every round's decoded updates.
+class CrossWorkerState:
+    """The PS-wide state of a codec, shared by all of its decoders: the one channel between a
+    stateful codec and the parameter server.
+
+    The round engine calls every hook, in this order, for every codec; the defaults do nothing,
+    so a codec overrides only what it needs (learned compression trains one autoencoder on every
+    worker's updates and decodes worker i from the leader's latent). The engine has no
+    codec-specific branch: a new stateful codec changes only ``compressors/``.
+
+    Per round: ``open_round`` (directive values for every worker), ``blob_for`` (one worker's
+    directive bytes), the decoders run, ``finalize`` (cross-worker decoding), the model steps,
+    ``observe``. Any time: ``forget_worker`` (a worker left or was rejected). Checkpoints:
+    ``state_dict`` / ``load_state_dict``. Summary: ``stats``.
     """
 
-    def directive(self, round_: int, ranks: list[int]) -> dict[str, float]:
+    def open_round(self, round_: int, ranks: list[int]) -> Mapping[str, float]:
+        """A round opens for the workers ``ranks``: the directive values every worker gets."""
         return {}
 
     def blob_for(self, rank: int, round_: int) -> bytes:
-        """Extra downlink bytes for one worker this round (counted as downlink)."""
+        """Extra directive bytes for one worker this round (counted as downlink)."""
         return b""
+
+    def directive_for(self, rank: int, round_: int, values: Mapping[str, float]) -> Directive:
+        """One worker's directive: the round's ``values`` (from ``open_round``) and its blob."""
+        return Directive(values=dict(values), blob=self.blob_for(rank, round_))
 
     def finalize(
         self, round_: int, decoded: Mapping[int, Mapping[str, np.ndarray]]
@@ -188,15 +221,28 @@ class Codec(ABC):
     # False when a decoder carries state from round to round (a predictor history): such a
     # codec cannot encode the PS's broadcast, which workers start decoding at any round.
     stateless_decoder: ClassVar[bool] = True
+    # Declared needs, which the update layer (compressors/update.py) satisfies; a codec never
+    # asks its caller for more. needs_layout: the encoder's and decoder's set_layout get the
+    # model's tensor specs. needs_model_motion: ctx.model_motion_sq holds the worker's recent
+    # model moves (LAG-style triggers). has_cross_worker_state: make_cross_worker_state returns
+    # state of its own, which the PS shares between the codec's decoders.
+    needs_layout: ClassVar[bool] = False
+    needs_model_motion: ClassVar[bool] = False
+    has_cross_worker_state: ClassVar[bool] = False
 
     @abstractmethod
     def make_encoder(self) -> Encoder: ...
 
     @abstractmethod
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder: ...
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder: ...
 
-    def make_coordinator(self) -> Coordinator | None:
-        return None
+    def make_cross_worker_state(self) -> CrossWorkerState:
+        """The PS-wide state for a run; the default has none (every hook is a no-op)."""
+        return CrossWorkerState()
+
+    def without_error_feedback(self) -> Codec:
+        """This codec with its error-feedback memory off (the ``ef`` option, by convention), or itself."""
+        return dataclasses.replace(self, ef=False) if "ef" in option_defaults(self) else self  # type: ignore[call-arg]
 
     @property
     def worker_momentum(self) -> float:
@@ -267,7 +313,7 @@ class TensorCodec(Codec):
     def make_encoder(self) -> Encoder:
         return StatelessEncoder(self)
 
-    def make_decoder(self, coordinator: Coordinator | None = None) -> Decoder:
+    def make_decoder(self, shared: CrossWorkerState | None = None) -> Decoder:
         return StatelessDecoder(self)
 
 

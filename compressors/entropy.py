@@ -3,7 +3,7 @@
 Pure, deterministic functions over numpy arrays; no codec is registered here.
 The model (a pmf over the alphabet ``0 .. n-1``) is always given by the caller, so
 both ends rebuild the identical code from whatever parameters they share
-(ALGORITHMS.md §2); nothing about the model is written into the bytes.
+(docs/algorithms.md §2); nothing about the model is written into the bytes.
 
 Huffman
     ``huffman_code_lengths`` builds deterministic, length-limited code lengths
@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
 from gradwire.compressors.base import CodecError
 
 DEFAULT_MAX_CODE_LENGTH = 16  # decoder table of 2^16 entries; ample for alphabets up to 2^12
@@ -352,7 +353,7 @@ def huffman_bits(symbols: np.ndarray, lengths: np.ndarray) -> int:
 VARINT_MAX_BYTES = 10  # a u64 needs at most 10 LEB128 bytes
 
 
-def varint_encode(values: np.ndarray) -> bytes:
+def varint_encode(values: np.ndarray | list[int]) -> bytes:
     """LEB128 encoding of non-negative integers (vectorized): counts, histograms, headers."""
     v = np.asarray(values, dtype=np.uint64).reshape(-1)
     if v.size == 0:

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from gradwire.compressors.base import Decoder, Encoded, Encoder, RoundContext, TensorSpec, check_input
 
 

@@ -1,4 +1,4 @@
-"""Generalized normal (GenNorm) model of gradient entries (ALGORITHMS.md §2, seed 001).
+"""Generalized normal (GenNorm) model of gradient entries (docs/algorithms.md §2, seed 001).
 
 ``f(x) = β / (2αΓ(1/β)) · exp(−(|x−μ|/α)^β)``: β = 2 is Gaussian, β = 1 Laplace,
 β < 1 heavier tails.
@@ -21,8 +21,9 @@ import functools
 import math
 
 import numpy as np
-from gradwire.compressors.base import CodecError
 from scipy import optimize, special, stats
+
+from gradwire.compressors.base import CodecError
 
 BETA_MIN = 0.1
 BETA_MAX = 8.0

@@ -27,6 +27,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwire.compressors.base import CodecError
 
 GRIDS = ("midrise", "midtread")
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 
-def _symbol_dtype(alphabet: int) -> type:
+def _symbol_dtype(alphabet: int) -> type[np.unsignedinteger]:
     return np.uint8 if alphabet <= 256 else np.uint16
 
 
@@ -115,7 +116,7 @@ class UniformQuantizer:
         # Position in level units (level j at u = j), float32: exact enough for <= 2^16 levels,
         # and both ends only ever see the resulting symbols.
         inv = 1.0 / self.step
-        work = np.float32 if inv < 1e38 else np.float64  # float64 when 1/Δ overflows float32
+        work: type[np.floating] = np.float32 if inv < 1e38 else np.float64  # float64 when 1/Δ overflows float32
         u = arr.astype(work) * work(inv)
         u += work(self.alphabet_size / 2 - 0.5 if self.grid == "midrise" else self.alphabet_size // 2)
         np.clip(u, 0, top, out=u)

@@ -1,7 +1,8 @@
 """Codec registry: spec string -> configured ``Codec``.
 
-Every module in the ``compressors`` package is imported on first use, so a new
-codec only needs the ``@register`` decorator in its own module.
+Every module in the ``compressors`` package, sub-packages included, is imported on
+first use, so a new codec only needs the ``@register`` decorator in its own module
+(docs/adding-a-codec.md). Modules whose name starts with ``_`` are skipped.
 """
 
 from __future__ import annotations
@@ -31,10 +32,17 @@ def _load_all() -> None:
         return
     import gradwire.compressors as package
 
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    # walk_packages, not iter_modules: codec families may live in sub-packages (folders).
+    # It imports each sub-package to look inside; _reraise makes a broken one fail loudly
+    # (its default would skip a sub-package whose import raises ImportError).
+    for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.", onerror=_reraise):
+        if not info.name.rpartition(".")[2].startswith("_"):
+            importlib.import_module(info.name)
     _LOADED = True
+
+
+def _reraise(_name: str) -> None:
+    raise  # re-raises the current error: walk_packages calls this inside its except block
 
 
 def available_codecs() -> list[str]:

@@ -2,26 +2,36 @@
 
 This is the layer the worker and the PS call. It applies the codec's scope
 (per tensor, or the whole model flattened into one vector), validates what
-arrives (names, shapes, codec, finite values) and counts bytes for statistics.
+arrives (names, shapes, codec, finite values), counts bytes for statistics, and
+satisfies the needs a codec declares (``Codec.needs_layout``,
+``Codec.needs_model_motion``) and the round's ``Directive``, so that callers never
+look at what a particular codec wants.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from gradwire.compressors.base import (
     Codec,
     CodecError,
-    Coordinator,
+    CrossWorkerState,
+    Decoder,
+    Directive,
     Encoded,
+    Encoder,
     RoundContext,
     TensorSpec,
 )
 from gradwire.compressors.bounds import check_wire_fields
 
 MODEL_TENSOR_NAME = "__model__"
+# Model moves remembered for LAG-style triggers (docs/algorithms.md §1 uses D = 10).
+MOTION_HISTORY = 10
 
 
 class InvalidUpdate(ValueError):
@@ -37,14 +47,22 @@ def wire_specs(codec: Codec, specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     return [_model_spec(specs)] if codec.scope == "model" else list(specs)
 
 
-def _give_layout(codec: Codec, coder: Any, specs: Sequence[TensorSpec]) -> None:
-    """Model-scope coders that need the tensor layout (LGC's exempt layers) may define ``set_layout``."""
-    if codec.scope == "model" and hasattr(coder, "set_layout"):
+def _give_layout(codec: Codec, coder: Encoder | Decoder, specs: Sequence[TensorSpec]) -> None:
+    if codec.needs_layout:
         coder.set_layout(specs)
 
 
+def model_motion_sq(prev: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]) -> float:
+    """||θ_new − θ_prev||², accumulated in float64 tensor by tensor."""
+    return float(sum(float(np.sum((new[k].astype(np.float64) - prev[k]) ** 2)) for k in new))
+
+
 class UpdateEncoder:
-    """Worker side: dict of gradients -> list of ``Encoded``."""
+    """Worker side: dict of gradients -> list of ``Encoded``.
+
+    The worker tells it every model it receives (``model_received``) and hands it each
+    round's ``Directive``; it fills the codec's ``RoundContext`` from them.
+    """
 
     def __init__(self, codec: Codec, specs: Sequence[TensorSpec]):
         self.codec = codec
@@ -54,8 +72,25 @@ class UpdateEncoder:
         self.payload_bytes = 0
         self.entries = 0
         self.rounds = 0
+        self.last_model: Mapping[str, np.ndarray] | None = None
+        self.motions: list[float] = []  # newest last, at most MOTION_HISTORY
 
-    def encode(self, grads: Mapping[str, np.ndarray], ctx: RoundContext) -> list[Encoded]:
+    def model_received(self, params: Mapping[str, np.ndarray]) -> None:
+        """The model the worker trains on from now on (its Welcome's, then each round's)."""
+        if not self.codec.needs_model_motion:
+            return
+        if self.last_model is not None:
+            self.motions = [*self.motions, model_motion_sq(self.last_model, params)][-MOTION_HISTORY:]
+        self.last_model = params
+
+    def encode(
+        self, grads: Mapping[str, np.ndarray], ctx: RoundContext, directive: Directive | None = None
+    ) -> list[Encoded]:
+        """Encode one round's gradients; ``directive``: what the PS's codec state sent for the round."""
+        if directive is not None:
+            ctx = dataclasses.replace(ctx, directive=dict(directive.values), directive_blob=directive.blob)
+        if self.codec.needs_model_motion:
+            ctx = dataclasses.replace(ctx, model_motion_sq=tuple(self.motions))
         if self.codec.scope == "model":
             flat = np.concatenate(
                 [np.asarray(grads[s.name], dtype=np.float32).reshape(-1) for s in self.specs]
@@ -70,6 +105,8 @@ class UpdateEncoder:
 
     def reset(self) -> None:
         self.encoder.reset()
+        self.last_model = None
+        self.motions = []
 
     def state_dict(self) -> dict[str, Any]:
         return {"encoder": self.encoder.state_dict()}
@@ -94,11 +131,11 @@ class UpdateDecoder:
         self,
         codec: Codec,
         specs: Sequence[TensorSpec],
-        coordinator: Coordinator | None = None,
+        shared: CrossWorkerState | None = None,
     ):
         self.codec = codec
         self.specs = list(specs)
-        self.decoder = codec.make_decoder(coordinator)
+        self.decoder = codec.make_decoder(shared)
         _give_layout(codec, self.decoder, self.specs)
         self.expected = {s.name: s for s in wire_specs(codec, self.specs)}
 

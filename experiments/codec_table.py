@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.runner import run_simulation
+from gradwire.counters import LinkCounters, RoundCounters
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,7 @@ def build_results(rows: list[Row], seeds: list[int], summaries: dict[tuple[str, 
                     "uplink_bits_per_entry": s["uplink_bits_per_entry"],
                     "downlink_codec": s.get("downlink_codec"),
                     "downlink_bits_per_entry": s.get("downlink_bits_per_entry"),
-                    "uplink_payload_bytes": s["uplink_payload_bytes"],
-                    "uplink_message_bytes": s["uplink_message_bytes"],
+                    **LinkCounters.from_dict(s).to_dict(),
                     "per_bit_accuracy": s["per_bit_accuracy"],
                     "server_momentum": s.get("server_momentum"),
                     "worker_momentum": s.get("worker_momentum"),
@@ -210,7 +210,8 @@ def table(rows: list[Row], results: list[dict], args: argparse.Namespace) -> str
         first = ok[0] if ok else None
         cells.append(_fmt(first and first["uplink_bits_per_entry"], ".3f"))
         cells.append(_fmt(first and first.get("downlink_bits_per_entry"), ".3f"))
-        cells.append(_fmt(first and first["uplink_message_bytes"] / max(first["uplink_payload_bytes"], 1), ".4f"))
+        link = LinkCounters.from_dict(first) if first else None
+        cells.append(_fmt(link and link.uplink_message_bytes / max(link.uplink_payload_bytes, 1), ".4f"))
         pba = first and first["per_bit_accuracy"]
         cells.append(_fmt(pba * 1e6 if pba is not None else None, ".3f"))
         cells.append(f"{first['server_momentum']:g} / {first['worker_momentum']:g}"
@@ -227,15 +228,18 @@ def table(rows: list[Row], results: list[dict], args: argparse.Namespace) -> str
 def total_bits_curve(summary: dict) -> list[tuple[float, float]]:
     """(cumulative uplink + downlink payload bits, test accuracy) at every evaluated round."""
     points, total = [], 0.0
-    for entry in summary.get("rounds_log") or []:
-        total += 8.0 * (entry.get("uplink_payload_bytes", 0) + entry.get("downlink_payload_bytes", 0))
-        if entry.get("test_accuracy") is not None:
-            points.append((total, entry["test_accuracy"]))
+    for entry in (RoundCounters.from_dict(e) for e in summary.get("rounds_log") or []):
+        total += 8.0 * (entry.uplink_payload_bytes + entry.downlink_payload_bytes)
+        if entry.test_accuracy is not None:
+            points.append((total, entry.test_accuracy))
     return points
 
 
 def plot(rows: list[Row], seed: int, summaries: dict[tuple[str, int], dict], path: Path,
          args: argparse.Namespace) -> None:
+    from gradwire.extras import require
+
+    require("matplotlib", "plotting")
     import matplotlib
 
     matplotlib.use("Agg")

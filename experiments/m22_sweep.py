@@ -15,7 +15,7 @@ It writes to ``--out``:
     accuracy_vs_bits.png   test accuracy against cumulative uplink bits (all workers)
 
 Per-bit accuracy is the run summary's ``per_bit_accuracy``: max_t (Acc(t) − Acc(0)) / B(t)
-with B(t) the cumulative uplink payload bits of all workers (ALGORITHMS.md §4).
+with B(t) the cumulative uplink payload bits of all workers (docs/algorithms.md §4).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from experiments.runner import run_simulation
+from gradwire.counters import LinkCounters
 
 DEFAULT_MS = "0,2,4"
 DEFAULT_BITS = "1,2,3"
@@ -163,7 +164,7 @@ def make_rows(runs: list[dict], summaries: dict[str, dict]) -> list[dict]:
                 "delta_vs_dense": (s["final_accuracy"] - dense_acc) if dense_acc is not None else None,
                 "uplink_bits_per_entry": s["uplink_bits_per_entry"],
                 "per_bit_accuracy": s.get("per_bit_accuracy"),
-                "uplink_payload_bytes": s.get("uplink_payload_bytes"),
+                **LinkCounters.from_dict(s).to_dict(),
                 "elapsed_s": s.get("elapsed_s"),
             })
             for key in STAT_COLUMNS:
@@ -218,6 +219,9 @@ def write_tables(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
 
 
 def plot(runs: list[dict], summaries: dict[str, dict], path: Path, args: argparse.Namespace) -> None:
+    from gradwire.extras import require
+
+    require("matplotlib", "plotting")
     import matplotlib
 
     matplotlib.use("Agg")

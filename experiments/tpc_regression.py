@@ -2,7 +2,7 @@
 
 Runs the real system (``gradwire simulate``: a PS and workers as processes on
 loopback gRPC) on the convex full-batch task where temporal predictive coding
-is meant to shine (ALGORITHMS.md §1): scikit-learn's diabetes data, a linear
+is meant to shine (docs/algorithms.md §1): scikit-learn's diabetes data, a linear
 model, ``--batch-size full``. Methods: dense float32, LAG, and TPC with
 p = 1, 2, 3. Writes, in ``--out``:
 
@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from gradwire.counters import RoundCounters
 
 # TPC options for full-batch GD, on top of the order p, chosen on this task
 # (seed 0). With d = 11 the p coefficients are a large part of every message, so
@@ -76,7 +78,7 @@ def run_one(name: str, codec: str, rounds: int, args: argparse.Namespace) -> dic
 
 def curves(summary: dict) -> dict[str, np.ndarray]:
     log = sorted(summary["rounds_log"], key=lambda e: e["round"])
-    bits = 8.0 * np.cumsum([e["uplink_payload_bytes"] for e in log])
+    bits = 8.0 * np.cumsum([RoundCounters.from_dict(e).uplink_payload_bytes for e in log])
     nan = float("nan")
     return {
         "round": np.array([e["round"] for e in log]),
@@ -155,6 +157,9 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(summaries: dict[str, dict], path: Path) -> None:
+    from gradwire.extras import require
+
+    require("matplotlib", "plotting")
     import matplotlib
 
     matplotlib.use("Agg")

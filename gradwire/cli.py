@@ -6,11 +6,32 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and names the GRADWIRE_* variable
+    a bad value came from."""
+
+    def error(self, message: str):
+        match = re.search(r"argument (--[a-z0-9-]+)", message)
+        if match:
+            var = "GRADWIRE_" + match.group(1)[2:].replace("-", "_").upper()
+            if os.environ.get(var):
+                message += f" (from {var}={os.environ[var]!r})"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(command: str, exc: BaseException) -> int:
+    """A configuration, task or dataset error: one line on stderr, no traceback, exit code 2."""
+    text = str(exc).strip().splitlines()
+    print(f"gradwire {command}: error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
+    return 2
 
 
 def _logging(verbose: bool, command: str) -> None:
@@ -26,10 +47,11 @@ def _logging(verbose: bool, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gradwire.server.config import add_server_flags, add_task_flags, env
+    from gradwire.envvars import env
+    from gradwire.server.config import add_server_flags, add_task_flags
     from gradwire.worker.config import add_client_security_flags, add_worker_flags
 
-    p = argparse.ArgumentParser(prog="gradwire", description=__doc__)
+    p = OneLineParser(prog="gradwire", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -45,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", default="", help="write the run summary here")
     sim.add_argument("--log", default="", help="write the processes' logs here")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.add_argument("--link", default="", help="shape every worker's link, RATE or UP/DOWN (e.g. 10mbit): "
+                     "each worker then runs in a network namespace of its own (needs root and iproute2)")
+    sim.add_argument("--links", default="", help="profiles by rank, e.g. 10mbit,10mbit,100mbit")
 
     st = sub.add_parser("status", help="print a running PS's Status")
     st.add_argument("--address", default=env("STATUS_ADDRESS", "127.0.0.1:50051"))
@@ -76,32 +101,58 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args.verbose, args.command)
     if args.command == "server":
-        from gradwire.server.app import serve
         from gradwire.server.config import config_from_args
+        from gradwire.taskref import resolve_factory
 
-        return serve(config_from_args(args))
+        try:  # bad settings, an unknown task, a missing data folder: one line, before any socket
+            resolve_factory(args.task or args.dataset)  # an unknown task fails before torch is imported
+            config = config_from_args(args)
+            from gradwire.task import load_task
+
+            task = load_task(config.task_ref, config.seed, config.data_dir or None, config.model or None)
+        except (ValueError, OSError) as exc:
+            if args.verbose:
+                raise
+            return fail("server", exc)
+        from gradwire.server.app import serve
+
+        return serve(config, task)
     if args.command == "worker":
-        from gradwire.worker.config import config_from_args
-        from gradwire.worker.loop import run_worker
+        from gradwire.taskref import TaskError, resolve_factory
+        from gradwire.worker.config import config_from_args as worker_config_from_args
+        from gradwire.worker.loop import WorkerFailed, run_worker
 
-        return run_worker(config_from_args(args))
+        try:
+            worker_config = worker_config_from_args(args)
+            if worker_config.task:
+                resolve_factory(worker_config.task)
+            return run_worker(worker_config)
+        except (ValueError, OSError, TaskError, WorkerFailed) as exc:
+            if args.verbose:
+                raise
+            return fail("worker", exc)
     if args.command == "simulate":
-        from gradwire.simulate import run_simulation
+        from gradwire.simulate import check_simulation, run_simulation
 
-        if args.workers < 1:
-            raise SystemExit("--workers must be >= 1")
+        try:
+            check_simulation(args)
+        except (ValueError, OSError) as exc:
+            if args.verbose:
+                raise
+            return fail("simulate", exc)
         return run_simulation(args)
     if args.command == "status":
-        from gradwire.server.auth import client_channel
+        from gradwire.channel import client_channel
+        from gradwire.protocol import status_to_text
         from gradwire.status import fetch_status, status_as_dict
 
         with client_channel(args.address, [], args.tls_ca, args.tls_cert, args.tls_key, args.token,
                             args.tls_server_name) as channel:
             st = fetch_status(channel)
-        print(json.dumps(status_as_dict(st), indent=2) if args.json else st)
+        print(json.dumps(status_as_dict(st), indent=2) if args.json else status_to_text(st))
         return 0
     if args.command == "health":
-        from gradwire.server.auth import client_channel
+        from gradwire.channel import client_channel
         from gradwire.status import is_serving
 
         with client_channel(args.address, [], args.tls_ca, args.tls_cert, args.tls_key, args.token,

@@ -14,18 +14,16 @@ broadcast from wherever it joined, and its error feedback is off (``check_downli
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from gradwire import wire
 from gradwire.compressors.base import Codec, RoundContext, TensorSpec
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.update import UpdateDecoder, UpdateEncoder
-from gradwire.v1 import exchange_pb2 as pb
+from gradwire.protocol import MalformedMessage, ModelDelta
 
 DENSE = "dense"
 # The rank in a downlink RoundContext: randomized codecs (randk) draw their indices from
@@ -41,17 +39,15 @@ def check_downlink_codec(spec: str) -> Codec:
     (top-k with both diverged on the default task).
     """
     codec = create_codec(spec)
-    if codec.scope != "tensor" or codec.make_coordinator() is not None or not codec.stateless_decoder:
+    if codec.scope != "tensor" or codec.has_cross_worker_state or not codec.stateless_decoder:
         raise ValueError(
-            f"{codec.name} cannot be a downlink codec: its decoder keeps state across rounds (or needs a "
-            "coordinator), so a worker joining mid-run could not decode the broadcast; use e.g. fp16, "
+            f"{codec.name} cannot be a downlink codec: its decoder keeps state across rounds (or shares "
+            "PS-wide state), so a worker joining mid-run could not decode the broadcast; use e.g. fp16, "
             "topk:ratio=0.1, qsgd or ans:bits=6"
         )
     if codec.worker_momentum:
         raise ValueError(f"{codec.spec}: momentum correction has no meaning on the downlink; drop momentum=")
-    if getattr(codec, "ef", False):
-        codec = dataclasses.replace(codec, ef=False)
-    return codec
+    return codec.without_error_feedback()
 
 
 def downlink_context(round_: int, seed: int) -> RoundContext:
@@ -65,12 +61,12 @@ def advance_reference(reference: Mapping[str, np.ndarray], decoded: Mapping[str,
 
 @dataclass(frozen=True)
 class Broadcast:
-    """One round's downlink: the new reference, in full and as the delta message."""
+    """One round's downlink: the new reference (sent in full to workers without the previous
+    one) and the delta message that moves the previous reference to it."""
 
     round: int
     reference: dict[str, np.ndarray]
-    model: pb.Model  # the full reference, for workers without the previous one
-    delta: pb.ModelDelta | None
+    delta: ModelDelta | None
 
 
 class DownlinkEncoder:
@@ -87,7 +83,7 @@ class DownlinkEncoder:
         """The reference at the start (or after a resume): the model itself, sent in full."""
         self.encoder.reset()
         reference = {n: np.array(params[n], dtype=np.float32) for n in (s.name for s in self.specs)}
-        return Broadcast(round_, reference, wire.model_to_proto(reference), None)
+        return Broadcast(round_, reference, None)
 
     def advance(self, current: Broadcast, params: Mapping[str, np.ndarray], round_: int) -> Broadcast:
         """Encode θ − θ̂ for ``round_``; returns the next broadcast (the caller swaps it in)."""
@@ -95,8 +91,7 @@ class DownlinkEncoder:
         delta = {n: np.asarray(params[n], dtype=np.float32) - current.reference[n] for n in current.reference}
         encoded = self.encoder.encode(delta, ctx)
         reference = advance_reference(current.reference, self.decoder.decode(encoded, ctx))
-        message = pb.ModelDelta(base_round=current.round, tensors=[wire.encoded_to_proto(e) for e in encoded])
-        return Broadcast(round_, reference, wire.model_to_proto(reference), message)
+        return Broadcast(round_, reference, ModelDelta(base_round=current.round, tensors=tuple(encoded)))
 
     def stats(self) -> dict[str, float]:
         return self.encoder.stats()
@@ -110,14 +105,14 @@ class DownlinkDecoder:
         self.decoder = UpdateDecoder(self.codec, specs)
         self.seed = seed
 
-    def apply(self, reference: Mapping[str, np.ndarray], reference_round: int, delta: pb.ModelDelta,
+    def apply(self, reference: Mapping[str, np.ndarray], reference_round: int, delta: ModelDelta,
               round_: int) -> dict[str, np.ndarray]:
         if delta.base_round != reference_round:
-            raise wire.MalformedMessage(
+            raise MalformedMessage(
                 f"model delta for reference round {delta.base_round}, but this worker holds round {reference_round}"
             )
         ctx = downlink_context(round_, self.seed)
-        decoded = self.decoder.decode([wire.encoded_from_proto(t) for t in delta.tensors], ctx)
+        decoded = self.decoder.decode(delta.tensors, ctx)
         return advance_reference(reference, decoded)
 
 
@@ -128,20 +123,3 @@ def model_digest(params: Mapping[str, np.ndarray]) -> str:
         h.update(name.encode())
         h.update(np.ascontiguousarray(params[name], dtype="<f4").tobytes())
     return h.hexdigest()
-
-
-def model_payload_bytes(model: pb.Model) -> int:
-    return sum(len(t.data) for t in model.tensors)
-
-
-def downlink_payload_bytes(message: pb.ServerMessage) -> int:
-    """What a server message carries as model payload: a full model's floats, or a delta's codec bytes."""
-    body = message.WhichOneof("body")
-    if body == "welcome":
-        return model_payload_bytes(message.welcome.model)
-    if body == "round_result":
-        rr = message.round_result
-        if rr.HasField("model_delta"):
-            return wire.payload_bytes(wire.encoded_from_proto(t) for t in rr.model_delta.tensors)
-        return model_payload_bytes(rr.model)
-    return 0

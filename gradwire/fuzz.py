@@ -24,20 +24,19 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import grpc
 import numpy as np
 
-from gradwire import wire
-from gradwire.compressors.base import RoundContext, TensorSpec
+from gradwire import protocol
+from gradwire.compressors.base import Encoded, RoundContext, TensorSpec
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import UpdateEncoder
+from gradwire.protocol import Finished, Hello, RoundResult, ServerMessage, Update, Welcome
 from gradwire.status import is_serving
-from gradwire.v1 import exchange_pb2 as pb
 
 CRASH_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-SERVICE = "/gradwire.v1.GradientExchange/Train"
 
 
 @dataclass
@@ -119,56 +118,61 @@ MESSAGE_MUTATIONS = ("spec_suffix", "spec_huge", "spec_nested", "residual", "coe
                      "garbage", "honest")
 
 
-def mutate(update: pb.Update, rng, kind: str) -> bytes:
-    """One mutated WorkerMessage, serialized (garbage is not a WorkerMessage at all)."""
-    msg = pb.WorkerMessage(update=update)
-    u = msg.update
-    t = u.tensors[int(rng.integers(0, len(u.tensors)))]
-    numel = int(np.prod(t.shape)) if len(t.shape) else 1
+def _mutate_tensor(t: Encoded, rng, kind: str) -> Encoded:
+    numel = t.spec.numel
     if kind == "flip":
-        t.payload = _flip_bits(t.payload, rng)
-    elif kind == "header":
-        t.payload = _extreme_header(t.payload, rng)
-    elif kind == "u32":
-        t.payload = _max_u32(t.payload, rng)
-    elif kind == "truncate":
-        t.payload = _truncate(t.payload, rng)
-    elif kind == "pad":
-        t.payload = _pad(t.payload, rng, numel)
-    elif kind == "spec_suffix":
-        t.codec_spec = t.codec_spec + pick(rng, [",x=1", ":", ":ratio=0.5", " ", "\x00"])
-    elif kind == "spec_huge":
-        t.codec_spec = t.codec_spec + "," + "k=v," * 200_000
-    elif kind == "spec_nested":
+        return replace(t, payload=_flip_bits(t.payload, rng))
+    if kind == "header":
+        return replace(t, payload=_extreme_header(t.payload, rng))
+    if kind == "u32":
+        return replace(t, payload=_max_u32(t.payload, rng))
+    if kind == "truncate":
+        return replace(t, payload=_truncate(t.payload, rng))
+    if kind == "pad":
+        return replace(t, payload=_pad(t.payload, rng, numel))
+    if kind == "spec_suffix":
+        return replace(t, codec=t.codec + pick(rng, [",x=1", ":", ":ratio=0.5", " ", "\x00"]))
+    if kind == "spec_huge":
+        return replace(t, codec=t.codec + "," + "k=v," * 200_000)
+    if kind == "spec_nested":
         inner = "dense"
         for _ in range(150):
             inner = f"tpc:residual=({inner})"
-        t.codec_spec = inner
-    elif kind == "residual":
-        t.residual.CopyFrom(pb.EncodedTensor(name=t.name, shape=t.shape, dtype="float32", codec_spec="dense",
-                                             payload=b"\x00" * (4 * numel)))
-    elif kind == "coefficients":
-        t.predictor_coefficients = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
-    elif kind == "name":
-        t.name = pick(rng, ["", "x", t.name + "\x00", "a" * 10_000])
-    elif kind == "shape":
-        t.shape[:] = pick(rng, [[2**31 - 1, 2**31 - 1], [0], [numel + 1], [-1], []])
-    elif kind == "drop_tensor":
-        del u.tensors[int(rng.integers(0, len(u.tensors)))]
+        return replace(t, codec=inner)
+    if kind == "residual":
+        return replace(t, residual=Encoded("dense", TensorSpec(t.spec.name, t.spec.shape, "float32"),
+                                           b"\x00" * (4 * numel)))
+    if kind == "coefficients":
+        return replace(t, coefficients=rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes())
+    if kind == "name":
+        return replace(t, spec=replace(t.spec, name=pick(rng, ["", "x", t.spec.name + "\x00", "a" * 10_000])))
+    if kind == "shape":
+        shape = pick(rng, [(2**31 - 1, 2**31 - 1), (0,), (numel + 1,), (-1,), ()])
+        return replace(t, spec=replace(t.spec, shape=shape))
+    return t
+
+
+def mutate(update: Update, rng, kind: str) -> bytes:
+    """One mutated WorkerMessage, serialized (garbage is not a WorkerMessage at all)."""
+    if kind == "garbage":
+        return rng.integers(0, 256, int(rng.integers(1, 4096)), dtype=np.uint8).tobytes()
+    tensors = list(update.tensors)
+    i = int(rng.integers(0, len(tensors)))
+    if kind == "drop_tensor":
+        del tensors[i]
     elif kind == "duplicate_tensor":
-        u.tensors.append(u.tensors[0])
+        tensors.append(tensors[0])
     elif kind == "round":
-        u.round = int(pick(rng, [u.round + 1, max(0, u.round - 1), 2**62]))
+        update = replace(update, round=int(pick(rng, [update.round + 1, max(0, update.round - 1), 2**62])))
     elif kind == "train_loss":
-        u.train_loss = float(pick(rng, [np.nan, np.inf, -np.inf]))
+        update = replace(update, train_loss=float(pick(rng, [np.nan, np.inf, -np.inf])))
     elif kind in ("values_3e38", "values_1e30"):
         value = 3e38 if kind == "values_3e38" else 1e30
-        for tensor in u.tensors:
-            if tensor.codec_spec == "dense":
-                tensor.payload = np.full(len(tensor.payload) // 4, value, "<f4").tobytes()
-    elif kind == "garbage":
-        return rng.integers(0, 256, int(rng.integers(1, 4096)), dtype=np.uint8).tobytes()
-    return msg.SerializeToString()
+        tensors = [replace(t, payload=np.full(len(t.payload) // 4, value, "<f4").tobytes()) if t.codec == "dense" else t
+                   for t in tensors]
+    else:
+        tensors[i] = _mutate_tensor(tensors[i], rng, kind)
+    return protocol.worker_message_to_bytes(replace(update, tensors=tuple(tensors)))
 
 
 # ------------------------------------------------------------------ one session at a time
@@ -181,17 +185,16 @@ class Session:
         import queue
 
         self._q: queue.Queue = queue.Queue()
-        method = channel.stream_stream(SERVICE, request_serializer=lambda b: b,
-                                       response_deserializer=pb.ServerMessage.FromString)
+        method = channel.stream_stream(protocol.TRAIN_METHOD, request_serializer=lambda b: b,
+                                       response_deserializer=protocol.server_message_from_bytes)
         self.replies = method(iter(self._q.get, None), timeout=120)
-        hello = pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id=worker_id,
-                                                codecs=available_codecs()))
-        self._q.put(hello.SerializeToString())
+        hello = Hello(protocol=protocol.PROTOCOL, requested_worker_id=worker_id, codecs=tuple(available_codecs()))
+        self._q.put(protocol.worker_message_to_bytes(hello))
 
     def send(self, data: bytes) -> None:
         self._q.put(data)
 
-    def receive(self) -> pb.ServerMessage:
+    def receive(self) -> ServerMessage:
         return next(self.replies)
 
     def close(self) -> None:
@@ -203,8 +206,8 @@ def _specs(model: dict[str, np.ndarray]) -> list[TensorSpec]:
     return [TensorSpec(n, tuple(a.shape)) for n, a in model.items()]
 
 
-def _finite(model: pb.Model) -> bool:
-    return all(np.isfinite(a).all() for a in wire.model_from_proto(model).values())
+def _finite(model: dict[str, np.ndarray]) -> bool:
+    return all(np.isfinite(a).all() for a in model.values())
 
 
 def fuzz_codec(spec_text: str, messages: int, seconds: float, seed: int, log=None) -> CodecReport:
@@ -221,6 +224,7 @@ def fuzz_codec(spec_text: str, messages: int, seconds: float, seed: int, log=Non
     started = time.monotonic()
     try:
         address = ""
+        assert server.stdout is not None  # stdout=PIPE
         for line in server.stdout:
             if "listening on" in line:
                 address = line.strip().rsplit(" ", 1)[-1]
@@ -269,21 +273,20 @@ def _campaign(channel, codec, report: CodecReport, rng, messages: int, deadline:
                 time.sleep(0.05)
                 continue
             failed_joins = 0
-            if opening.WhichOneof("body") != "welcome":
+            if not isinstance(opening, Welcome):
                 break
-            w = opening.welcome
+            w = opening
             if not _finite(w.model):
                 report.non_finite_models += 1
-            model = wire.model_from_proto(w.model)
-            specs = _specs(model)
+            specs = _specs(w.model)
             encoder = UpdateEncoder(create_codec(w.codec_spec), specs)  # a new session: reset codec state
             round_ = int(w.round)
             if not report.ps_peak_rss_start_bytes:
                 report.ps_peak_rss_start_bytes = peak_rss_bytes(server.pid)
+        assert encoder is not None  # made with the session
         grads = {s.name: (rng.standard_normal(s.shape) * 0.01).astype(np.float32) for s in specs}
         encoded = encoder.encode(grads, RoundContext(round=round_, rank=0, seed=0))
-        update = pb.Update(round=round_, tensors=[wire.encoded_to_proto(e) for e in encoded], train_loss=1.0,
-                           num_examples=1)
+        update = Update(round=round_, tensors=tuple(encoded), train_loss=1.0, num_examples=1)
         kind = pick(rng, PAYLOAD_MUTATIONS + MESSAGE_MUTATIONS)
         data = mutate(update, rng, kind)
         n += 1
@@ -302,13 +305,11 @@ def _campaign(channel, codec, report: CodecReport, rng, messages: int, deadline:
             session = None
             continue
         replies["ok"] += 1
-        body = reply.WhichOneof("body")
-        if body == "finished":
+        if isinstance(reply, Finished) or not isinstance(reply, RoundResult):
             break
-        rr = reply.round_result
-        if rr.HasField("model") and not _finite(rr.model):
+        if reply.model is not None and not _finite(reply.model):
             report.non_finite_models += 1
-        round_ = int(rr.round)
+        round_ = reply.round
         report.accepted += 1
     if session is not None:
         session.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 SYS_NET = Path("/sys/class/net")
 
@@ -16,7 +17,7 @@ def default_interface() -> str | None:
     return "eth0" if (SYS_NET / "eth0").exists() else None
 
 
-def read_counters(interface: str | None = None) -> dict[str, object] | None:
+def read_counters(interface: str | None = None) -> dict[str, Any] | None:
     """``{"interface", "tx_bytes", "rx_bytes"}`` or None where none can be read."""
     interface = interface or default_interface()
     if not interface:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import grpc
 
+from gradwire.counters import LinkCounters, total
+from gradwire.netns import PS_HOST, WorkerNetwork
 from gradwire.status import fetch_status
 
 
@@ -34,6 +36,43 @@ def _pump(stream, sink, prefix: str, found: dict | None = None) -> None:
             sink.flush()
 
 
+def check_simulation(args) -> None:
+    """What can be checked before starting processes, in this one: settings, codec, task reference.
+
+    A ValueError says what is wrong (the CLI prints it as one line). Loading the data is left to the
+    PS process, whose own one-line error run_simulation relays as soon as it exits.
+    """
+    from gradwire.server.config import config_from_args
+    from gradwire.taskref import resolve_factory
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    resolve_factory(args.task or args.dataset)  # before the codecs (and torch) are imported
+    if args.link or args.links:
+        from gradwire.links import validate
+        from gradwire.netns import why_unavailable
+
+        validate(args.link, args.links)
+        why = why_unavailable()
+        if why:
+            raise ValueError(why)
+    config = config_from_args(args)
+    check_data_dir(config)
+
+
+def check_data_dir(config) -> None:
+    """A built-in file dataset needs an existing folder: say so now rather than from the PS process."""
+    from pathlib import Path
+
+    name = config.task_ref
+    if name not in ("mnist", "fashion-mnist", "cifar10"):
+        return
+    if config.data_dir and not Path(config.data_dir).is_dir():
+        raise ValueError(f"dataset folder {config.data_dir} does not exist")
+    if not config.data_dir and name != "fashion-mnist":  # fashion-mnist may have a system-wide default
+        raise ValueError(f"dataset {name!r} is read from files: give their folder with --data-dir")
+
+
 def run_simulation(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -43,9 +82,15 @@ def run_simulation(args) -> int:
     json_path = Path(args.json).resolve() if args.json else workdir / "summary.json"
     log_path = Path(args.log) if args.log else workdir / "run.log"
     log_file = open(log_path, "w")
+    # Shaped links: every worker in a network namespace of its own behind a bridge (gradwire/netns.py),
+    # the PS on the bridge's address; unshaped, everything on loopback.
+    network = WorkerNetwork(args.workers) if (args.link or args.links) else None
+    if network is not None:
+        network.__enter__()
     server_args = [
-        "server", "--address", "127.0.0.1:0", "--workers", str(args.workers), "--rounds", str(args.rounds),
+        "server", "--address", f"{PS_HOST}:0" if network else "127.0.0.1:0", "--workers", str(args.workers), "--rounds", str(args.rounds),
         "--codec", args.codec, "--downlink-codec", args.downlink_codec, "--dataset", args.dataset, "--model", args.model, "--data-dir", args.data_dir,
+        "--task", args.task, "--local-steps", str(args.local_steps), "--local-lr", str(args.local_lr),
         "--batch-size", "full" if args.batch_size == 0 else str(args.batch_size), "--partition", args.partition,
         "--dirichlet-alpha", str(args.dirichlet_alpha), "--seed", str(args.seed), "--lr", str(args.lr),
         "--momentum", "auto" if args.momentum is None else str(args.momentum), "--weight-decay", str(args.weight_decay),
@@ -61,14 +106,32 @@ def run_simulation(args) -> int:
     try:
         server = subprocess.Popen(_cli(*server_args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         procs.append(server)
-        threading.Thread(target=_pump, args=(server.stdout, log_file, "[ps] ", found), daemon=True).start()
-        if not found["event"].wait(120) or server.poll() is not None:
-            console.print(f"[red]the parameter server did not start; see {log_path}")
-            return 1
+        ps_pump = threading.Thread(target=_pump, args=(server.stdout, log_file, "[ps] ", found), daemon=True)
+        ps_pump.start()
+        # Wait for "listening on", but notice at once when the PS exits instead (a bad dataset or
+        # data folder): relay its one-line error rather than waiting out the timeout.
+        deadline = time.monotonic() + 120
+        while not found["event"].wait(0.1):
+            if server.poll() is not None or time.monotonic() > deadline:
+                break
+        if not found["event"].is_set() or server.poll() is not None:
+            if server.poll() is None:
+                server.terminate()
+            server.wait(timeout=10)
+            ps_pump.join(5)  # the PS's last lines reach the log before it is read
+            log_file.flush()
+            last = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+            reason = last[0].removeprefix("[ps] ") if last else f"the parameter server did not start; see {log_path}"
+            print(f"gradwire simulate: error: {reason.split(': error: ', 1)[-1]}", file=sys.stderr)
+            return 2
         address = found["address"]
         for i in range(args.workers):
+            worker_argv = _cli("worker", "--server", address, "--worker-id", f"sim-{i}", "--connect-timeout-s", "60")
+            if network is not None:
+                worker_argv = network.command(i, [*worker_argv, "--interface", network.interface(i),
+                                                  "--link", args.link, "--links", args.links])
             w = subprocess.Popen(
-                _cli("worker", "--server", address, "--worker-id", f"sim-{i}", "--connect-timeout-s", "60"),
+                worker_argv,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
             )
             procs.append(w)
@@ -91,9 +154,9 @@ def run_simulation(args) -> int:
                         break
                 try:
                     st = fetch_status(channel, timeout=2)
-                    done = sum(1 for r in st.rounds if r.workers_aggregated > 0)
-                    accs = [r.test_accuracy for r in st.rounds if r.test_accuracy == r.test_accuracy]
-                    payload = sum(r.uplink_payload_bytes for r in st.rounds)
+                    done = sum(1 for r in st.rounds if r.workers > 0)
+                    accs = [r.test_accuracy for r in st.rounds if r.test_accuracy is not None]
+                    payload = total(st.rounds).uplink_payload_bytes
                     info = f"uplink {payload / 1e6:.2f} MB" + (f"  acc {accs[-1]:.3f}" if accs else "")
                     progress.update(bar, completed=done, info=info)
                 except grpc.RpcError:
@@ -127,6 +190,8 @@ def run_simulation(args) -> int:
                 except subprocess.TimeoutExpired:
                     p.kill()
         log_file.close()
+        if network is not None:
+            network.close()
 
 
 def _print_log_tail(console, log_path: Path, lines: int = 40) -> None:
@@ -152,14 +217,15 @@ def _print_summary(console, s: dict, json_path: Path, log_path: Path) -> None:
 
     t = Table(title=f"gradwire simulate — {s['codec']}", show_header=False)
     acc = s["final_accuracy"]
+    link = LinkCounters.from_dict(s)
     rows = [
         ("workers × rounds", f"{s['workers']} × {s['rounds']}  ({s['params']:,} params)"),
         ("final accuracy", f"{acc:.4f}" if acc is not None else "n/a (regression)"),
         ("final test loss", f"{s['final_loss']:.5f}" if s["final_loss"] is not None else "n/a"),
-        ("uplink payload", f"{s['uplink_payload_bytes']:,} B"),
-        ("uplink protobuf", f"{s['uplink_message_bytes']:,} B"),
-        ("downlink payload", f"{s['downlink_payload_bytes']:,} B  ({s['downlink_codec']})"),
-        ("downlink protobuf", f"{s['downlink_message_bytes']:,} B"),
+        ("uplink payload", f"{link.uplink_payload_bytes:,} B"),
+        ("uplink protobuf", f"{link.uplink_message_bytes:,} B"),
+        ("downlink payload", f"{link.downlink_payload_bytes:,} B  ({s['downlink_codec']})"),
+        ("downlink protobuf", f"{link.downlink_message_bytes:,} B"),
         ("uplink bits / entry", f"{s['uplink_bits_per_entry']:.4f}" if s["uplink_bits_per_entry"] else "n/a"),
         ("downlink bits / entry", f"{s['downlink_bits_per_entry']:.4f}" if s["downlink_bits_per_entry"] else "n/a"),
         *_codec_rows(s.get("codec_stats") or {}),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradwire.catalog import DATASETS, DEFAULT_MODEL, MODELS  # noqa: F401 - re-exported
+from gradwire.catalog import DATASETS, DEFAULT_DATA_DIRS, DEFAULT_MODEL, MODELS  # noqa: F401 - re-exported
 from gradwire.compressors.base import TensorSpec
 
 # The split of the datasets that come without one is fixed, independent of the
@@ -96,7 +96,9 @@ def load_idx_dataset(name: str, folder: str | Path) -> Dataset:
             raise DatasetError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
         x = (images.astype(np.float32) / 255.0 - 0.1307) / 0.3081
         parts[split] = (x[:, None, :, :], labels.astype(np.int64))
-    return Dataset(name, *parts["train"], *parts["test"], num_classes=10)
+    # The classes come from the labels (an IDX set with 12 classes gets 12 outputs), not a constant.
+    classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
+    return Dataset(name, *parts["train"], *parts["test"], num_classes=classes)
 
 
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)[:, None, None]
@@ -172,8 +174,12 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     if name == "diabetes":
         return load_diabetes()
     if name in ("mnist", "fashion-mnist", "cifar10"):
+        data_dir = data_dir or DEFAULT_DATA_DIRS.get(name)
         if not data_dir:
             raise DatasetError(f"dataset {name!r} is read from files: give their folder with --data-dir")
+        if name in DEFAULT_DATA_DIRS and data_dir == DEFAULT_DATA_DIRS[name] and not Path(data_dir).is_dir():
+            raise DatasetError(f"dataset {name!r} is not in {data_dir}: install Debian's dataset-{name} package "
+                               "(scripts/bootstrap.sh does) or give its folder with --data-dir")
         return load_cifar10(data_dir) if name == "cifar10" else load_idx_dataset(name, data_dir)
     raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
 
@@ -292,6 +298,9 @@ def build_model(name: str, dataset: Dataset, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         if name == "mlp":
             return MLP(int(np.prod(shape)), outputs)
+        if name == "mlp-wide":
+            # 1.3 M parameters on 28x28 inputs: large enough that bytes and codec costs are realistic.
+            return MLP(int(np.prod(shape)), outputs, hidden=(1024, 512))
         if name == "linear":
             return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), outputs))
         if name in ("lenet5", "resnet"):
@@ -341,6 +350,46 @@ class Task:
 def make_task(dataset: str = "digits", model: str | None = None, seed: int = 0, data_dir: str | None = None) -> Task:
     ds = load_dataset(dataset, data_dir)
     return Task(ds, model or DEFAULT_MODEL[ds.name], seed)
+
+
+# ---------------------------------------------------------------- built-in tasks as gradwire.Task
+
+
+def builtin_task(dataset: str, seed: int = 0, data_dir: str | None = None, model: str | None = None):
+    """A built-in dataset and model as a :class:`gradwire.task.Task`, the interface user tasks implement.
+
+    The arrays become TensorDatasets and the model factory is ``build_model`` under the run's seed,
+    so a run through this interface draws the same weights and batches (same numbers) as before.
+    """
+    from torch.utils.data import TensorDataset
+
+    from gradwire.task import Task as UserTask
+
+    if model and model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; available: {', '.join(MODELS)}")
+    legacy = make_task(dataset, model, seed, data_dir)
+    ds = legacy.dataset
+    return UserTask(
+        model=legacy.build_model,
+        train=TensorDataset(torch.from_numpy(ds.train_x), torch.from_numpy(ds.train_y)),
+        test=TensorDataset(torch.from_numpy(ds.test_x), torch.from_numpy(ds.test_y)),
+        name=ds.name,
+        model_name=legacy.model_name,
+    )
+
+
+def _builtin_factory(dataset: str):
+    def factory(seed: int, data_dir: str | None = None, model: str | None = None):
+        return builtin_task(dataset, seed, data_dir, model)
+
+    factory.__name__ = factory.__qualname__ = dataset.replace("-", "_")
+    factory.__doc__ = f"The built-in {dataset} task (model: --model, default {DEFAULT_MODEL[dataset]})."
+    return factory
+
+
+# The built-in tasks, by name: `--task digits` is `--dataset digits`; they resolve through the same
+# gradwire.task.load_task as a user's MODULE:FACTORY.
+BUILTIN_TASKS = {name: _builtin_factory(name) for name in DATASETS}
 
 
 def tensor_specs(model: nn.Module) -> list[TensorSpec]:

@@ -62,6 +62,21 @@ fi
 # 1. engine --------------------------------------------------------------------------------
 bash "$ROOT/scripts/install_docker.sh" 9>&-
 
+# 1b. real data offline ----------------------------------------------------------------------
+# Fashion-MNIST (70,000 real images) is a Debian package; `--dataset fashion-mnist` reads it from
+# /usr/share/datasets/fashion-mnist by default and compose mounts that folder into the containers.
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ]; then
+    log "Fashion-MNIST is in $FMNIST"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Fashion-MNIST (Debian package dataset-fashion-mnist, 30 MB)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+        || die "could not install dataset-fashion-mnist from the Debian archive"
+else
+    log "Fashion-MNIST is not installed ($FMNIST); as root: apt-get install dataset-fashion-mnist"
+fi
+
 # 2. wheelhouse ----------------------------------------------------------------------------
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
@@ -80,7 +95,10 @@ print("\n".join(sorted(deps)))
 PYEOF
 # setuptools builds gradwire itself inside the image (build-system.requires).
 BUILD_REQS="setuptools>=68"
-stamp=$(cat "$WHEELHOUSE/requirements.txt.new"; echo "$BUILD_REQS")
+# constraints.txt pins the exact versions (torch's CPU build); it travels with the wheelhouse so
+# the image build installs with the same constraints.
+cp "$ROOT/constraints.txt" "$WHEELHOUSE/constraints.txt"
+stamp=$(cat "$WHEELHOUSE/requirements.txt.new" "$ROOT/constraints.txt"; echo "$BUILD_REQS")
 if [ -f "$WHEELHOUSE/.complete" ] && [ "$(cat "$WHEELHOUSE/.complete")" = "$stamp" ] \
         && cmp -s "$WHEELHOUSE/requirements.txt.new" "$WHEELHOUSE/requirements.txt"; then
     rm -f "$WHEELHOUSE/requirements.txt.new"
@@ -93,7 +111,7 @@ else
     # shellcheck disable=SC2086
     "$PY" -m pip download --disable-pip-version-check -q \
         --only-binary=:all: --python-version 3.11 --implementation cp \
-        -d "$WHEELHOUSE" -r "$WHEELHOUSE/requirements.txt" $BUILD_REQS \
+        -d "$WHEELHOUSE" -r "$WHEELHOUSE/requirements.txt" -c "$ROOT/constraints.txt" $BUILD_REQS \
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     # One wheel per project: drop older versions left by an earlier download.
     "$PY" - "$WHEELHOUSE" <<'PYEOF'

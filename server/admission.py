@@ -96,7 +96,7 @@ def prune_records(records: dict, limit: int = MAX_RECORDS) -> int:
         if len(records) < limit:
             break
         record = records[worker_id]
-        if not record.connected and record.rounds_aggregated == 0:
+        if not record.connected and record.counters.rounds_aggregated == 0:
             del records[worker_id]
             dropped += 1
     return dropped

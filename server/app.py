@@ -9,19 +9,21 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gradwire.protocol import SERVICE_NAME
 from gradwire.server.admission import StreamGate, default_max_streams, executor_threads
 from gradwire.server.auth import Credentials, TokenInterceptor, server_credentials
 from gradwire.server.config import ServerConfig
-from gradwire.server.coordinator import Coordinator
 from gradwire.server.metrics import serve_metrics
-from gradwire.server.servicer import SERVICE_NAME, GradientExchangeServicer, generic_handler
+from gradwire.server.round_engine import RoundEngine
+from gradwire.server.servicer import GradientExchangeServicer, generic_handler
 from gradwire.server.summary import build_summary, write_summary
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from gradwire.tasks import make_task
+from gradwire.task import Task, load_task
 
 log = logging.getLogger("gradwire.server")
 # gRPC answers keepalive pings so that a worker behind NAT (compose bridge) keeps
@@ -32,21 +34,21 @@ KEEPALIVE_MS = 20_000
 @dataclass
 class RunningServer:
     server: grpc.Server
-    coordinator: Coordinator
+    engine: RoundEngine
     health: health.HealthServicer
     port: int
     thread: threading.Thread
-    metrics_http: object | None = None
+    metrics_http: WSGIServer | None = None
 
     @property
     def metrics_port(self) -> int | None:
         return self.metrics_http.server_port if self.metrics_http is not None else None
 
     def summary(self) -> dict:
-        return build_summary(self.coordinator)
+        return build_summary(self.engine)
 
     def stop(self, grace: float | None = 1.0) -> None:
-        self.coordinator.stop()
+        self.engine.stop()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
@@ -55,10 +57,11 @@ class RunningServer:
             self.metrics_http.server_close()
 
 
-def start_server(config: ServerConfig) -> RunningServer:
-    """Build the coordinator, bind, start serving and start the rounds thread."""
-    task = make_task(config.dataset, config.model or None, config.seed, config.data_dir or None)
-    coordinator = Coordinator(config, task)
+def start_server(config: ServerConfig, task: Task | None = None) -> RunningServer:
+    """Build the round engine, bind, start serving and start the rounds thread."""
+    if task is None:
+        task = load_task(config.task_ref, config.seed, config.data_dir or None, config.model or None)
+    engine = RoundEngine(config, task)
     limit = config.max_message_mb * 2**20
     credentials = Credentials.load(config.token, config.token_file)
     gate = StreamGate(config.max_streams or default_max_streams(config.workers), config.hello_timeout_s)
@@ -74,7 +77,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
         ],
     )
-    server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(coordinator, credentials, gate)),))
+    server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(engine, credentials, gate)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.tls_cert:
@@ -86,17 +89,17 @@ def start_server(config: ServerConfig) -> RunningServer:
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    metrics_http = serve_metrics(coordinator, config.metrics_address) if config.metrics_address else None
-    thread = threading.Thread(target=coordinator.run, name="gradwire-rounds", daemon=True)
+    metrics_http = serve_metrics(engine, config.metrics_address) if config.metrics_address else None
+    thread = threading.Thread(target=engine.run, name="gradwire-rounds", daemon=True)
     thread.start()
-    return RunningServer(server, coordinator, health_servicer, port, thread, metrics_http)
+    return RunningServer(server, engine, health_servicer, port, thread, metrics_http)
 
 
-def serve(config: ServerConfig) -> int:
+def serve(config: ServerConfig, task: Task | None = None) -> int:
     """`gradwire server`: run until the rounds are done (or SIGTERM), write the summary."""
     torch.set_num_threads(1)
     log.info("config %s", config.to_json())
-    running = start_server(config)
+    running = start_server(config, task)
     host = config.address.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)
     if running.metrics_port:
@@ -105,7 +108,7 @@ def serve(config: ServerConfig) -> int:
 
     def on_signal(signum, _frame):
         log.warning("signal %d: stopping after the current round", signum)
-        running.coordinator.stop()
+        running.engine.stop()
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)

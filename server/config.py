@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 
 from gradwire.catalog import DATASETS, MODELS
-
-DEFAULT_MAX_MESSAGE_MB = 64
-
-
-def env(name: str, default):
-    value = os.environ.get(f"GRADWIRE_{name}")
-    return default if value is None or value == "" else type(default)(value) if default is not None else value
+from gradwire.envvars import env
+from gradwire.protocol import DEFAULT_MAX_MESSAGE_MB
 
 
 def parse_batch_size(text: str | int) -> int:
@@ -51,6 +45,7 @@ class ServerConfig:
     rounds: int = 60
     codec: str = "dense"
     downlink_codec: str = "dense"  # "dense": full float32 models; else codec-encoded model deltas
+    task: str = ""  # MODULE:FACTORY, file.py:FACTORY or a built-in name; "" = `dataset` (docs/tasks.md)
     dataset: str = "digits"
     model: str = ""  # "" = the dataset's default model
     data_dir: str = ""
@@ -62,6 +57,8 @@ class ServerConfig:
     momentum: float | None = None  # None = auto, see server_momentum()
     weight_decay: float = 0.0
     lr_schedule: str = "constant"  # constant | cosine | step
+    local_steps: int = 1  # optimizer steps per worker per round; 1 = one gradient per round
+    local_lr: float = 0.0  # the workers' local SGD learning rate when local_steps > 1; 0 = lr
     eval_every: int = 5
     round_timeout_s: float = 120.0
     start_timeout_s: float = 600.0
@@ -92,7 +89,12 @@ class ServerConfig:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; available: {', '.join(DATASETS)}")
-        if self.model and self.model not in MODELS:
+        if self.local_steps < 1:
+            raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
+        if self.local_lr < 0:
+            raise ValueError(f"local_lr must be >= 0, got {self.local_lr}")
+        user_task = bool(self.task) and self.task not in DATASETS
+        if self.model and self.model not in MODELS and not user_task:
             raise ValueError(f"unknown model {self.model!r}; available: {', '.join(MODELS)}")
         if self.lr_schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
@@ -119,6 +121,15 @@ class ServerConfig:
 
         check_downlink_codec(self.downlink_codec)
 
+    @property
+    def task_ref(self) -> str:
+        """The task every process resolves (gradwire.task.load_task)."""
+        return self.task or self.dataset
+
+    @property
+    def effective_local_lr(self) -> float:
+        return self.local_lr or self.lr
+
     def server_momentum(self, worker_momentum: float) -> float:
         """The PS's heavy-ball momentum: as given, or by default 0.9 unless the workers apply it."""
         if self.momentum is not None:
@@ -144,6 +155,9 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", default=env("CODEC", d.codec), help="codec spec, e.g. huffman:bits=4")
     p.add_argument("--downlink-codec", default=env("DOWNLINK_CODEC", d.downlink_codec),
                    help="codec of the PS's broadcast: dense (full models) or a spec for model deltas, e.g. fp16")
+    p.add_argument("--task", default=env("TASK", d.task),
+                   help="your task: MODULE:FACTORY or path/file.py:FACTORY returning a gradwire.Task, or a "
+                        f"built-in ({', '.join(DATASETS)}); see docs/tasks.md")
     p.add_argument("--dataset", default=env("DATASET", d.dataset), choices=DATASETS)
     p.add_argument("--model", default=env("MODEL", d.model), help=f"one of {', '.join(MODELS)} (default: per dataset)")
     p.add_argument("--data-dir", default=env("DATA_DIR", d.data_dir), help="folder with MNIST/CIFAR files")
@@ -158,6 +172,10 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
                         "at the workers (e.g. topk:momentum=0.9)")
     p.add_argument("--weight-decay", type=float, default=env("WEIGHT_DECAY", d.weight_decay))
     p.add_argument("--lr-schedule", default=env("LR_SCHEDULE", d.lr_schedule), choices=("constant", "cosine", "step"))
+    p.add_argument("--local-steps", type=int, default=env("LOCAL_STEPS", d.local_steps),
+                   help="optimizer steps per worker between uploads; the update is the model delta / local lr")
+    p.add_argument("--local-lr", type=float, default=env("LOCAL_LR", d.local_lr),
+                   help="the workers' SGD learning rate for --local-steps > 1 (default: --lr)")
     p.add_argument("--eval-every", type=int, default=env("EVAL_EVERY", d.eval_every))
     p.add_argument("--round-timeout-s", type=float, default=env("ROUND_TIMEOUT_S", d.round_timeout_s))
     p.add_argument("--max-message-mb", type=int, default=env("MAX_MESSAGE_MB", d.max_message_mb))

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gradwire.server.aggregation import mean_update
 from torch import nn
+
+from gradwire.server.aggregation import mean_update
 
 log = logging.getLogger("gradwire.server")
 

@@ -1,13 +1,30 @@
-"""The gRPC face of the coordinator: one bidirectional stream per worker."""
+"""The gRPC face of the round engine: one bidirectional stream per worker.
+
+With the worker's client, the only PS code that touches generated protobuf code: requests are
+parsed and converted to typed messages (``gradwire.protocol``) here, replies converted back, and
+every message's serialized size goes to the ledger.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import grpc
 from google.protobuf.message import DecodeError
+
+from gradwire import protocol
+from gradwire.netstats import read_counters
+from gradwire.protocol import (
+    Hello,
+    Received,
+    RoundResult,
+    Status,
+    Update,
+    Welcome,
+    WorkerReport,
+    WorkerStatus,
+)
 from gradwire.server.admission import (
     MAX_HOSTNAME_CHARS,
     MAX_REASON_CHARS,
@@ -17,33 +34,23 @@ from gradwire.server.admission import (
     printable,
 )
 from gradwire.server.auth import Credentials, bound_identities
-from gradwire.server.coordinator import Coordinator, Rejected, Session
-
-from gradwire import wire
-from gradwire.downlink import downlink_payload_bytes
-from gradwire.netstats import read_counters
+from gradwire.server.round_engine import Rejected, RoundEngine, Session
 from gradwire.v1 import exchange_pb2 as pb
 
 log = logging.getLogger("gradwire.server")
-SERVICE_NAME = "gradwire.v1.GradientExchange"
-
-
-@dataclass(frozen=True)
-class Received:
-    """A request as it came off the wire: the parsed message or why it did not parse."""
-
-    message: pb.WorkerMessage | None
-    nbytes: int
-    error: str = ""
 
 
 def parse_worker_message(data: bytes) -> Received:
     # grpc's default deserializer turns a parse error into an opaque INTERNAL
     # status; parsing here lets the servicer answer INVALID_ARGUMENT with a reason.
     try:
-        return Received(pb.WorkerMessage.FromString(data), len(data))
+        message = pb.WorkerMessage.FromString(data)
     except DecodeError as exc:
         return Received(None, len(data), f"malformed gradwire.v1.WorkerMessage ({len(data)} bytes): {exc}")
+    try:
+        return Received(protocol.worker_message_from_proto(message), len(data))
+    except protocol.MalformedMessage as exc:
+        return Received(None, len(data), str(exc))
 
 
 def _abort(context: grpc.ServicerContext, code: str, reason: str):
@@ -51,18 +58,18 @@ def _abort(context: grpc.ServicerContext, code: str, reason: str):
 
 
 class GradientExchangeServicer:
-    def __init__(self, coordinator: Coordinator, credentials: Credentials | None = None,
+    def __init__(self, engine: RoundEngine, credentials: Credentials | None = None,
                  gate: StreamGate | None = None):
-        self.coord = coordinator
+        self.engine = engine
         self.credentials = credentials
-        c = coordinator.config
+        c = engine.config
         self.gate = gate or StreamGate(c.max_streams or default_max_streams(c.workers), c.hello_timeout_s)
 
-    def _send(self, session: Session, message: pb.ServerMessage) -> pb.ServerMessage:
-        payload = downlink_payload_bytes(message)
-        models = 1 if message.WhichOneof("body") in ("welcome", "round_result") else 0
-        self.coord.count_downlink(session, message.ByteSize(), payload, models)
-        return message
+    def _send(self, session: Session, message: protocol.ServerMessage) -> pb.ServerMessage:
+        proto = protocol.server_message_to_proto(message)
+        models = 1 if isinstance(message, Welcome | RoundResult) else 0
+        self.engine.count_downlink(session, proto.ByteSize(), protocol.server_message_payload_bytes(message), models)
+        return proto
 
     def Train(self, request_iterator, context):
         if not self.gate.enter(context):
@@ -78,77 +85,64 @@ class GradientExchangeServicer:
             return
         if first.message is None:
             _abort(context, "INVALID_ARGUMENT", first.error)
-        if first.message.WhichOneof("body") != "hello":
+        if not isinstance(first.message, Hello):
             _abort(context, "INVALID_ARGUMENT", "the first message of a Train stream must be a Hello")
-        hello, refusal = admitted_hello(first.message.hello, bound_identities(context, self.credentials))
+        hello, refusal = admitted_hello(first.message, bound_identities(context, self.credentials))
         if refusal:
             _abort(context, *refusal)
         try:
-            session = self.coord.join(hello, first.nbytes)
+            session = self.engine.join(hello, first.nbytes)
         except Rejected as exc:
             log.warning("refused a worker: %s", printable(exc.reason, MAX_REASON_CHARS))  # may quote its Hello
             _abort(context, exc.code, exc.reason)
-        context.add_callback(lambda: self.coord.leave(session))
+        context.add_callback(lambda: self.engine.leave(session))
         try:
-            opening = self.coord.welcome(session)
+            opening = self.engine.welcome(session)
             yield self._send(session, opening)
-            if opening.WhichOneof("body") == "finished":
+            if not isinstance(opening, Welcome):
                 return
             for item in request_iterator:
                 try:
                     reply = self._handle(session, item)
                 except Rejected as exc:
-                    self.coord.reject(session, printable(exc.reason, MAX_REASON_CHARS), item.nbytes)
+                    self.engine.reject(session, printable(exc.reason, MAX_REASON_CHARS), item.nbytes)
                     _abort(context, exc.code, exc.reason)
                 if reply is None:
                     return
                 yield self._send(session, reply)
         finally:
-            self.coord.leave(session)
+            self.engine.leave(session)
 
-    def _handle(self, session: Session, item: Received) -> pb.ServerMessage | None:
+    def _handle(self, session: Session, item: Received) -> protocol.ServerMessage | None:
         if item.message is None:
             raise Rejected("INVALID_ARGUMENT", item.error)
-        kind = item.message.WhichOneof("body")
-        if kind == "update":
-            return self.coord.submit(session, item.message.update, item.nbytes)
-        if kind == "report":
-            self.coord.report(session, item.message.report, item.nbytes)
+        if isinstance(item.message, Update):
+            return self.engine.submit(session, item.message, item.nbytes)
+        if isinstance(item.message, WorkerReport):
+            self.engine.report(session, item.message, item.nbytes)
             return None
-        raise Rejected("INVALID_ARGUMENT", f"expected an Update or a WorkerReport, got {kind or 'an empty message'}")
+        raise Rejected("INVALID_ARGUMENT", f"expected an Update or a WorkerReport, got {type(item.message).__name__}")
 
     def Status(self, request, _context) -> pb.StatusResponse:
-        snap = self.coord.snapshot()
-        c = self.coord
-        resp = pb.StatusResponse(
-            protocol=wire.PROTOCOL, round=snap["round"], total_rounds=c.config.rounds, codec_spec=c.codec.spec,
-            params=c.params, finished=snap["phase"] == "finished", downlink_codec_spec=c.downlink_codec.spec,
-            server_interface_start=wire.counters_to_proto(c.interface_start),
-            server_interface_now=wire.counters_to_proto(c.interface_end or _now_counters(c)),
+        return protocol.status_to_proto(self.status())
+
+    def status(self) -> protocol.Status:
+        snap = self.engine.snapshot()
+        e = self.engine
+        return Status(
+            protocol=protocol.PROTOCOL, round=snap.round, total_rounds=e.config.rounds, codec_spec=e.codec.spec,
+            params=e.params, finished=snap.phase == "finished", downlink_codec_spec=e.downlink_codec.spec,
+            server_interface_start=e.interface_start, server_interface_now=e.interface_end or _now_counters(e),
+            workers=tuple(
+                WorkerStatus(worker_id=r.worker_id, rank=r.rank, connected=r.connected, hostname=r.hostname,
+                             counters=r.counters, interface_start=r.interface_start, interface_end=r.interface_end)
+                for r in snap.records
+            ),
+            rounds=snap.rounds,
         )
-        for r in snap["records"]:
-            resp.workers.append(pb.WorkerStatus(
-                worker_id=r["worker_id"], rank=r["rank"], connected=r["connected"], hostname=r["hostname"],
-                rounds_aggregated=r["rounds_aggregated"], uplink_payload_bytes=r["uplink_payload_bytes"],
-                uplink_message_bytes=r["uplink_message_bytes"], downlink_message_bytes=r["downlink_message_bytes"],
-                downlink_payload_bytes=r["downlink_payload_bytes"], rejected_messages=r["rejected_messages"],
-                interface_start=wire.counters_to_proto(r["interface_start"]),
-                interface_end=wire.counters_to_proto(r["interface_end"]),
-            ))
-        for e in snap["rounds_log"]:
-            resp.rounds.append(pb.RoundStatus(
-                round=e["round"], uplink_payload_bytes=e["uplink_payload_bytes"],
-                uplink_message_bytes=e["uplink_message_bytes"], downlink_message_bytes=e["downlink_message_bytes"],
-                downlink_payload_bytes=e.get("downlink_payload_bytes", 0),
-                workers_aggregated=e["workers"], stragglers=e["stragglers"],
-                train_loss=e["train_loss"] if e["train_loss"] is not None else math.nan,
-                test_accuracy=e["test_accuracy"] if e["test_accuracy"] is not None else math.nan,
-                test_loss=e["test_loss"] if e["test_loss"] is not None else math.nan,
-            ))
-        return resp
 
 
-def admitted_hello(hello: pb.Hello, identities: set[str]) -> tuple[pb.Hello, tuple[str, str] | None]:
+def admitted_hello(hello: Hello, identities: set[str]) -> tuple[Hello, tuple[str, str] | None]:
     """The Hello with bounded strings and the id its credentials bind, or (code, reason) to refuse it."""
     requested = hello.requested_worker_id
     if len(identities) > 1:
@@ -163,21 +157,17 @@ def admitted_hello(hello: pb.Hello, identities: set[str]) -> tuple[pb.Hello, tup
         why = check_worker_id(requested)
         if why:
             return hello, ("INVALID_ARGUMENT", why)
-    admitted = pb.Hello()
-    admitted.CopyFrom(hello)
-    admitted.requested_worker_id = requested
-    admitted.hostname = printable(hello.hostname, MAX_HOSTNAME_CHARS)
-    return admitted, None
+    return replace(hello, requested_worker_id=requested, hostname=printable(hello.hostname, MAX_HOSTNAME_CHARS)), None
 
 
-def _now_counters(coord: Coordinator):
-    iface = (coord.interface_start or {}).get("interface")
+def _now_counters(engine: RoundEngine):
+    iface = (engine.interface_start or {}).get("interface")
     return read_counters(iface) if iface else None
 
 
 def generic_handler(servicer: GradientExchangeServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
+        protocol.SERVICE_NAME,
         {
             "Train": grpc.stream_stream_rpc_method_handler(
                 servicer.Train,

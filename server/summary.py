@@ -9,7 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gradwire.wire import PROTOCOL
+from gradwire.counters import LinkCounters, RoundCounters, total
+from gradwire.protocol import PROTOCOL
 
 
 def mean_stats(dicts: Iterable[Mapping[str, float]]) -> dict[str, float]:
@@ -24,21 +25,21 @@ def mean_stats(dicts: Iterable[Mapping[str, float]]) -> dict[str, float]:
     return {k: sums[k] / counts[k] for k in sorted(sums)}
 
 
-def accuracy_curve(initial_accuracy: float | None, rounds_log: list[dict]) -> list[list[float]]:
+def accuracy_curve(initial_accuracy: float | None, rounds: list[RoundCounters]) -> list[list[float]]:
     """[cumulative uplink bits of all workers, test accuracy] at every evaluated round."""
     if initial_accuracy is None:
         return []
     curve = [[0.0, float(initial_accuracy)]]
     bits = 0.0
-    for e in rounds_log:
-        bits += 8.0 * e["uplink_payload_bytes"]
-        if e.get("test_accuracy") is not None:
-            curve.append([bits, float(e["test_accuracy"])])
+    for e in rounds:
+        bits += 8.0 * e.uplink_payload_bytes
+        if e.test_accuracy is not None:
+            curve.append([bits, float(e.test_accuracy)])
     return curve
 
 
 def per_bit_accuracy(curve: list[list[float]]) -> float | None:
-    """max_t (Acc(t) − Acc(0)) / B(t), ALGORITHMS.md §4 (accuracy points per bit)."""
+    """max_t (Acc(t) − Acc(0)) / B(t), docs/algorithms.md §4 (accuracy points per bit)."""
     if not curve:
         return None
     acc0 = curve[0][1]
@@ -46,84 +47,78 @@ def per_bit_accuracy(curve: list[list[float]]) -> float | None:
     return max(gains) if gains else None
 
 
-def build_summary(coord) -> dict[str, Any]:
-    cfg = coord.config
-    snap = coord.snapshot()
-    records = snap["records"]
-    log = [e for e in snap["rounds_log"] if e["workers"] > 0]
-    updates = sum(e["workers"] for e in log)
-    participating = [r for r in records if r["rounds_aggregated"] > 0]
-    up_payload = sum(e["uplink_payload_bytes"] for e in log)
-    up_message = sum(e["uplink_message_bytes"] for e in log)
-    down = sum(r["downlink_message_bytes"] for r in records)
-    down_payload = sum(r["downlink_payload_bytes"] for r in records)
-    down_models = sum(r["downlink_models"] for r in records)
-    evaluated = [e for e in log if e["test_loss"] is not None]
+def build_summary(engine) -> dict[str, Any]:
+    cfg = engine.config
+    snap = engine.snapshot()
+    records = snap.records
+    log = [e for e in snap.rounds if e.workers > 0]
+    updates = sum(e.workers for e in log)
+    participating = [r for r in records if r.counters.rounds_aggregated > 0]
+    # Uplink: what the closed rounds aggregated; downlink: every message sent, Welcomes included.
+    uplink, downlink = total(log), total(r.counters for r in records)
+    totals = LinkCounters.uplink_and_downlink(uplink, downlink)
+    down_models = sum(r.counters.downlink_models for r in records)
+    evaluated = [e for e in log if e.test_loss is not None]
     final = evaluated[-1] if evaluated else None
-    curve = accuracy_curve(coord.initial_accuracy, log)
-    worker_stats = [r["codec_stats"] for r in participating if r["codec_stats"]]
+    curve = accuracy_curve(engine.initial_accuracy, log)
+    worker_stats = [r.codec_stats for r in participating if r.codec_stats]
     codec_stats: dict[str, Any] = mean_stats(worker_stats)
-    for k, v in mean_stats(r["decoder_stats"] for r in participating if r["decoder_stats"]).items():
+    for k, v in mean_stats(r.decoder_stats for r in participating if r.decoder_stats).items():
         codec_stats.setdefault(k, v)
-    if coord.codec_coordinator is not None:
-        codec_stats.update(coord.codec_coordinator.stats())
+    codec_stats.update(engine.codec_state.stats())
     elapsed = None
-    if coord.started_at is not None:
-        elapsed = (coord.finished_at or time.monotonic()) - coord.started_at
+    if engine.started_at is not None:
+        elapsed = (engine.finished_at or time.monotonic()) - engine.started_at
     return {
         "protocol": PROTOCOL,
         "codec": cfg.codec,  # as the user gave it; codec_spec drops options equal to their defaults
-        "codec_spec": coord.codec.spec,
-        "dataset": cfg.dataset,
-        "model": coord.task.model_name,
+        "codec_spec": engine.codec.spec,
+        "dataset": engine.task.name or cfg.dataset,
+        "task": cfg.task or cfg.dataset,
+        "local_steps": cfg.local_steps,
+        "model": engine.task.model_name,
         "batch_size": "full" if cfg.batch_size == 0 else cfg.batch_size,
         "partition": cfg.partition,
         "seed": cfg.seed,
-        "server_momentum": coord.server_momentum,
-        "worker_momentum": coord.codec.worker_momentum,
+        "server_momentum": engine.server_momentum,
+        "worker_momentum": engine.codec.worker_momentum,
         "workers": len(participating),
         "rounds": len(log),
-        "params": coord.params,
+        "params": engine.params,
         "aggregated_updates": updates,
-        "initial_accuracy": coord.initial_accuracy,
-        "initial_loss": coord.initial_loss,
-        "final_accuracy": final["test_accuracy"] if final else None,
-        "final_loss": final["test_loss"] if final else None,
-        "uplink_payload_bytes": up_payload,
-        "uplink_message_bytes": up_message,
-        "downlink_message_bytes": down,
-        "downlink_codec": coord.downlink_codec.spec,
-        "downlink_payload_bytes": down_payload,
+        "initial_accuracy": engine.initial_accuracy,
+        "initial_loss": engine.initial_loss,
+        "final_accuracy": final.test_accuracy if final else None,
+        "final_loss": final.test_loss if final else None,
+        **totals.to_dict(),
+        "downlink_codec": engine.downlink_codec.spec,
         # over every model the workers received: the full ones (welcomes, resyncs) and the deltas
-        "downlink_bits_per_entry": 8.0 * down_payload / (coord.params * down_models) if down_models else None,
-        "downlink_codec_stats": coord.downlink.stats() if coord.downlink is not None else {},
-        "uplink_bits_per_entry": 8.0 * up_payload / (coord.params * updates) if updates else None,
+        "downlink_bits_per_entry": (8.0 * totals.downlink_payload_bytes / (engine.params * down_models)
+                                    if down_models else None),
+        "downlink_codec_stats": engine.downlink.stats() if engine.downlink is not None else {},
+        "uplink_bits_per_entry": 8.0 * totals.uplink_payload_bytes / (engine.params * updates) if updates else None,
         "per_bit_accuracy": per_bit_accuracy(curve),
         "accuracy_vs_uplink_bits": curve,
         "codec_stats": codec_stats,
-        "stragglers": sum(e["stragglers"] for e in log),
-        # server/robust.py: rounds whose step was not finite (rolled back), updates scaled down
-        "refused_rounds": [e["round"] for e in log if e.get("refused")],
-        "clipped_updates": sum(len(e.get("clipped", ())) for e in log),
-        "rejected_messages": sum(r["rejected_messages"] for r in records),
+        "stragglers": sum(e.stragglers for e in log),
+        # server/robust.py: rounds whose step was not finite (rolled back), updates dropped or scaled down
+        "refused_rounds": [e.round for e in log if e.refused],
+        "clipped_updates": sum(len(e.clipped) for e in log),
+        "rejected_messages": sum(r.counters.rejected_messages for r in records),
         "elapsed_s": elapsed,
-        "finish_reason": coord.finish_reason,
+        "finish_reason": engine.finish_reason,
         "config": json.loads(cfg.to_json()),
-        "server_interface": {"start": coord.interface_start, "end": coord.interface_end},
+        "server_interface": {"start": engine.interface_start, "end": engine.interface_end},
         "per_worker": [
             {
-                "worker_id": r["worker_id"], "rank": r["rank"], "hostname": r["hostname"],
-                "rounds_aggregated": r["rounds_aggregated"], "sessions": r["sessions"],
-                "uplink_payload_bytes": r["uplink_payload_bytes"], "uplink_message_bytes": r["uplink_message_bytes"],
-                "uplink_control_bytes": r["uplink_control_bytes"], "downlink_message_bytes": r["downlink_message_bytes"],
-                "downlink_payload_bytes": r["downlink_payload_bytes"],
-                "rejected_messages": r["rejected_messages"], "last_rejection": r["last_rejection"],
-                "interface_start": r["interface_start"], "interface_end": r["interface_end"],
-                "codec_stats": r["codec_stats"],
+                "worker_id": r.worker_id, "rank": r.rank, "hostname": r.hostname, "sessions": r.sessions,
+                **r.counters.to_dict(), "last_rejection": r.last_rejection,
+                "interface_start": r.interface_start, "interface_end": r.interface_end,
+                "codec_stats": r.codec_stats,
             }
             for r in records
         ],
-        "rounds_log": log,
+        "rounds_log": [e.to_dict() for e in log],
     }
 
 

@@ -10,12 +10,12 @@ from dataclasses import replace
 import grpc
 import numpy as np
 import pytest
+
+from gradwire import protocol
 from gradwire.compressors.base import Encoded, TensorSpec
+from gradwire.protocol import SERVICE_NAME
 from gradwire.server.app import RunningServer, start_server
 from gradwire.server.config import ServerConfig
-from gradwire.server.servicer import SERVICE_NAME
-
-from gradwire import wire
 from gradwire.v1 import exchange_pb2 as pb
 
 _CLOSE = object()
@@ -111,11 +111,11 @@ class ManualWorker:
         return result[0]
 
     def hello(self, worker_id: str = "", codecs=("dense",)) -> pb.ServerMessage:
-        self.send(pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id=worker_id, codecs=list(codecs))))
+        self.send(pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id=worker_id, codecs=list(codecs))))
         reply = self.recv()
         if reply.WhichOneof("body") == "welcome":
             self.welcome = reply.welcome
-            self.model = wire.model_from_proto(reply.welcome.model)
+            self.model = protocol.model_from_proto(reply.welcome.model)
         return reply
 
     def specs(self) -> list[TensorSpec]:
@@ -123,7 +123,7 @@ class ManualWorker:
 
     def dense_update(self, grads: dict[str, np.ndarray], round_: int, codec: str = "dense") -> pb.WorkerMessage:
         tensors = [
-            wire.encoded_to_proto(Encoded(codec, s, np.ascontiguousarray(grads[s.name], dtype="<f4").tobytes()))
+            protocol.encoded_to_proto(Encoded(codec, s, np.ascontiguousarray(grads[s.name], dtype="<f4").tobytes()))
             for s in self.specs()
         ]
         return pb.WorkerMessage(update=pb.Update(round=round_, tensors=tensors, train_loss=1.0, num_examples=1))

@@ -1,4 +1,4 @@
-"""The worker's side of the gRPC stream."""
+"""The worker's side of the gRPC stream: typed messages in and out (``gradwire.protocol``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import time
 from collections.abc import Iterator
 
 import grpc
-from gradwire.server.auth import client_channel
-from gradwire.server.servicer import SERVICE_NAME
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradwire import protocol
+from gradwire.channel import client_channel
+from gradwire.protocol import SERVICE_NAME, TRAIN_METHOD
 from gradwire.v1 import exchange_pb2 as pb
 
 log = logging.getLogger("gradwire.worker")
@@ -64,12 +65,16 @@ def wait_for_server(channel: grpc.Channel, timeout_s: float) -> None:
 
 
 class TrainStream:
-    """A bidirectional Train stream: ``send`` messages, iterate the replies."""
+    """A bidirectional Train stream: ``send`` typed messages, ``receive`` the typed replies.
+
+    ``receive`` raises ``protocol.MalformedMessage`` for a reply that parses but breaks the
+    protocol's rules (a model delta's tensor without a name, say).
+    """
 
     def __init__(self, channel: grpc.Channel):
         self._outbox: queue.Queue = queue.Queue()
         method = channel.stream_stream(
-            f"/{SERVICE_NAME}/Train",
+            TRAIN_METHOD,
             request_serializer=pb.WorkerMessage.SerializeToString,
             response_deserializer=pb.ServerMessage.FromString,
         )
@@ -83,14 +88,18 @@ class TrainStream:
                 return
             yield item
 
-    def send(self, message: pb.WorkerMessage) -> int:
-        nbytes = message.ByteSize()
+    def send(self, message: protocol.WorkerMessage) -> int:
+        """Queue a message; returns its serialized size."""
+        proto = protocol.worker_message_to_proto(message)
+        nbytes = proto.ByteSize()
         self.sent_bytes += nbytes
-        self._outbox.put(message)
+        self._outbox.put(proto)
         return nbytes
 
-    def receive(self) -> pb.ServerMessage | None:
-        return next(self._call, None)
+    def receive(self) -> protocol.ServerMessage | None:
+        """The next reply; None when the PS closed the stream."""
+        proto = next(self._call, None)
+        return protocol.server_message_from_proto(proto) if proto is not None else None
 
     def close(self) -> None:
         self._outbox.put(_CLOSE)

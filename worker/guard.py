@@ -8,12 +8,13 @@ after ``max_reconnects`` sessions instead of dying on an uncaught CodecError.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
+
 from gradwire.compressors.base import CodecError
 from gradwire.compressors.update import InvalidUpdate
-
-from gradwire import wire
+from gradwire.protocol import MalformedMessage
 
 
 class UnusableDownlink(RuntimeError):
@@ -21,10 +22,13 @@ class UnusableDownlink(RuntimeError):
 
 
 # Errors of one session that a new session (a fresh model, reset codec state) may cure.
-SESSION_ERRORS = (UnusableDownlink, CodecError, InvalidUpdate, wire.MalformedMessage)
+SESSION_ERRORS = (UnusableDownlink, CodecError, InvalidUpdate, MalformedMessage)
 
 
-def usable_model(params: Mapping[str, np.ndarray], where: str) -> Mapping[str, np.ndarray]:
+ParamsT = TypeVar("ParamsT", bound=Mapping[str, np.ndarray])
+
+
+def usable_model(params: ParamsT, where: str) -> ParamsT:
     bad = [name for name, a in params.items() if not np.isfinite(a).all()]
     if bad:
         raise UnusableDownlink(f"the model in the {where} has NaN or Inf entries in {bad[:3]}")

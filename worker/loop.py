@@ -2,7 +2,7 @@
 
 Every (re)connection is a new session: the worker resets its encoder and the PS
 builds a fresh decoder, so codec state on both ends restarts from the same
-point (ALGORITHMS.md §0). A rejected update ends the session with a gRPC status;
+point (docs/algorithms.md §0). A rejected update ends the session with a gRPC status;
 the worker logs the reason and reconnects.
 """
 
@@ -11,28 +11,37 @@ from __future__ import annotations
 import logging
 import socket
 import time
-import zlib
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 import torch
+
+from gradwire import links, protocol
+from gradwire.buffers import buffer_state, load_buffers
 from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateEncoder
+from gradwire.downlink import DownlinkDecoder, model_digest
+from gradwire.local import LocalTrainer
+from gradwire.netstats import read_counters
+from gradwire.protocol import (
+    Finished,
+    Hello,
+    MalformedMessage,
+    RoundResult,
+    TaskSpec,
+    Update,
+    Welcome,
+    WorkerReport,
+)
+from gradwire.task import Task, load_task
+from gradwire.tasks import shard_indices
 from gradwire.worker.client import TrainStream, open_channel, wait_for_server
 from gradwire.worker.config import WorkerConfig
 from gradwire.worker.guard import SESSION_ERRORS, usable_model
 
-from gradwire import wire
-from gradwire.downlink import DownlinkDecoder, model_digest
-from gradwire.netstats import read_counters
-from gradwire.tasks import Task, make_task, shard_indices, tensor_specs
-from gradwire.v1 import exchange_pb2 as pb
-
 log = logging.getLogger("gradwire.worker")
-# Model moves remembered for LAG-style triggers (ALGORITHMS.md §1 uses D = 10).
-MOTION_HISTORY = 10
 # Status codes after which reconnecting cannot help.
 FATAL_CODES = {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
@@ -48,6 +57,7 @@ class WorkerResult:
     rejections: list[str] = field(default_factory=list)
     finished: bool = False
     last_model: dict[str, np.ndarray] | None = None  # the last model received from the PS
+    last_buffers: dict[str, np.ndarray] | None = None  # this worker's buffers after its last update
 
     @property
     def model_digest(self) -> str:
@@ -55,48 +65,19 @@ class WorkerResult:
         return model_digest(self.last_model) if self.last_model is not None else ""
 
 
-class Trainer:
-    """Local model and shard; computes the gradient for a round."""
+class Trainer(LocalTrainer):
+    """Local model and shard (gradwire/local.py) as a TaskSpec describes them."""
 
-    def __init__(self, task: Task, spec: pb.TaskSpec, rank: int):
-        self.task = task
-        self.model = task.build_model()
-        idx = shard_indices(
-            task.dataset.train_y, max(1, spec.num_shards), spec.shard_index, spec.partition or "iid",
-            spec.dirichlet_alpha or 0.5, spec.seed,
-        )
-        self.x = torch.from_numpy(task.dataset.train_x[idx])
-        self.y = torch.from_numpy(task.dataset.train_y[idx])
-        self.batch_size = int(spec.batch_size)
-        self.seed = int(spec.seed)
-        self.rank = rank
-        self.specs = tensor_specs(self.model)
-
-    def load(self, params: dict[str, np.ndarray]) -> None:
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(torch.from_numpy(params[name]).reshape(p.shape))
-
-    def gradient(self, round_: int) -> tuple[dict[str, np.ndarray], float, int]:
-        n = len(self.x)
-        if self.batch_size == 0 or self.batch_size >= n:
-            xb, yb = self.x, self.y
-        else:
-            # Seeded by (seed, rank, round): a rerun draws the same batches.
-            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.rank}/{round_}".encode()))
-            idx = torch.randperm(n, generator=g)[: self.batch_size]
-            xb, yb = self.x[idx], self.y[idx]
-        self.model.zero_grad(set_to_none=True)
-        loss = self.task.loss_fn(self.model(xb), yb)
-        loss.backward()
-        grads = {name: p.grad.detach().numpy().copy() for name, p in self.model.named_parameters()}
-        return grads, float(loss.detach()), len(xb)
-
-
-def _motion(prev: dict[str, np.ndarray] | None, new: dict[str, np.ndarray]) -> float | None:
-    if prev is None:
-        return None
-    return float(sum(float(np.sum((new[k].astype(np.float64) - prev[k]) ** 2)) for k in new))
+    def __init__(self, task: Task, spec: TaskSpec, rank: int):
+        n = task.train_size
+        partition = spec.partition or "iid"
+        # Only a dirichlet partition needs the labels; an iid shard needs the length alone, so a
+        # lazy dataset reads nothing but this worker's own items.
+        labels = task.train_targets() if partition == "dirichlet" else np.zeros(n, dtype=np.int64)
+        idx = shard_indices(labels, max(1, spec.num_shards), spec.shard_index, partition,
+                            spec.dirichlet_alpha or 0.5, spec.seed)
+        super().__init__(task, idx, batch_size=int(spec.batch_size), seed=int(spec.seed), rank=rank,
+                         local_steps=max(1, int(spec.local_steps)), local_lr=float(spec.local_lr))
 
 
 class Worker:
@@ -106,12 +87,14 @@ class Worker:
         self.interface = config.interface or None
         self.interface_start = read_counters(self.interface)
         self._task_cache: dict[tuple, Task] = {}
+        self.task_ref = config.task  # this worker's own way to import the PS's task, if given
         self.stats: dict[str, float] = {}
 
-    def _task(self, spec: pb.TaskSpec) -> Task:
-        key = (spec.dataset, spec.model, spec.seed, spec.data_dir)
+    def _task(self, spec: TaskSpec) -> Task:
+        ref = self.task_ref or spec.task or spec.dataset
+        key = (ref, spec.model, spec.seed, spec.data_dir)
         if key not in self._task_cache:
-            self._task_cache[key] = make_task(spec.dataset, spec.model, int(spec.seed), spec.data_dir or None)
+            self._task_cache[key] = load_task(ref, int(spec.seed), spec.data_dir or None, spec.model or None)
         return self._task_cache[key]
 
     def run(self) -> WorkerResult:
@@ -146,77 +129,114 @@ class Worker:
     def _session(self, channel, result: WorkerResult) -> None:
         stream = TrainStream(channel)
         try:
-            stream.send(pb.WorkerMessage(hello=pb.Hello(
-                protocol=wire.PROTOCOL, requested_worker_id=self.worker_id, codecs=available_codecs(),
-                hostname=socket.gethostname(), interface_start=wire.counters_to_proto(self.interface_start),
-            )))
+            stream.send(Hello(
+                protocol=protocol.PROTOCOL, requested_worker_id=self.worker_id, codecs=tuple(available_codecs()),
+                hostname=socket.gethostname(), interface_start=self.interface_start,
+            ))
             opening = stream.receive()
             if opening is None:
                 raise WorkerFailed("the PS closed the stream without a Welcome")
-            if opening.WhichOneof("body") == "finished":
-                self._finish(stream, opening.finished, None, result)
+            if isinstance(opening, Finished):
+                self._finish(stream, opening, None, result)
                 return
-            welcome = opening.welcome
+            if not isinstance(opening, Welcome):
+                raise WorkerFailed(f"the PS opened the stream with a {type(opening).__name__}, not a Welcome")
+            welcome = opening
             codec = create_codec(welcome.codec_spec)
             trainer = Trainer(self._task(welcome.task), welcome.task, welcome.rank)
             encoder = UpdateEncoder(codec, trainer.specs)  # fresh state: the session is a resync
             downlink = DownlinkDecoder(welcome.downlink_codec_spec, trainer.specs, int(welcome.task.seed))
-            params = usable_model(wire.model_from_proto(welcome.model), "Welcome")
+            params = usable_model(welcome.model, "Welcome")
+            trainer.check_model(params)
             result.last_model = params
             trainer.load(params)
-            round_, directive, workers = int(welcome.round), welcome.directive, int(welcome.workers)
-            motions: list[float] = []
+            if welcome.buffers is not None:
+                load_buffers(trainer.model, welcome.buffers)
+            encoder.model_received(params)
+            round_, directive, workers = welcome.round, welcome.directive, welcome.workers
+            if self.config.link or self.config.links:
+                # Shaped once the rank is known (GRADWIRE_LINKS is by rank); only the Hello crossed unshaped.
+                profile = links.profile_for_rank(self.config.link, self.config.links, welcome.rank)
+                try:
+                    links.apply(profile, self.config.interface or "eth0")
+                except links.LinkError as exc:
+                    raise WorkerFailed(str(exc)) from None
+                log.info("link of %s shaped to %s (up/down)", self.config.interface or "eth0", profile)
             log.info("joined as %s rank %d, shard %d/%d, codec %s, round %d", welcome.worker_id, welcome.rank,
                      welcome.task.shard_index, welcome.task.num_shards, codec.spec, round_)
             while True:
                 started = time.perf_counter()
-                grads, loss, n = trainer.gradient(round_)
-                ctx = RoundContext(
-                    round=round_, rank=int(welcome.rank), seed=int(welcome.task.seed), num_workers=max(1, workers),
-                    directive=dict(directive.values), directive_blob=bytes(directive.blob),
-                    model_motion_sq=tuple(motions[-MOTION_HISTORY:]),
-                )
-                encoded = encoder.encode(grads, ctx)
-                stream.send(pb.WorkerMessage(update=pb.Update(
-                    round=round_, tensors=[wire.encoded_to_proto(e) for e in encoded], train_loss=loss,
-                    num_examples=n, compute_seconds=time.perf_counter() - started,
-                )))
-                reply = stream.receive()
+                grads, loss, n = trainer.update(round_)
+                ctx = RoundContext(round=round_, rank=welcome.rank, seed=int(welcome.task.seed),
+                                   num_workers=max(1, workers))
+                encoded = encoder.encode(grads, ctx, directive)
+                buffers = buffer_state(trainer.model)
+                result.last_buffers = buffers
+                stream.send(Update(
+                    round=round_, tensors=tuple(encoded), train_loss=loss, num_examples=n,
+                    compute_seconds=time.perf_counter() - started, buffers=buffers or None,
+                ))
+                try:
+                    reply = stream.receive()
+                except MalformedMessage as exc:
+                    # Never train on a model we could not read: a new session brings the full one.
+                    log.warning("cannot read the PS's answer (%s); reconnecting for the full model", exc)
+                    return
                 if reply is None:
                     raise WorkerFailed("the PS closed the stream without an answer")
-                if reply.WhichOneof("body") == "finished":
-                    self._finish(stream, reply.finished, encoder, result)
+                if isinstance(reply, Finished):
+                    self._finish(stream, reply, encoder, result)
                     return
-                rr = reply.round_result
-                if rr.HasField("model_delta"):
+                if not isinstance(reply, RoundResult):
+                    raise WorkerFailed(f"the PS answered an update with a {type(reply).__name__}")
+                if reply.model_delta is not None:
                     try:
                         # params is the reference of round_, the round this worker just trained in
-                        new_params = downlink.apply(params, round_, rr.model_delta, int(rr.round))
-                    except (wire.MalformedMessage, InvalidUpdate) as exc:
+                        new_params = downlink.apply(params, round_, reply.model_delta, reply.round)
+                    except (MalformedMessage, InvalidUpdate) as exc:
                         # Never train on a model we could not rebuild: a new session brings the full one.
                         log.warning("cannot apply the PS's model delta (%s); reconnecting for the full model", exc)
+                        self._end_session(stream)
                         return
+                elif reply.model is not None:
+                    new_params = reply.model
                 else:
-                    new_params = wire.model_from_proto(rr.model)
+                    # A result with neither model nor delta: nothing to train on; a new session brings one.
+                    log.warning("round %d result carries no model; reconnecting for the full model", reply.round)
+                    self._end_session(stream)
+                    return
                 usable_model(new_params, f"result of round {round_}")
-                motion = _motion(params, new_params)
-                if motion is not None:
-                    motions.append(motion)
                 params = new_params
                 result.last_model = params
                 trainer.load(params)
-                round_, directive, workers = int(rr.round), rr.directive, int(rr.workers)
+                if reply.buffers is not None:
+                    load_buffers(trainer.model, reply.buffers)
+                encoder.model_received(params)
+                round_, directive, workers = reply.round, reply.directive, reply.workers
                 result.rounds += 1
+        except SESSION_ERRORS:
+            self._end_session(stream)  # the PS must forget this session before the next Hello
+            raise
         finally:
             stream.close()
 
-    def _finish(self, stream: TrainStream, finished: pb.Finished, encoder: UpdateEncoder | None, result: WorkerResult) -> None:
+    @staticmethod
+    def _end_session(stream: TrainStream) -> None:
+        """Half-close the stream and wait until the PS ends it. The PS forgets a session only when
+        its stream ends: a Hello sent before that is refused as a duplicate (ALREADY_EXISTS)."""
+        stream.close()
+        try:
+            while stream.receive() is not None:
+                pass
+        except grpc.RpcError as err:
+            log.info("stream closed: %s", err.code().name)
+
+    def _finish(self, stream: TrainStream, finished: Finished, encoder: UpdateEncoder | None, result: WorkerResult) -> None:
         self.stats = encoder.stats() if encoder is not None else self.stats
-        stream.send(pb.WorkerMessage(report=pb.WorkerReport(
-            codec_stats=self.stats,
-            interface_start=wire.counters_to_proto(self.interface_start),
-            interface_end=wire.counters_to_proto(read_counters(self.interface)),
-        )))
+        stream.send(WorkerReport(
+            codec_stats=self.stats, interface_start=self.interface_start,
+            interface_end=read_counters(self.interface),
+        ))
         stream.close()
         result.finished = True
         # Drain so the PS sees the report before the channel goes away; the PS may

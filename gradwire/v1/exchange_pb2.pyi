@@ -69,7 +69,7 @@ class Model(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("dataset", "model", "batch_size", "num_shards", "shard_index", "partition", "dirichlet_alpha", "seed", "data_dir")
+    __slots__ = ("dataset", "model", "batch_size", "num_shards", "shard_index", "partition", "dirichlet_alpha", "seed", "data_dir", "task", "local_steps", "local_lr")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,9 @@ class TaskSpec(_message.Message):
     DIRICHLET_ALPHA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LR_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     model: str
     batch_size: int
@@ -88,10 +91,13 @@ class TaskSpec(_message.Message):
     dirichlet_alpha: float
     seed: int
     data_dir: str
-    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., batch_size: _Optional[int] = ..., num_shards: _Optional[int] = ..., shard_index: _Optional[int] = ..., partition: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., seed: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...
+    task: str
+    local_steps: int
+    local_lr: float
+    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., batch_size: _Optional[int] = ..., num_shards: _Optional[int] = ..., shard_index: _Optional[int] = ..., partition: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., seed: _Optional[int] = ..., data_dir: _Optional[str] = ..., task: _Optional[str] = ..., local_steps: _Optional[int] = ..., local_lr: _Optional[float] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol", "worker_id", "rank", "task", "codec_spec", "round", "total_rounds", "model", "directive", "workers", "downlink_codec_spec")
+    __slots__ = ("protocol", "worker_id", "rank", "task", "codec_spec", "round", "total_rounds", "model", "directive", "workers", "downlink_codec_spec", "buffers")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +109,7 @@ class Welcome(_message.Message):
     DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     DOWNLINK_CODEC_SPEC_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     worker_id: str
     rank: int
@@ -114,7 +121,8 @@ class Welcome(_message.Message):
     directive: CodecDirective
     workers: int
     downlink_codec_spec: str
-    def __init__(self, protocol: _Optional[str] = ..., worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., codec_spec: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., workers: _Optional[int] = ..., downlink_codec_spec: _Optional[str] = ...) -> None: ...
+    buffers: Model
+    def __init__(self, protocol: _Optional[str] = ..., worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., codec_spec: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., workers: _Optional[int] = ..., downlink_codec_spec: _Optional[str] = ..., buffers: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class EncodedTensor(_message.Message):
     __slots__ = ("name", "shape", "dtype", "codec_spec", "payload", "predictor_coefficients", "residual")
@@ -135,18 +143,20 @@ class EncodedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., codec_spec: _Optional[str] = ..., payload: _Optional[bytes] = ..., predictor_coefficients: _Optional[bytes] = ..., residual: _Optional[_Union[EncodedTensor, _Mapping]] = ...) -> None: ...
 
 class Update(_message.Message):
-    __slots__ = ("round", "tensors", "train_loss", "num_examples", "compute_seconds")
+    __slots__ = ("round", "tensors", "train_loss", "num_examples", "compute_seconds", "buffers")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     tensors: _containers.RepeatedCompositeFieldContainer[EncodedTensor]
     train_loss: float
     num_examples: int
     compute_seconds: float
-    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[EncodedTensor, _Mapping]]] = ..., train_loss: _Optional[float] = ..., num_examples: _Optional[int] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    buffers: Model
+    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[EncodedTensor, _Mapping]]] = ..., train_loss: _Optional[float] = ..., num_examples: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., buffers: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class CodecDirective(_message.Message):
     __slots__ = ("values", "blob")
@@ -164,20 +174,22 @@ class CodecDirective(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, float]] = ..., blob: _Optional[bytes] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("round", "model", "directive", "update_aggregated", "workers", "model_delta")
+    __slots__ = ("round", "model", "directive", "update_aggregated", "workers", "model_delta", "buffers")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_AGGREGATED_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MODEL_DELTA_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     model: Model
     directive: CodecDirective
     update_aggregated: bool
     workers: int
     model_delta: ModelDelta
-    def __init__(self, round: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., update_aggregated: _Optional[bool] = ..., workers: _Optional[int] = ..., model_delta: _Optional[_Union[ModelDelta, _Mapping]] = ...) -> None: ...
+    buffers: Model
+    def __init__(self, round: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., update_aggregated: _Optional[bool] = ..., workers: _Optional[int] = ..., model_delta: _Optional[_Union[ModelDelta, _Mapping]] = ..., buffers: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class ModelDelta(_message.Message):
     __slots__ = ("base_round", "tensors")

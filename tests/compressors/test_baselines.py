@@ -15,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
 from gradwire.compressors.entropy import varint_decode, varint_encode
 from gradwire.compressors.feedback import ErrorFeedbackEncoder
-from gradwire.compressors.powersgd import lowrank_bits_per_entry, lowrank_layout
-from gradwire.compressors.qsgd import MODE_ANS, MODE_FIXED
-from gradwire.compressors.randk import randk_indices
+from gradwire.compressors.lowrank.powersgd import lowrank_bits_per_entry, lowrank_layout
+from gradwire.compressors.quantization.qsgd import MODE_ANS, MODE_FIXED
 from gradwire.compressors.registry import available_codecs, create_codec
-from gradwire.compressors.spec import SpecError
-from gradwire.compressors.topk import (
+from gradwire.compressors.sparse import (
     INDEX_BITMAP,
     INDEX_RICE,
     log2_binomial,
@@ -31,9 +32,9 @@ from gradwire.compressors.topk import (
     rice_encode,
     sparse_count,
 )
+from gradwire.compressors.sparsification.randk import randk_indices
+from gradwire.compressors.spec import SpecError
 from gradwire.compressors.update import UpdateDecoder, UpdateEncoder
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("GRADWIRE_UPDATE_GOLDEN") == "1"

@@ -7,10 +7,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
+
 from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
 from gradwire.compressors.bounds import max_payload_bytes
 from gradwire.compressors.registry import create_codec
-from gradwire.compressors.topk import HEADER, INDEX_RICE, decode_sparse
+from gradwire.compressors.sparse import HEADER, INDEX_RICE, decode_sparse
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder, UpdateEncoder
 
 # Options that make each codec's honest payload as large as it gets.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
 from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.spec import SpecError, parse_spec
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder, UpdateEncoder
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 
 def test_parse_nested_spec():

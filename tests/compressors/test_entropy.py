@@ -6,6 +6,10 @@ import heapq
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
 from gradwire.compressors.base import CodecError
 from gradwire.compressors.entropy import (
     ans_decode,
@@ -20,9 +24,6 @@ from gradwire.compressors.entropy import (
     huffman_encode,
 )
 from gradwire.compressors.quantize import UniformQuantizer
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from scipy import stats
 
 
 def _reference_huffman_cost(p: np.ndarray) -> float:

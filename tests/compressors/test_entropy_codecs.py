@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
 from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
 from gradwire.compressors.quantize import fp8_values
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.spec import SpecError
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from scipy import stats
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("GRADWIRE_UPDATE_GOLDEN") == "1"

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
+
 from gradwire.compressors.base import CodecError
 from gradwire.compressors.gennorm import (
     BETA_MIN,
@@ -17,7 +19,6 @@ from gradwire.compressors.gennorm import (
     normal_cell_pmf,
     subsample,
 )
-from scipy import stats
 
 
 def _samples(beta: float, n: int = 200_000, loc: float = 0.002, scale: float = 0.01, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Learned gradient compression (``lgc``, ALGORITHMS.md §3): stages, leader/support agreement,
+"""Learned gradient compression (``lgc``, docs/algorithms.md §3): stages, leader/support agreement,
 autoencoder training, error feedback, joins and leaves, malformed input, a real PS.
 
 Most tests drive the codec's PS-side hooks (directive, blob_for, decoders, finalize,
@@ -19,9 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gradwire.compressors import lgc_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
 from gradwire.compressors.base import CodecError, RoundContext, TensorSpec
-from gradwire.compressors.lgc import (
+from gradwire.compressors.learned import lgc_model
+from gradwire.compressors.learned.payload import (
     BLOB_ENCODER,
     BLOB_FALLBACK,
     KIND_DENSE,
@@ -39,9 +43,6 @@ from gradwire.compressors.lgc import (
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.spec import SpecError
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder, UpdateEncoder
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
 
 GOLDEN = Path(__file__).parent / "golden" / "lgc.json"
 TINY = "lgc:warmup=2,train=6,k=0.2,innovation=0.02,adopt=2"
@@ -103,12 +104,12 @@ class Record:
 
 
 class InProcessPS:
-    """The PS's call order for codec hooks, without gRPC (server/coordinator.py `_run`)."""
+    """The PS's call order for codec hooks, without gRPC (server/round_engine.py `_run`)."""
 
     def __init__(self, spec: str, specs: list[TensorSpec]):
         self.codec = create_codec(spec)
         self.specs = specs
-        self.coord = self.codec.make_coordinator()
+        self.coord = self.codec.make_cross_worker_state()
         self.encoders: dict[int, UpdateEncoder] = {}
         self.decoders: dict[int, UpdateDecoder] = {}
 
@@ -126,7 +127,7 @@ class InProcessPS:
 
     def round(self, t: int, grad_fn, drop: tuple[int, ...] = ()) -> Record:
         ranks = sorted(self.encoders)
-        directive = self.coord.directive(t, ranks)
+        directive = self.coord.open_round(t, ranks)
         rec = Record(t, directive)
         decoded = {}
         for r in ranks:
@@ -291,6 +292,12 @@ def test_reconstruction_error_falls_during_stage2():
 
     A conv autoencoder trained from scratch with one step per round needs on the order
     of a hundred rounds; before that its output is the innovation pass-through.
+
+    Why noise 0.05 and 200 rounds: with noise 0.2 and 150 rounds the workers' top-k supports
+    differ so much that the error only reaches ~0.87x its start (0.85-0.90 over ae_seed 0-7),
+    right at the bound, and the pass/fail fell to float rounding: the same code and wheel gave
+    0.847 (MKL_CBWR=COMPATIBLE) to 0.877 (ONEDNN_MAX_CPU_ISA=SSE41) on one machine. Here it
+    ends at 0.56-0.75x over ae_seed 0-7, and ~1.0x with the optimizer step disabled.
     """
     rows, cols = 10, 32
     specs = [TensorSpec("a.weight", (rows, cols))]
@@ -298,9 +305,9 @@ def test_reconstruction_error_falls_during_stage2():
 
     def grad(rank, t):
         noise = np.random.default_rng([rank, t]).standard_normal(rows * cols).astype(np.float32)
-        return {"a.weight": (base * (1 + 0.002 * t) + 0.2 * noise).reshape(rows, cols)}
+        return {"a.weight": (base * (1 + 0.002 * t) + 0.05 * noise).reshape(rows, cols)}
 
-    train = 150
+    train = 200
     ps = InProcessPS(f"lgc:warmup=1,train={train},k=0.25,innovation=0.01,ef=0,ae_lr=0.003", specs)
     for r in range(3):
         ps.join(r)
@@ -402,7 +409,7 @@ def test_adopt_zero_keeps_a_newcomer_on_topk():
 def test_malformed_payloads_are_rejected_with_a_reason():
     ps, log, task = _train(TINY, 9)  # round 9 is stage 3, leader 0
     t = 9
-    directive = ps.coord.directive(t, [0, 1, 2])
+    directive = ps.coord.open_round(t, [0, 1, 2])
     leader = int(directive["leader"])
     other = (leader + 1) % 3
     msgs = {r: ps.encoders[r].encode(task.gradient(r, t), RoundContext(t, r, 0, 3, directive, ps.coord.blob_for(r, t)))
@@ -437,10 +444,10 @@ def test_malformed_payloads_are_rejected_with_a_reason():
 # ------------------------------------------------------------------ checkpoints, exempt layers
 
 
-def test_coordinator_and_encoder_checkpoint_roundtrip():
+def test_cross_worker_state_and_encoder_checkpoint_roundtrip():
     ps, log, task = _train(TINY, 9)
     state = ps.coord.state_dict()
-    fresh = create_codec(TINY).make_coordinator()
+    fresh = create_codec(TINY).make_cross_worker_state()
     fresh.load_state_dict(state)
     ours, theirs = ps.coord.stats(), fresh.stats()
     assert ours == theirs
@@ -527,7 +534,7 @@ def test_real_ps_reaches_stage3_and_adopts_a_late_worker(make_server):
     threads = [threading.Thread(target=run, args=(f"w{i}",)) for i in range(2)]
     for t in threads:
         t.start()
-    while running.coordinator.snapshot()["round"] < 5 and running.thread.is_alive():
+    while running.engine.snapshot().round < 5 and running.thread.is_alive():
         running.thread.join(0.05)
     late = threading.Thread(target=run, args=("late",))  # joins in stage 3
     late.start()

@@ -10,13 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gradwire.compressors import m22
-from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
-from gradwire.compressors.m22 import cell_probabilities, design_quantizer, expected_distortion, fit_dweibull
-from gradwire.compressors.registry import create_codec
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 from scipy import integrate, special, stats
+
+from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
+from gradwire.compressors.quantization import m22
+from gradwire.compressors.quantization.m22 import (
+    cell_probabilities,
+    design_quantizer,
+    expected_distortion,
+    fit_dweibull,
+)
+from gradwire.compressors.registry import create_codec
 
 GOLDEN = Path(__file__).parent / "golden" / "m22.json"
 
@@ -455,7 +461,7 @@ def test_design_is_bitwise_identical_in_a_fresh_process():
     import sys
 
     code = (
-        "from compressors.m22 import design_quantizer as d; import hashlib; t, c = d('dweibull', 0.7312, 3, 2.5); "
+        "from compressors.quantization.m22 import design_quantizer as d; import hashlib; t, c = d('dweibull', 0.7312, 3, 2.5); "
         "print(hashlib.sha256(t.tobytes() + c.tobytes()).hexdigest())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

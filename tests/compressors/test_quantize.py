@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
 from gradwire.compressors.base import CodecError
 from gradwire.compressors.quantize import (
     FP8_FORMATS,
@@ -16,9 +20,6 @@ from gradwire.compressors.quantize import (
     fp8_values,
     uniform_quantize,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 TORCH_FP8 = {"152": torch.float8_e5m2, "143": torch.float8_e4m3fn}
 

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
-from gradwire.compressors.registry import create_codec
-from gradwire.compressors.spec import SpecError
-from gradwire.compressors.tpc import COEF_FORMATS, TPCCodec, predict, solve_coefficients
-from gradwire.compressors.update import MODEL_TENSOR_NAME, UpdateDecoder, UpdateEncoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
+from gradwire.compressors.predictive.engine import COEF_FORMATS, predict, solve_coefficients
+from gradwire.compressors.predictive.tpc import TPCCodec
+from gradwire.compressors.registry import create_codec
+from gradwire.compressors.spec import SpecError
+from gradwire.compressors.update import MODEL_TENSOR_NAME, UpdateDecoder, UpdateEncoder
 
 GOLDEN = Path(__file__).parent / "golden" / "tpc_lag.json"
 SPEC = TensorSpec("layer.weight", (6, 7))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -167,6 +169,14 @@ def test_interface_bytes_is_end_minus_start(start, sent, received):
     assert br.interface_bytes(s, e, None) == (sent, received, "recorded")
     live = {"eth0": {"tx_bytes": start + sent, "rx_bytes": start + received}, "lo": {"tx_bytes": 9, "rx_bytes": 9}}
     assert br.interface_bytes(s, None, live) == (sent, received, "docker-stats")
+
+
+def test_compose_containers_count_their_own_interface():
+    """Inside a compose container the project network is eth0. The file once took the host's
+    GRADWIRE_INTERFACE (${GRADWIRE_INTERFACE:-eth0}); exported as lo for loopback runs, every worker
+    then counted its loopback, i.e. its DNS lookups: interface tx 210 B for 419,010 protobuf bytes."""
+    compose = (Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text()
+    assert re.findall(r"^\s*-\s*GRADWIRE_INTERFACE=(\S+)", compose, flags=re.M) == ["eth0", "eth0"]
 
 
 def test_run_from_json_tells_formats_apart():

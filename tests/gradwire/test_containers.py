@@ -115,17 +115,25 @@ def _wait_finished(project: str, env: dict[str, str], want_source: str) -> dict:
     raise AssertionError(f"training did not finish within {TIMEOUT_S} s; last report: {json.dumps(last)[:3000]}\n{logs}")
 
 
+def _cluster_env() -> dict[str, str]:
+    """The caller's environment without its run settings: the compose file interpolates GRADWIRE_*
+    variables from the shell, so an exported one (a model, a codec option, once an interface) would
+    change the cluster under test. Only the base image, a build setting, passes through."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWIRE_") or k == "GRADWIRE_BASE_IMAGE"}
+    env.pop("COMPOSE_PROJECT_NAME", None)
+    return env
+
+
 @pytest.fixture(scope="module")
 def cluster(image):
     project = f"gwtest{os.getpid()}"
-    env = dict(os.environ)
+    env = _cluster_env()
     env.update({
         "GRADWIRE_WORKERS": str(WORKERS), "GRADWIRE_ROUNDS": str(ROUNDS), "GRADWIRE_CODEC": "dense",
         "GRADWIRE_EVAL_EVERY": "1", "GRADWIRE_JOIN_GRACE_S": "3",
         # The PS keeps answering Status until the test stops it, so that both sources are checked.
         "GRADWIRE_LINGER_S": str(TIMEOUT_S),
     })
-    env.pop("COMPOSE_PROJECT_NAME", None)
     t0 = time.monotonic()
     try:
         _run(["docker", "compose", "-p", project, "up", "-d", "--scale", f"worker={WORKERS}"], env, timeout=TIMEOUT_S)
@@ -189,3 +197,34 @@ def test_compose_cluster_trains_and_interface_bytes_match_protobuf(cluster):
     # 4. The image runs as a non-root user.
     user = _run(["docker", "image", "inspect", "-f", "{{.Config.User}}", "gradwire:latest"], env).stdout.strip()
     assert user and user not in ("root", "0")
+
+
+def test_compose_runs_a_user_task_from_the_mounted_tasks_folder(image):
+    """Issue 11: GRADWIRE_TASK names a module in the mounted tasks folder (examples/ by default): the
+    BatchNorm example trains in containers and the PS evaluates it with the workers' statistics."""
+    project = f"gwtask{os.getpid()}"
+    env = dict(os.environ)
+    env.update({
+        "GRADWIRE_WORKERS": "2", "GRADWIRE_ROUNDS": "30", "GRADWIRE_LR": "0.1", "GRADWIRE_EVAL_EVERY": "10",
+        "GRADWIRE_TASK": "bn_task:make_task", "GRADWIRE_TASKS_DIR": str(ROOT / "examples"),
+        "GRADWIRE_JOIN_GRACE_S": "3", "GRADWIRE_LINGER_S": "0",
+    })
+    for name in ("COMPOSE_PROJECT_NAME", "GRADWIRE_CODEC", "GRADWIRE_DATASET", "GRADWIRE_DATA_DIR"):
+        env.pop(name, None)
+    try:
+        _run(["docker", "compose", "-p", project, "up", "-d", "--scale", "worker=2"], env, timeout=TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        rep = None
+        while time.monotonic() < deadline:
+            _run(["docker", "compose", "-p", project, "wait", "ps"], env, timeout=TIMEOUT_S, check=False)
+            rep = _bytes_json(project, env)
+            if rep is not None and rep["finished"] and rep["source"] == "summary":
+                break
+            time.sleep(2)
+        logs = _run(["docker", "compose", "-p", project, "logs", "--no-color", "--tail", "30", "ps"], env,
+                    check=False).stdout
+        assert rep is not None and rep["finished"], logs
+        assert rep["round"] == 30 and rep["final_accuracy"] > 0.85, (rep, logs)
+    finally:
+        _run(["docker", "compose", "-p", project, "down", "-v", "--remove-orphans", "-t", "5"], env, timeout=300,
+             check=False)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
-from gradwire.compressors.base import TensorSpec
 
-from gradwire import wire
-from gradwire.downlink import (
-    DownlinkDecoder,
-    DownlinkEncoder,
-    check_downlink_codec,
-    downlink_payload_bytes,
-    model_digest,
-)
+from gradwire import protocol
+from gradwire.compressors.base import Directive, TensorSpec
+from gradwire.downlink import DownlinkDecoder, DownlinkEncoder, check_downlink_codec, model_digest
 from gradwire.v1 import exchange_pb2 as pb
 
 SPECS = [TensorSpec("layer.weight", (12, 7)), TensorSpec("layer.bias", (12,))]
@@ -30,7 +26,7 @@ def test_worker_and_ps_references_stay_bitwise_equal(spec):
     ps = DownlinkEncoder(check_downlink_codec(spec), SPECS, seed=3)
     broadcast = ps.start(theta, 0)
     worker = DownlinkDecoder(spec, SPECS, seed=3)
-    held, held_round = wire.model_from_proto(broadcast.model), 0
+    held, held_round = protocol.model_from_proto(protocol.model_to_proto(broadcast.reference)), 0
     for round_ in range(1, 9):
         theta = {n: v - 0.05 * rng.standard_normal(v.shape).astype(np.float32) for n, v in theta.items()}
         broadcast = ps.advance(broadcast, theta, round_)
@@ -38,8 +34,13 @@ def test_worker_and_ps_references_stay_bitwise_equal(spec):
         held = worker.apply(held, held_round, broadcast.delta, round_)
         held_round = round_
         assert model_digest(held) == model_digest(broadcast.reference)
-        sent = pb.ServerMessage(round_result=pb.RoundResult(model_delta=broadcast.delta))
-        assert downlink_payload_bytes(sent) == sum(len(t.payload) for t in broadcast.delta.tensors)
+        sent = protocol.RoundResult(round=round_, directive=Directive(), update_aggregated=True, workers=1,
+                                    model_delta=broadcast.delta)
+        wire_form = protocol.server_message_to_proto(sent)
+        assert wire_form.round_result.HasField("model_delta") and not wire_form.round_result.HasField("model")
+        assert protocol.server_message_payload_bytes(sent) == sum(
+            len(t.payload) for t in pb.ServerMessage.FromString(wire_form.SerializeToString()).round_result.model_delta.tensors
+        )
 
 
 def test_the_reference_catches_up_with_a_model_that_stops_moving():
@@ -76,7 +77,7 @@ def test_a_delta_for_another_base_round_is_refused():
     theta = _params(rng)
     ps = DownlinkEncoder(check_downlink_codec("fp16"), SPECS, seed=0)
     broadcast = ps.advance(ps.start(theta, 0), _params(rng), 1)
-    with pytest.raises(wire.MalformedMessage, match="reference round 0"):
+    with pytest.raises(protocol.MalformedMessage, match="reference round 0"):
         DownlinkDecoder("fp16", SPECS, seed=0).apply(theta, 5, broadcast.delta, 1)
 
 
@@ -97,9 +98,9 @@ def test_loopback_run_with_a_compressed_downlink(make_server, run_workers):
     assert s["downlink_message_bytes"] > s["downlink_payload_bytes"]
     assert s["downlink_bits_per_entry"] < 32 * (1 + (rounds - 1) * 0.2) / rounds
     # Every worker ends on the PS's broadcast reference, bit for bit.
-    reference = model_digest(running.coordinator.broadcast.reference)
+    reference = model_digest(running.engine.broadcast.reference)
     assert [r.model_digest for r in results] == [reference] * workers
-    assert running.coordinator.broadcast.round == rounds - 1
+    assert running.engine.broadcast.round == rounds - 1
 
 
 def test_dense_downlink_sends_the_full_model_every_round(make_server, run_workers):
@@ -113,19 +114,22 @@ def test_dense_downlink_sends_the_full_model_every_round(make_server, run_worker
 
 
 def test_a_worker_without_the_base_gets_the_full_reference(make_server):
-    from gradwire.server.coordinator import Session, WorkerRecord
+    from gradwire.server.ledger import WorkerRecord
+    from gradwire.server.round_engine import Session
 
     running = make_server(workers=1, rounds=3, downlink_codec="fp16")
-    coord = running.coordinator
+    coord = running.engine
     moved = {n: v + np.float32(0.01) for n, v in coord._params().items()}
     coord.broadcast = coord.downlink.advance(coord.broadcast, moved, 1)
     session = Session(WorkerRecord("w", 0), decoder=None, reference_round=0)
-    reply = coord._model_reply(session, round=1)
-    assert reply.HasField("model_delta") and not reply.HasField("model") and session.reference_round == 1
+    fields = dict(round=1, directive=Directive(), update_aggregated=True, workers=1)
+    reply = coord._model_reply(session, **fields)
+    assert reply.model_delta is not None and reply.model is None and session.reference_round == 1
     session.reference_round = 7  # missed a delta (straggled, or joined from another reference)
-    reply = coord._model_reply(session, round=1)
-    assert reply.HasField("model") and not reply.HasField("model_delta")
-    assert model_digest(wire.model_from_proto(reply.model)) == model_digest(coord.broadcast.reference)
+    reply = coord._model_reply(session, **fields)
+    assert reply.model is not None and reply.model_delta is None
+    wire_form = protocol.server_message_to_proto(reply)
+    assert model_digest(protocol.model_from_proto(wire_form.round_result.model)) == model_digest(coord.broadcast.reference)
 
 
 def test_a_delta_the_worker_cannot_apply_makes_it_reconnect_for_the_full_model(
@@ -140,16 +144,28 @@ def test_a_delta_the_worker_cannot_apply_makes_it_reconnect_for_the_full_model(
     def apply_failing_once(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise wire.MalformedMessage("simulated corrupt delta")
+            raise protocol.MalformedMessage("simulated corrupt delta")
         return real_apply(self, *args, **kwargs)
 
     monkeypatch.setattr(downlink.DownlinkDecoder, "apply", apply_failing_once)
+    # The PS forgets a session only when its stream ends. A slow leave widens the window in which a
+    # worker that reconnects without waiting for that end is refused as a duplicate (ALREADY_EXISTS,
+    # a third session): under load that happened by chance; here it would happen every time.
+    from gradwire.server.round_engine import RoundEngine
+
+    real_leave = RoundEngine.leave
+
+    def slow_leave(self, session):
+        time.sleep(0.5)
+        real_leave(self, session)
+
+    monkeypatch.setattr(RoundEngine, "leave", slow_leave)
     rounds = 5
     running = make_server(workers=1, rounds=rounds, downlink_codec="fp16")
     [result] = run_workers(running.port, 1, "re")
     running.thread.join(60)
     assert result is not None and result.finished and result.sessions == 2
-    assert result.model_digest == model_digest(running.coordinator.broadcast.reference)
+    assert result.model_digest == model_digest(running.engine.broadcast.reference)
     assert running.summary()["per_worker"][0]["sessions"] == 2
 
 
@@ -160,7 +176,7 @@ def test_resume_restarts_the_reference_from_the_checkpointed_model(make_server, 
     first.thread.join(30)
     resumed = make_server(workers=1, rounds=6, resume=str(tmp_path / "checkpoint.pt"), out=str(tmp_path / "b"),
                           downlink_codec="ans:bits=6")
-    coord = resumed.coordinator
+    coord = resumed.engine
     assert coord.broadcast.round == 4 and coord.broadcast.delta is None
     assert model_digest(coord.broadcast.reference) == model_digest(coord._params())
     [result] = run_workers(resumed.port, 1, "ck")

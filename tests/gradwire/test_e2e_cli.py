@@ -10,7 +10,10 @@ import sys
 
 import pytest
 
-GRADWIRE = [shutil.which("gradwire")] if shutil.which("gradwire") else [sys.executable, "-m", "gradwire.cli"]
+# The console script of the environment running the tests (beside its python), not whichever
+# `gradwire` PATH finds first: on a machine with several installs that was another checkout's.
+_SCRIPT = shutil.which("gradwire", path=os.path.dirname(sys.executable))
+GRADWIRE = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "gradwire.cli"]
 
 
 def simulate(tmp_path, *extra: str, name: str = "run") -> dict:

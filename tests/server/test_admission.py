@@ -7,10 +7,10 @@ import time
 
 import grpc
 import pytest
-from gradwire.server.admission import printable
-from gradwire.server.servicer import SERVICE_NAME
 
-from gradwire import wire
+from gradwire import protocol
+from gradwire.protocol import SERVICE_NAME
+from gradwire.server.admission import printable
 from gradwire.status import fetch_status
 from gradwire.v1 import exchange_pb2 as pb
 
@@ -44,7 +44,7 @@ def test_a_thousand_idle_streams_do_not_hold_the_round_or_status(make_server, ru
         time.sleep(0.5)
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             started = time.monotonic()
-            assert fetch_status(channel, timeout=5).protocol == wire.PROTOCOL
+            assert fetch_status(channel, timeout=5).protocol == protocol.PROTOCOL
             assert time.monotonic() - started < 1.0
         started = time.monotonic()
         results = run_workers(running.port, 2)
@@ -53,7 +53,7 @@ def test_a_thousand_idle_streams_do_not_hold_the_round_or_status(make_server, ru
         assert running.summary()["rounds"] == 2
         # at worst the honest workers wait for the idle streams' Hello deadline
         assert elapsed < HELLO_TIMEOUT_S + 20, elapsed
-        assert not any(r.startswith("worker-") for r in running.coordinator.records)  # idle streams never joined
+        assert not any(r.startswith("worker-") for r in running.engine.records)  # idle streams never joined
         deadline = time.monotonic() + HELLO_TIMEOUT_S + 10
         while not all(c.done() for c in calls) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -76,16 +76,16 @@ def test_unbounded_or_control_character_ids_are_refused(make_server, manual_work
     with pytest.raises(grpc.RpcError) as err:
         worker.hello(worker_id)
     assert err.value.code() == code
-    assert not running.coordinator.records
+    assert not running.engine.records
 
 
 def test_a_long_hostname_is_cut_and_escaped_before_the_ledger_keeps_it(make_server, manual_workers):
     running = make_server(workers=1, rounds=1)
     worker = manual_workers(f"127.0.0.1:{running.port}")
-    worker.send(pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id="w0", codecs=["dense"],
+    worker.send(pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id="w0", codecs=["dense"],
                                                 hostname="h\x1b[31m" + "y" * 100_000)))
     assert worker.recv().WhichOneof("body") == "welcome"
-    hostname = running.coordinator.records["w0"].hostname
+    hostname = running.engine.records["w0"].hostname
     assert len(hostname) <= 256 and "\x1b" not in hostname
 
 
@@ -98,7 +98,7 @@ def test_printable_cuts_and_escapes():
 def test_the_message_limit_applies_to_the_decompressed_size_of_a_gzip_message(make_server):
     # 4 MiB of zeros gzip to ~4 KiB; gRPC refuses it against --max-message-mb 1 after decompression.
     running = make_server(workers=1, rounds=1, max_message_mb=1)
-    hello = pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id="w0", codecs=["dense"],
+    hello = pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id="w0", codecs=["dense"],
                                             hostname="\x00" * (4 * 2**20)))
     with grpc.insecure_channel(f"127.0.0.1:{running.port}", compression=grpc.Compression.Gzip) as channel:
         method = channel.stream_stream(f"/{SERVICE_NAME}/Train", request_serializer=pb.WorkerMessage.SerializeToString,
@@ -106,7 +106,7 @@ def test_the_message_limit_applies_to_the_decompressed_size_of_a_gzip_message(ma
         with pytest.raises(grpc.RpcError) as err:
             next(method(iter([hello]), timeout=10))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert not running.coordinator.records
+    assert not running.engine.records
 
 
 def test_records_of_departed_workers_that_never_contributed_are_pruned(make_server, manual_workers, monkeypatch):
@@ -116,14 +116,14 @@ def test_records_of_departed_workers_that_never_contributed_are_pruned(make_serv
     running = make_server(workers=50, rounds=1, start_timeout_s=60)
     for i in range(12):
         worker = manual_workers(f"127.0.0.1:{running.port}")
-        worker.send(pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id=f"cycling-{i}",
+        worker.send(pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id=f"cycling-{i}",
                                                     codecs=["dense"])))
         deadline = time.monotonic() + 10
-        while f"cycling-{i}" not in running.coordinator.records and time.monotonic() < deadline:
+        while f"cycling-{i}" not in running.engine.records and time.monotonic() < deadline:
             time.sleep(0.02)
         worker.close()
-        while running.coordinator.records[f"cycling-{i}"].connected and time.monotonic() < deadline:
+        while running.engine.records[f"cycling-{i}"].connected and time.monotonic() < deadline:
             time.sleep(0.02)
-    records = running.coordinator.records
+    records = running.engine.records
     assert len(records) <= 5 and "cycling-11" in records
     assert len({r.rank for r in records.values()}) == len(records)

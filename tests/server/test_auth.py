@@ -10,14 +10,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from gradwire.server.auth import client_channel
-from gradwire.server.servicer import SERVICE_NAME
-from gradwire.worker.config import WorkerConfig
-from gradwire.worker.loop import Worker
 
-from gradwire import wire
+from gradwire import protocol
+from gradwire.channel import client_channel
+from gradwire.protocol import SERVICE_NAME
 from gradwire.status import fetch_status, is_serving
 from gradwire.v1 import exchange_pb2 as pb
+from gradwire.worker.config import WorkerConfig
+from gradwire.worker.loop import Worker
 
 TOKENS = {"w0": "token-of-worker-zero-0123456789", "w1": "token-of-worker-one-0123456789"}
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ def _tls(certs: Path, who: str | None = "w0", token: str = "") -> dict:
 def _open_train(channel: grpc.Channel, worker_id: str):
     call = channel.stream_stream(f"/{SERVICE_NAME}/Train", request_serializer=pb.WorkerMessage.SerializeToString,
                                  response_deserializer=pb.ServerMessage.FromString)
-    hello = pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id=worker_id, codecs=["dense"]))
+    hello = pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id=worker_id, codecs=["dense"]))
     return call(iter([hello]), timeout=10)
 
 
@@ -136,7 +136,7 @@ def test_a_certificate_without_a_token_gets_unauthenticated_and_nothing_else(mak
             next(replies)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert is_serving("", SERVICE_NAME, channel=channel)  # health stays open: it tells nothing more
-    assert not running.coordinator.records
+    assert not running.engine.records
 
 
 def test_a_wrong_token_is_refused_and_an_id_cannot_be_squatted(make_server, certs, token_file):
@@ -151,7 +151,7 @@ def test_a_wrong_token_is_refused_and_an_id_cannot_be_squatted(make_server, cert
             with pytest.raises(grpc.RpcError) as err:
                 next(_open_train(channel, asked))
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value.details()
-    assert not running.coordinator.records
+    assert not running.engine.records
 
 
 def test_a_shared_token_without_tls_on_loopback(make_server):
@@ -161,8 +161,8 @@ def test_a_shared_token_without_tls_on_loopback(make_server):
             fetch_status(channel, timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with client_channel(f"127.0.0.1:{running.port}", [], token="a-shared-token-0123456789") as channel:
-        assert fetch_status(channel, timeout=5).protocol == wire.PROTOCOL
-    assert "a-shared-token" not in running.coordinator.config.to_json()
+        assert fetch_status(channel, timeout=5).protocol == protocol.PROTOCOL
+    assert "a-shared-token" not in running.engine.config.to_json()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl CLI")
@@ -172,7 +172,7 @@ def test_gen_certs_script_makes_certificates_the_ps_and_a_worker_accept(make_ser
     certs = tmp_path / "c"
     running = _mtls_server(make_server, certs, token_file)
     with client_channel(f"localhost:{running.port}", [], **_tls(certs, "w0", TOKENS["w0"])) as channel:
-        assert fetch_status(channel, timeout=5).protocol == wire.PROTOCOL
+        assert fetch_status(channel, timeout=5).protocol == protocol.PROTOCOL
 
 
 def test_with_credentials_on_the_unauthenticated_metrics_endpoint_must_listen_on_loopback():

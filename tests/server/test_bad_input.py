@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gradwire import wire
+from gradwire import protocol
 from gradwire.v1 import exchange_pb2 as pb
 from tests.conftest import ManualWorker
 
@@ -28,13 +28,13 @@ def _two_workers(make_server, manual_workers, raw_b: bool = False, **overrides):
     target = f"127.0.0.1:{running.port}"
     a, b = manual_workers(target), manual_workers(target, raw=raw_b)
     # Both hellos must be in before either Welcome comes back (the PS waits for 2).
-    hello_b = pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id="B", codecs=["dense"]))
-    a.send(pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id="A", codecs=["dense"])))
+    hello_b = pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id="B", codecs=["dense"]))
+    a.send(pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id="A", codecs=["dense"])))
     b.send(hello_b.SerializeToString() if raw_b else hello_b)
     for w in (a, b):
         reply = w.recv()
         w.welcome = reply.welcome
-        w.model = wire.model_from_proto(reply.welcome.model)
+        w.model = protocol.model_from_proto(reply.welcome.model)
     assert {a.welcome.rank, b.welcome.rank} == {0, 1}
     return running, target, a, b
 
@@ -56,11 +56,11 @@ def _assert_untouched_and_serving(running, target, a: ManualWorker, manual_worke
     reply = a.recv()
     assert reply.WhichOneof("body") == "round_result"
     assert reply.round_result.round == 1 and reply.round_result.update_aggregated
-    theta1 = wire.model_from_proto(reply.round_result.model)
+    theta1 = protocol.model_from_proto(reply.round_result.model)
     for name in theta0:
         np.testing.assert_allclose(theta1[name], theta0[name] - np.float32(lr) * g[name], rtol=0, atol=1e-6)
-    status = running.coordinator.snapshot()
-    assert status["rounds_log"][0]["workers"] == 1
+    status = running.engine.snapshot()
+    assert status.rounds[0].workers == 1
     # The PS keeps serving: B rejoins (same id, same rank) at the current round.
     b2 = manual_workers(target)
     welcome = b2.hello("B").welcome
@@ -110,7 +110,7 @@ def test_unknown_codec_rejected(make_server, manual_workers):
 def test_unsupported_codec_at_hello(make_server, manual_workers):
     running = make_server(workers=1, rounds=5)
     w = manual_workers(f"127.0.0.1:{running.port}")
-    w.send(pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id="X", codecs=["fp16"])))
+    w.send(pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id="X", codecs=["fp16"])))
     _expect_rejection(w, grpc.StatusCode.FAILED_PRECONDITION, "does not support")
 
 
@@ -164,10 +164,10 @@ def test_stale_round_rejected(make_server, manual_workers):
     ga = _grads(a, 9)
     a.send(a.dense_update(ga, 0))
     assert a.recv().round_result.round == 1  # closed at the timeout without B
-    assert running.coordinator.snapshot()["rounds_log"][0]["stragglers"] == 1
+    assert running.engine.snapshot().rounds[0].stragglers == 1
     b.send(b.dense_update(_grads(b, 10), 0))
     _expect_rejection(b, grpc.StatusCode.FAILED_PRECONDITION, "stale")
-    assert running.coordinator.snapshot()["rounds_log"][0]["workers"] == 1
+    assert running.engine.snapshot().rounds[0].workers == 1
 
 
 def test_duplicate_update_in_round_rejected(make_server, manual_workers):
@@ -185,13 +185,13 @@ def test_duplicate_update_in_round_rejected(make_server, manual_workers):
 def test_duplicate_worker_id_rejected(make_server, manual_workers):
     running, target, a, b = _two_workers(make_server, manual_workers)
     dup = manual_workers(target)
-    dup.send(pb.WorkerMessage(hello=pb.Hello(protocol=wire.PROTOCOL, requested_worker_id="A", codecs=["dense"])))
+    dup.send(pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id="A", codecs=["dense"])))
     _expect_rejection(dup, grpc.StatusCode.ALREADY_EXISTS, "already connected")
     # The original A is unaffected and B still takes part.
     b.send(b.dense_update(_grads(b, 13), 0))
     a.send(a.dense_update(_grads(a, 14), 0))
     assert a.recv().round_result.update_aggregated
-    assert running.coordinator.snapshot()["rounds_log"][0]["workers"] == 2
+    assert running.engine.snapshot().rounds[0].workers == 2
 
 
 def test_diverged_train_loss_rejected(make_server, manual_workers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from gradwire.server.config import ServerConfig, add_server_flags, parse_momentum
 
 

@@ -7,6 +7,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
+
 from gradwire.server.robust import aggregate_updates, clip_updates, robust_step, trimmed_count
 
 ROUNDS = 30
@@ -44,7 +45,7 @@ def _run(make_server, run_workers, manual_workers, attack: float | None, **overr
     if attacker is not None:
         attacker.join(30)
     summary = running.summary()
-    model = {n: p.detach().numpy() for n, p in running.coordinator.model.named_parameters()}
+    model = {n: p.detach().numpy() for n, p in running.engine.model.named_parameters()}
     return summary, results, model, seen
 
 
@@ -119,6 +120,7 @@ def test_coordinate_wise_aggregates_ignore_one_extreme_worker(method):
 
 def test_a_step_that_is_not_finite_is_rolled_back():
     import torch
+
     from gradwire.server.aggregation import ServerOptimizer
 
     model = torch.nn.Linear(3, 2)

@@ -39,8 +39,8 @@ def test_status_and_health(make_server, run_workers):
         running.thread.join(30)
         st = fetch_status(channel)
     assert st.finished and st.protocol == "gradwire.v1" and st.params == 26122
-    assert len(st.workers) == 1 and st.workers[0].uplink_payload_bytes == 2 * 4 * 26122
-    assert [r.workers_aggregated for r in st.rounds] == [1, 1]
+    assert len(st.workers) == 1 and st.workers[0].counters.uplink_payload_bytes == 2 * 4 * 26122
+    assert [r.workers for r in st.rounds] == [1, 1]
 
 
 def test_late_joiner_joins_next_round(make_server, run_workers):
@@ -48,7 +48,7 @@ def test_late_joiner_joins_next_round(make_server, run_workers):
     running = make_server(workers=1, rounds=30)
     first = threading.Thread(target=run_workers, args=(running.port, 1, "early"))
     first.start()
-    while running.coordinator.snapshot()["round"] < 2:
+    while running.engine.snapshot().round < 2:
         running.thread.join(0.05)
     late = run_workers(running.port, 1, "late")
     first.join(60)
@@ -66,7 +66,7 @@ def test_checkpoint_resume(make_server, tmp_path, run_workers):
     ckpt = tmp_path / "checkpoint.pt"
     assert ckpt.exists()
     resumed = make_server(workers=1, rounds=6, resume=str(ckpt), out=str(tmp_path / "b"))
-    assert len(resumed.coordinator.rounds_log) == 4
+    assert len(resumed.engine.ledger.rounds) == 4
     results = run_workers(resumed.port, 1, "again")
     resumed.thread.join(30)
     s = resumed.summary()
@@ -109,11 +109,11 @@ def test_momentum_is_applied_once_when_the_codec_carries_it(make_server, run_wor
     corrected.thread.join(30)
     s = corrected.summary()
     assert s["rounds"] == 3 and s["server_momentum"] == 0.0 and s["worker_momentum"] == 0.9
-    assert corrected.coordinator.optimizer.opt.param_groups[0]["momentum"] == 0.0
+    assert corrected.engine.optimizer.opt.param_groups[0]["momentum"] == 0.0
     assert s["codec_stats"]["velocity_norm"] > 0
 
     dense = make_server(workers=1, rounds=1)
-    assert dense.coordinator.server_momentum == 0.9
-    assert dense.coordinator.optimizer.opt.param_groups[0]["momentum"] == 0.9
+    assert dense.engine.server_momentum == 0.9
+    assert dense.engine.optimizer.opt.param_groups[0]["momentum"] == 0.9
     explicit = make_server(workers=1, rounds=1, codec="topk:momentum=0.9", momentum=0.5)
-    assert explicit.coordinator.server_momentum == 0.5  # as asked, with a warning in the log
+    assert explicit.engine.server_momentum == 0.5  # as asked, with a warning in the log

@@ -1,4 +1,4 @@
-"""TPC / LAG resync through a real parameter server on loopback (ALGORITHMS.md §0).
+"""TPC / LAG resync through a real parameter server on loopback (docs/algorithms.md §0).
 
 Two hand-driven workers run the real gRPC protocol against a real PS with a
 stateful predictive codec. After every round the worker encoder's history and
@@ -21,15 +21,14 @@ import dataclasses
 import grpc
 import numpy as np
 import pytest
+
+from gradwire import protocol
 from gradwire.compressors.base import RoundContext, TensorSpec
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import MODEL_TENSOR_NAME, UpdateEncoder
 from gradwire.server.app import start_server
 from gradwire.server.config import ServerConfig
 from gradwire.worker.client import TrainStream, open_channel, wait_for_server
-
-from gradwire import wire
-from gradwire.v1 import exchange_pb2 as pb
 
 
 class Client:
@@ -44,26 +43,25 @@ class Client:
         self.stream: TrainStream | None = None
         self.encoder: UpdateEncoder | None = None
         self.model: dict[str, np.ndarray] = {}
-        self.motions: list[float] = []
         self.directions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def send_hello(self) -> None:
         self.stream = TrainStream(self.channel)
-        self.stream.send(pb.WorkerMessage(hello=pb.Hello(
-            protocol=wire.PROTOCOL, requested_worker_id=self.worker_id, codecs=available_codecs())))
+        self.stream.send(protocol.Hello(
+            protocol=protocol.PROTOCOL, requested_worker_id=self.worker_id, codecs=tuple(available_codecs())))
 
-    def receive_welcome(self, keep_encoder: bool = False) -> pb.Welcome:
+    def receive_welcome(self, keep_encoder: bool = False) -> protocol.Welcome:
         reply = self.stream.receive()
-        assert reply is not None and reply.WhichOneof("body") == "welcome", reply
-        self.welcome = reply.welcome
-        self.model = wire.model_from_proto(reply.welcome.model)
-        self.round = int(reply.welcome.round)
-        self.workers = int(reply.welcome.workers)
+        assert isinstance(reply, protocol.Welcome), reply
+        self.welcome = reply
+        self.model = reply.model
+        self.round = reply.round
+        self.workers = reply.workers
         specs = [TensorSpec(n, tuple(a.shape)) for n, a in self.model.items()]
         if not keep_encoder:  # a new session is a resync: fresh codec state
-            self.encoder = UpdateEncoder(create_codec(reply.welcome.codec_spec), specs)
-        self.motions = []
-        return reply.welcome
+            self.encoder = UpdateEncoder(create_codec(reply.codec_spec), specs)
+        self.encoder.model_received(self.model)  # the update layer tracks the model's moves (LAG trigger)
+        return reply
 
     def gradients(self, round_: int) -> dict[str, np.ndarray]:
         out = {}
@@ -76,26 +74,24 @@ class Client:
         return out
 
     def ctx(self) -> RoundContext:
-        return RoundContext(round=self.round, rank=int(self.welcome.rank), seed=int(self.welcome.task.seed),
-                            num_workers=max(1, self.workers), model_motion_sq=tuple(self.motions[-10:]))
+        return RoundContext(round=self.round, rank=self.welcome.rank, seed=self.welcome.task.seed,
+                            num_workers=max(1, self.workers))
 
     def send_update(self, corrupt: bool = False):
         msgs = self.encoder.encode(self.gradients(self.round), self.ctx())
         if corrupt:
             msgs = [dataclasses.replace(m, coefficients=m.coefficients + b"\0") for m in msgs]
-        self.stream.send(pb.WorkerMessage(update=pb.Update(
-            round=self.round, tensors=[wire.encoded_to_proto(m) for m in msgs], train_loss=1.0, num_examples=1)))
+        self.stream.send(protocol.Update(round=self.round, tensors=tuple(msgs), train_loss=1.0, num_examples=1))
         return msgs
 
-    def receive_result(self) -> pb.RoundResult:
+    def receive_result(self) -> protocol.RoundResult:
         reply = self.stream.receive()
-        assert reply is not None and reply.WhichOneof("body") == "round_result", reply
-        new = wire.model_from_proto(reply.round_result.model)
-        self.motions.append(float(sum(np.sum((new[k].astype(np.float64) - self.model[k]) ** 2) for k in new)))
-        self.model = new
-        self.round = int(reply.round_result.round)
-        self.workers = int(reply.round_result.workers)
-        return reply.round_result
+        assert isinstance(reply, protocol.RoundResult), reply
+        self.model = reply.model
+        self.encoder.model_received(self.model)
+        self.round = reply.round
+        self.workers = reply.workers
+        return reply
 
     def leave(self) -> None:
         self.stream.close()
@@ -107,7 +103,7 @@ class Client:
 
 
 def ps_decoder(running, worker_id: str):
-    session = running.coordinator.sessions[worker_id]
+    session = running.engine.sessions[worker_id]
     return session.decoder.decoder
 
 
@@ -121,7 +117,7 @@ def assert_in_sync(running, client: Client) -> None:
     assert (e_hist.digest, e_hist.pushes, e_hist.since) == (d_hist.digest, d_hist.pushes, d_hist.since)
 
 
-def play_round(running, clients: list[Client]) -> list[pb.RoundResult]:
+def play_round(running, clients: list[Client]) -> list[protocol.RoundResult]:
     for c in clients:
         c.send_update()
     results = [c.receive_result() for c in clients]
@@ -189,8 +185,8 @@ def test_histories_identical_across_forced_reconnects(codec):
         assert b.receive_welcome().round == 11
         for _ in range(3):  # rounds 11..13
             play_round(running, [a, b])
-        rec_b = running.coordinator.records["B"]
-        assert rec_b.sessions == 4 and rec_b.rejected_messages == 2
+        rec_b = running.engine.records["B"]
+        assert rec_b.sessions == 4 and rec_b.counters.rejected_messages == 2
         stats = a.encoder.stats()
         assert 0.0 < stats["trigger_rate"] <= 1.0
     finally:

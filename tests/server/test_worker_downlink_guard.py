@@ -7,14 +7,15 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-from gradwire.server.servicer import SERVICE_NAME, parse_worker_message
-from gradwire.worker.config import WorkerConfig
-from gradwire.worker.loop import Worker, WorkerFailed
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gradwire import wire
+from gradwire import protocol
+from gradwire.protocol import SERVICE_NAME
+from gradwire.server.servicer import parse_worker_message
 from gradwire.tasks import make_task
 from gradwire.v1 import exchange_pb2 as pb
+from gradwire.worker.config import WorkerConfig
+from gradwire.worker.loop import Worker, WorkerFailed
 
 
 class UnusablePS:
@@ -22,7 +23,7 @@ class UnusablePS:
 
     def __init__(self, value: float):
         model = make_task("digits", None, 0, None).build_model()
-        self.model = wire.model_to_proto({n: np.full(tuple(p.shape), value, dtype=np.float32)
+        self.model = protocol.model_to_proto({n: np.full(tuple(p.shape), value, dtype=np.float32)
                                           for n, p in model.named_parameters()})
         self.sessions = 0
         self.updates = 0
@@ -33,7 +34,7 @@ class UnusablePS:
             return
         self.sessions += 1
         yield pb.ServerMessage(welcome=pb.Welcome(
-            protocol=wire.PROTOCOL, worker_id="w0", rank=0, codec_spec="dense", round=0, total_rounds=5,
+            protocol=protocol.PROTOCOL, worker_id="w0", rank=0, codec_spec="dense", round=0, total_rounds=5,
             task=pb.TaskSpec(dataset="digits", batch_size=32, num_shards=1, shard_index=0, partition="iid", seed=0),
             model=self.model, downlink_codec_spec="dense", workers=1,
         ))

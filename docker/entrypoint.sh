@@ -1,0 +1,18 @@
+#!/bin/sh
+# The image's entry point. It runs as root only long enough to start gradwire as the unprivileged
+# `gradwire` user. When the container was given CAP_NET_ADMIN (compose's cap_add, needed to shape
+# a worker's link with GRADWIRE_LINK / GRADWIRE_LINKS), that one capability is passed on as an
+# ambient capability, so the worker can shape its own container's interface after it learns its
+# rank; every other capability is dropped.
+set -eu
+if [ "$(id -u)" != 0 ]; then
+    exec gradwire "$@"
+fi
+export HOME=/home/gradwire
+bounding=$(awk '/^CapBnd:/ {print $2}' /proc/self/status)
+if [ $(( (0x$bounding >> 12) & 1 )) = 1 ]; then  # bit 12 is CAP_NET_ADMIN
+    exec setpriv --reuid=gradwire --regid=gradwire --init-groups \
+        --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin --bounding-set=-all,+net_admin \
+        -- gradwire "$@"
+fi
+exec setpriv --reuid=gradwire --regid=gradwire --init-groups --inh-caps=-all --bounding-set=-all -- gradwire "$@"

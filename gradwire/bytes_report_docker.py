@@ -1,0 +1,154 @@
+"""`gradwire bytes`, Docker: a compose project's containers, live counters, Status and summary.
+
+Part of the bytes report (``gradwire bytes``, docs/algorithms.md §6; overview in
+``gradwire/bytes_report.py``). Through the docker SDK: lists the project's containers, reads
+each running container's interface counters (``docker stats``), fetches the PS's Status from
+inside the PS container over its loopback, else copies its summary.json out, and builds the
+report (``collect``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from gradwire.bytes_report_model import (
+    DEFAULT_PS_SERVICE,
+    DEFAULT_WORKER_SERVICE,
+    ContainerInfo,
+    build_report,
+)
+from gradwire.bytes_report_run import ReportError, json_int, run_from_status, run_from_summary
+
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+NUMBER_LABEL = "com.docker.compose.container-number"
+DEFAULT_PROJECT = "gradwire"
+DEFAULT_PORT = 50051
+
+
+def docker_client():
+    try:
+        import docker
+    except ImportError as e:  # pragma: no cover - docker is a dependency
+        raise ReportError("the docker Python package is missing: pip install docker") from e
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as e:
+        raise ReportError(f"cannot talk to a Docker engine ({e}). Is it running (scripts/install_docker.sh)? "
+                          "For a run's saved summary use: gradwire bytes --summary PATH/summary.json") from e
+    return client
+
+
+def _live_counters(container) -> dict[str, dict[str, int]] | None:
+    try:
+        stats = container.stats(stream=False, one_shot=True)
+    except TypeError:  # docker SDK < 6.1 has no one_shot
+        stats = container.stats(stream=False)
+    except Exception:
+        return None
+    nets = stats.get("networks") or {}
+    out = {name: {"tx_bytes": int(v.get("tx_bytes", 0)), "rx_bytes": int(v.get("rx_bytes", 0))}
+           for name, v in nets.items()}
+    return out or None
+
+
+def list_containers(client, project: str) -> list[tuple[Any, ContainerInfo]]:
+    """The project's containers (docker SDK objects and their ContainerInfo, without live counters)."""
+    out = []
+    for c in client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project}"}):
+        labels = c.labels or {}
+        out.append((c, ContainerInfo(
+            name=c.name, id=c.id, hostname=(c.attrs.get("Config") or {}).get("Hostname", ""),
+            service=labels.get(SERVICE_LABEL, ""), state=c.status, number=json_int(labels.get(NUMBER_LABEL)),
+        )))
+    return out
+
+
+def _container_env(container, name: str) -> str | None:
+    for item in (container.attrs.get("Config") or {}).get("Env") or []:
+        key, _, value = item.partition("=")
+        if key == name:
+            return value
+    return None
+
+
+def _ps_port(container) -> int:
+    address = _container_env(container, "GRADWIRE_ADDRESS") or ""
+    try:
+        return int(address.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return DEFAULT_PORT
+
+
+# Runs inside the PS container: imports only grpc and the generated protos (~0.3 s), unlike the
+# full CLI, so the Status and the interface counters read beside it are close in time.
+_STATUS_SNIPPET = (
+    "import json, sys, grpc\n"
+    "from gradwire.status import fetch_status, status_as_dict\n"
+    "with grpc.insecure_channel(sys.argv[1]) as ch:\n"
+    "    print(json.dumps(status_as_dict(fetch_status(ch))))\n"
+)
+
+
+def _status_via_exec(container) -> dict | None:
+    """The PS's Status, fetched inside the PS container over its loopback."""
+    address = f"127.0.0.1:{_ps_port(container)}"
+    for cmd in (["python", "-c", _STATUS_SNIPPET, address],
+                ["gradwire", "status", "--json", "--address", address]):
+        try:
+            result = container.exec_run(cmd, demux=True)
+        except Exception:
+            return None
+        stdout = (result.output[0] if isinstance(result.output, tuple) else result.output) or b""
+        if result.exit_code == 0:
+            try:
+                return json.loads(stdout)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def _summary_via_archive(container) -> dict | None:
+    """summary.json copied out of the PS container (which may have stopped)."""
+    out = _container_env(container, "GRADWIRE_OUT") or "/runs"
+    try:
+        stream, _ = container.get_archive(f"{out.rstrip('/')}/summary.json")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            member = next(m for m in tar.getmembers() if m.isfile())
+            return json.load(tar.extractfile(member))  # type: ignore[arg-type]  # a file member has a reader
+    except Exception:
+        return None
+
+
+def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
+            worker_service: str = DEFAULT_WORKER_SERVICE) -> dict[str, Any]:
+    pairs = list_containers(client, project)
+    if not pairs:
+        projects = sorted({p for c in client.containers.list(all=True) if (p := (c.labels or {}).get(PROJECT_LABEL))})
+        raise ReportError(f"no containers of compose project {project!r}"
+                          + (f"; projects found: {', '.join(projects)}" if projects else "; is it up (docker compose up)?"))
+    ps = next((c for c, info in pairs if info.service == ps_service), None)
+    if ps is None:
+        raise ReportError(f"compose project {project!r} has no {ps_service!r} service container")
+    # The Status and every running container's counters are read at the same time, so that during
+    # training they describe (nearly) the same moment.
+    running = [(c, info) for c, info in pairs if c.status == "running"]
+    with ThreadPoolExecutor(max_workers=min(16, len(running) + 1)) as pool:
+        status = pool.submit(_status_via_exec, ps) if ps.status == "running" else None
+        for (_, info), live in zip(running, pool.map(lambda pair: _live_counters(pair[0]), running), strict=True):
+            info.live = live
+        data = status.result() if status is not None else None
+    run = run_from_status(data) if data else None
+    if run is None:
+        summary = _summary_via_archive(ps)
+        if summary is None:
+            raise ReportError(f"the PS of project {project!r} ({ps.name}, {ps.status}) answers no Status and has "
+                              "written no summary.json yet; try again in a moment")
+        run = run_from_summary(summary)
+    return build_report(run, [info for _, info in pairs], project=project, ps_service=ps_service,
+                        worker_service=worker_service)

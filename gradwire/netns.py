@@ -1,0 +1,105 @@
+"""Network namespaces for ``gradwire simulate --link/--links``: one per worker, behind a bridge.
+
+Containers give every worker its own network stack; ``simulate`` runs local processes, so to shape
+each worker's link it gives each worker a namespace of its own::
+
+    host namespace:  bridge gw<tag>br 169.254.90.1/24  <- the PS listens here
+                         |            |
+    worker i:        veth gw<tag>v<i> 169.254.90.<10+i>/24 (shaped by the worker, gradwire/links.py)
+
+The PS stays in the host namespace (simulate reads its Status there); a worker is started inside
+its namespace with ``ip netns exec``. Addresses are link-local (169.254.90.0/24): nothing is routed
+off the machine, and every packet stays between the bridge and the namespaces made here.
+Needs root and iproute2's ``ip``; everything made is removed on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+SUBNET_PREFIX = "169.254.90"
+PS_HOST = f"{SUBNET_PREFIX}.1"
+FIRST_WORKER_HOST = 10
+MAX_WORKERS = 200
+
+
+class NamespaceError(RuntimeError):
+    """The namespaces cannot be made here; the message says why."""
+
+
+def why_unavailable() -> str:
+    """'' when this process can make network namespaces, else the reason."""
+    if os.geteuid() != 0:
+        return "shaping links in simulate needs root (network namespaces); use docker compose with GRADWIRE_LINK"
+    if not shutil.which("ip"):
+        return "shaping links in simulate needs iproute2's `ip` (apt-get install iproute2)"
+    return ""
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise NamespaceError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+@dataclass
+class WorkerNetwork:
+    """A bridge in the host namespace and one namespace per worker; a context manager."""
+
+    workers: int
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
+    made: list[str] = field(default_factory=list)
+
+    @property
+    def bridge(self) -> str:
+        return f"gw{self.tag}br"
+
+    def namespace(self, i: int) -> str:
+        return f"gwsim{self.tag}w{i}"
+
+    def interface(self, i: int) -> str:
+        return f"gw{self.tag}v{i}"  # the worker's end of its veth pair, inside its namespace
+
+    def __enter__(self) -> WorkerNetwork:
+        why = why_unavailable()
+        if why:
+            raise NamespaceError(why)
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise NamespaceError(f"namespaces for {self.workers} workers: 1..{MAX_WORKERS}")
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            self.made.append("bridge")
+            _ip("addr", "add", f"{PS_HOST}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+            for i in range(self.workers):
+                ns, inner, outer = self.namespace(i), self.interface(i), f"gw{self.tag}h{i}"
+                _ip("netns", "add", ns)
+                self.made.append(ns)
+                _ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns)
+                _ip("link", "set", outer, "master", self.bridge)
+                _ip("link", "set", outer, "up")
+                _ip("-n", ns, "addr", "add", f"{SUBNET_PREFIX}.{FIRST_WORKER_HOST + i}/24", "dev", inner)
+                _ip("-n", ns, "link", "set", inner, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def command(self, i: int, argv: list[str]) -> list[str]:
+        """argv run inside worker i's namespace."""
+        return ["ip", "netns", "exec", self.namespace(i), *argv]
+
+    def close(self) -> None:
+        for name in reversed(self.made):
+            if name == "bridge":
+                subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+            else:  # deleting a namespace deletes its veth end, and with it the peer on the bridge
+                subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        self.made.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,496 @@
+"""The one protobuf boundary: every ``gradwire.v1`` message to and from plain typed objects.
+
+Everything on both ends (the round engine, the worker loop, the downlink, the byte ledger and
+report) works on the frozen dataclasses below; only this module, the PS's servicer
+(``server/servicer.py``) and the worker's client (``worker/client.py``) touch generated code.
+Conversions come in ``*_to_proto`` / ``*_from_proto`` pairs (the layout of Flower's serde
+module). Byte counts stay measured on the serialized protobuf: whoever serializes a message
+(the servicer, the client) reports its size beside the typed object (``Received``).
+
+Constants both ends share (protocol version, service and method names, message size limit)
+live here too, so the worker imports nothing from the PS.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+
+from gradwire.compressors.base import Directive, Encoded, TensorSpec
+from gradwire.counters import LinkCounters, RoundCounters, WorkerCounters, link_fields
+from gradwire.v1 import exchange_pb2 as pb
+
+PROTOCOL = "gradwire.v1"
+SERVICE_NAME = "gradwire.v1.GradientExchange"
+TRAIN_METHOD = f"/{SERVICE_NAME}/Train"
+STATUS_METHOD = f"/{SERVICE_NAME}/Status"
+DEFAULT_MAX_MESSAGE_MB = 64
+# Nested residuals (TPC around a codec) are one level deep in practice; a bound
+# keeps a hostile message from recursing without end.
+MAX_RESIDUAL_DEPTH = 4
+
+Params = dict[str, np.ndarray]
+# A network interface's byte counters: {"interface", "tx_bytes", "rx_bytes"}, or None.
+InterfaceCounters = dict[str, object] | None
+
+
+class MalformedMessage(ValueError):
+    """A protobuf message that parses but breaks the protocol's rules."""
+
+
+# ---------------------------------------------------------------- typed messages
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    dataset: str = ""
+    model: str = ""
+    batch_size: int = 0  # 0: the full shard
+    num_shards: int = 0
+    shard_index: int = 0
+    partition: str = ""
+    dirichlet_alpha: float = 0.0
+    seed: int = 0
+    data_dir: str = ""
+    task: str = ""  # a user task's reference (MODULE:FACTORY); empty for a built-in task
+    local_steps: int = 0  # local optimizer steps per round (0 or 1: one gradient per round)
+    local_lr: float = 0.0  # the workers' local learning rate when local_steps > 1
+
+
+@dataclass(frozen=True)
+class Hello:
+    protocol: str
+    requested_worker_id: str = ""
+    codecs: tuple[str, ...] = ()
+    hostname: str = ""
+    interface_start: InterfaceCounters = None
+
+
+@dataclass(frozen=True)
+class Update:
+    round: int
+    tensors: tuple[Encoded, ...]
+    train_loss: float
+    num_examples: int
+    compute_seconds: float = 0.0
+    buffers: Params | None = None  # the worker's buffers (BatchNorm statistics), sent in full
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    codec_stats: Mapping[str, float] = field(default_factory=dict)
+    interface_start: InterfaceCounters = None
+    interface_end: InterfaceCounters = None
+
+
+@dataclass(frozen=True)
+class Welcome:
+    protocol: str
+    worker_id: str
+    rank: int
+    task: TaskSpec
+    codec_spec: str
+    round: int
+    total_rounds: int
+    model: Params
+    directive: Directive
+    workers: int
+    downlink_codec_spec: str = ""
+    buffers: Params | None = None  # the PS's buffers (BatchNorm statistics), when the model has any
+
+
+@dataclass(frozen=True)
+class ModelDelta:
+    base_round: int  # the reference round the delta applies to
+    tensors: tuple[Encoded, ...]
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """The next round: the full model, or (``model_delta``) the change since the worker's reference."""
+
+    round: int
+    directive: Directive
+    update_aggregated: bool
+    workers: int
+    model: Params | None = None
+    model_delta: ModelDelta | None = None
+    buffers: Params | None = None  # the averaged buffers, when the model has any
+
+
+@dataclass(frozen=True)
+class Finished:
+    rounds: int
+    reason: str
+
+
+WorkerMessage = Hello | Update | WorkerReport
+ServerMessage = Welcome | RoundResult | Finished
+
+
+@dataclass(frozen=True)
+class Received:
+    """A message as it came off the wire: the typed message (or why it is unusable) and its size."""
+
+    message: WorkerMessage | ServerMessage | None
+    nbytes: int
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    rank: int
+    connected: bool
+    hostname: str
+    counters: WorkerCounters
+    interface_start: InterfaceCounters = None
+    interface_end: InterfaceCounters = None
+
+
+@dataclass(frozen=True)
+class Status:
+    protocol: str
+    round: int
+    total_rounds: int
+    codec_spec: str
+    params: int
+    finished: bool
+    downlink_codec_spec: str
+    workers: tuple[WorkerStatus, ...] = ()
+    rounds: tuple[RoundCounters, ...] = ()
+    server_interface_start: InterfaceCounters = None
+    server_interface_now: InterfaceCounters = None
+
+
+# ---------------------------------------------------------------- tensors and models
+
+
+def encoded_to_proto(e: Encoded) -> pb.EncodedTensor:
+    msg = pb.EncodedTensor(
+        name=e.spec.name,
+        shape=list(e.spec.shape),
+        dtype=e.spec.dtype,
+        codec_spec=e.codec,
+        payload=e.payload,
+        predictor_coefficients=e.coefficients,
+    )
+    if e.residual is not None:
+        msg.residual.CopyFrom(encoded_to_proto(e.residual))
+    return msg
+
+
+def encoded_from_proto(msg: pb.EncodedTensor, depth: int = 0) -> Encoded:
+    if depth > MAX_RESIDUAL_DEPTH:
+        raise MalformedMessage(f"residuals nested deeper than {MAX_RESIDUAL_DEPTH}")
+    if not msg.name:
+        raise MalformedMessage("an EncodedTensor has no name")
+    if any(d < 0 for d in msg.shape):
+        raise MalformedMessage(f"tensor {msg.name!r} has a negative dimension {list(msg.shape)}")
+    if not msg.codec_spec:
+        raise MalformedMessage(f"tensor {msg.name!r} names no codec")
+    residual = encoded_from_proto(msg.residual, depth + 1) if msg.HasField("residual") else None
+    return Encoded(
+        codec=msg.codec_spec,
+        spec=TensorSpec(msg.name, tuple(int(d) for d in msg.shape), msg.dtype or "float32"),
+        payload=bytes(msg.payload),
+        coefficients=bytes(msg.predictor_coefficients),
+        residual=residual,
+    )
+
+
+def encoded_to_bytes(e: Encoded) -> bytes:
+    """One EncodedTensor, serialized: the unit of gradwire.codecs' self-describing frames."""
+    return encoded_to_proto(e).SerializeToString()
+
+
+def encoded_from_bytes(data: bytes) -> Encoded:
+    """Parse one serialized EncodedTensor; ``MalformedMessage`` says why it is not one."""
+    msg = pb.EncodedTensor()
+    try:
+        msg.ParseFromString(data)
+    except (DecodeError, RecursionError) as exc:
+        raise MalformedMessage(f"not a valid gradwire.v1.EncodedTensor ({len(data)} bytes): {exc}") from None
+    return encoded_from_proto(msg)
+
+
+def model_to_proto(params: Mapping[str, np.ndarray]) -> pb.Model:
+    return pb.Model(
+        tensors=[
+            pb.Tensor(name=k, shape=list(v.shape), dtype="float32", data=np.ascontiguousarray(v, dtype="<f4").tobytes())
+            for k, v in params.items()
+        ]
+    )
+
+
+def model_from_proto(msg: pb.Model) -> Params:
+    out = {}
+    for t in msg.tensors:
+        if t.dtype != "float32":
+            raise MalformedMessage(f"model tensor {t.name!r} has dtype {t.dtype!r}, expected float32")
+        arr = np.frombuffer(t.data, dtype="<f4")
+        if arr.size != int(np.prod(t.shape, dtype=np.int64)):
+            raise MalformedMessage(f"model tensor {t.name!r}: {arr.size} values for shape {list(t.shape)}")
+        out[t.name] = arr.reshape(tuple(t.shape)).astype(np.float32)
+    return out
+
+
+def model_payload_bytes(params: Mapping[str, np.ndarray]) -> int:
+    """The float32 bytes a full model carries on the wire (``Tensor.data``)."""
+    return sum(4 * int(np.asarray(v).size) for v in params.values())
+
+
+def payload_bytes(tensors: Iterable[Encoded]) -> int:
+    return sum(t.payload_bytes for t in tensors)
+
+
+def counters_to_proto(c: Mapping[str, Any] | None) -> pb.InterfaceCounters:
+    if not c:
+        return pb.InterfaceCounters()
+    return pb.InterfaceCounters(interface=str(c["interface"]), tx_bytes=int(c["tx_bytes"]), rx_bytes=int(c["rx_bytes"]))
+
+
+def counters_from_proto(msg: pb.InterfaceCounters) -> dict[str, object] | None:
+    if not msg.interface:
+        return None
+    return {"interface": msg.interface, "tx_bytes": int(msg.tx_bytes), "rx_bytes": int(msg.rx_bytes)}
+
+
+def directive_to_proto(d: Directive) -> pb.CodecDirective:
+    return pb.CodecDirective(values=dict(d.values), blob=d.blob)
+
+
+def directive_from_proto(msg: pb.CodecDirective) -> Directive:
+    return Directive(values=dict(msg.values), blob=bytes(msg.blob))
+
+
+def task_to_proto(t: TaskSpec) -> pb.TaskSpec:
+    return pb.TaskSpec(**{f.name: getattr(t, f.name) for f in fields(TaskSpec)})
+
+
+def task_from_proto(msg: pb.TaskSpec) -> TaskSpec:
+    return TaskSpec(**{f.name: getattr(msg, f.name) for f in fields(TaskSpec)})
+
+
+# ---------------------------------------------------------------- worker -> PS
+
+
+def worker_message_to_proto(m: WorkerMessage) -> pb.WorkerMessage:
+    if isinstance(m, Hello):
+        return pb.WorkerMessage(hello=pb.Hello(
+            protocol=m.protocol, requested_worker_id=m.requested_worker_id, codecs=list(m.codecs),
+            hostname=m.hostname, interface_start=counters_to_proto(m.interface_start),
+        ))
+    if isinstance(m, Update):
+        update = pb.Update(
+            round=m.round, tensors=[encoded_to_proto(e) for e in m.tensors], train_loss=m.train_loss,
+            num_examples=m.num_examples, compute_seconds=m.compute_seconds,
+        )
+        if m.buffers is not None:
+            update.buffers.CopyFrom(model_to_proto(m.buffers))
+        return pb.WorkerMessage(update=update)
+    if isinstance(m, WorkerReport):
+        return pb.WorkerMessage(report=pb.WorkerReport(
+            codec_stats=dict(m.codec_stats), interface_start=counters_to_proto(m.interface_start),
+            interface_end=counters_to_proto(m.interface_end),
+        ))
+    raise TypeError(f"not a worker message: {type(m).__name__}")
+
+
+def worker_message_to_bytes(m: WorkerMessage) -> bytes:
+    """One WorkerMessage, serialized: for clients that write raw bytes to a Train stream
+    (``gradwire fuzz`` mutates honest messages at this level)."""
+    return worker_message_to_proto(m).SerializeToString()
+
+
+def worker_message_from_proto(msg: pb.WorkerMessage) -> WorkerMessage:
+    """The typed message; MalformedMessage for an empty body or a tensor that breaks the rules."""
+    kind = msg.WhichOneof("body")
+    if kind == "hello":
+        h = msg.hello
+        return Hello(protocol=h.protocol, requested_worker_id=h.requested_worker_id, codecs=tuple(h.codecs),
+                     hostname=h.hostname, interface_start=counters_from_proto(h.interface_start))
+    if kind == "update":
+        u = msg.update
+        return Update(round=int(u.round), tensors=tuple(encoded_from_proto(t) for t in u.tensors),
+                      train_loss=float(u.train_loss), num_examples=int(u.num_examples),
+                      compute_seconds=float(u.compute_seconds),
+                      buffers=model_from_proto(u.buffers) if u.HasField("buffers") else None)
+    if kind == "report":
+        r = msg.report
+        return WorkerReport(codec_stats={k: float(v) for k, v in r.codec_stats.items()},
+                            interface_start=counters_from_proto(r.interface_start),
+                            interface_end=counters_from_proto(r.interface_end))
+    raise MalformedMessage("expected an Update or a WorkerReport (a Hello to open a stream), got an empty message")
+
+
+# ---------------------------------------------------------------- PS -> worker
+
+
+def model_delta_to_proto(d: ModelDelta) -> pb.ModelDelta:
+    return pb.ModelDelta(base_round=d.base_round, tensors=[encoded_to_proto(e) for e in d.tensors])
+
+
+def model_delta_from_proto(msg: pb.ModelDelta) -> ModelDelta:
+    return ModelDelta(base_round=int(msg.base_round), tensors=tuple(encoded_from_proto(t) for t in msg.tensors))
+
+
+def server_message_to_proto(m: ServerMessage) -> pb.ServerMessage:
+    if isinstance(m, Welcome):
+        welcome = pb.Welcome(
+            protocol=m.protocol, worker_id=m.worker_id, rank=m.rank, task=task_to_proto(m.task),
+            codec_spec=m.codec_spec, round=m.round, total_rounds=m.total_rounds, model=model_to_proto(m.model),
+            directive=directive_to_proto(m.directive), workers=m.workers, downlink_codec_spec=m.downlink_codec_spec,
+        )
+        if m.buffers is not None:
+            welcome.buffers.CopyFrom(model_to_proto(m.buffers))
+        return pb.ServerMessage(welcome=welcome)
+    if isinstance(m, RoundResult):
+        rr = pb.RoundResult(round=m.round, directive=directive_to_proto(m.directive),
+                            update_aggregated=m.update_aggregated, workers=m.workers)
+        if m.model_delta is not None:
+            rr.model_delta.CopyFrom(model_delta_to_proto(m.model_delta))
+        else:
+            rr.model.CopyFrom(model_to_proto(m.model or {}))
+        if m.buffers is not None:
+            rr.buffers.CopyFrom(model_to_proto(m.buffers))
+        return pb.ServerMessage(round_result=rr)
+    if isinstance(m, Finished):
+        return pb.ServerMessage(finished=pb.Finished(rounds=m.rounds, reason=m.reason))
+    raise TypeError(f"not a server message: {type(m).__name__}")
+
+
+def server_message_from_proto(msg: pb.ServerMessage) -> ServerMessage:
+    kind = msg.WhichOneof("body")
+    if kind == "welcome":
+        w = msg.welcome
+        return Welcome(
+            protocol=w.protocol, worker_id=w.worker_id, rank=int(w.rank), task=task_from_proto(w.task),
+            codec_spec=w.codec_spec, round=int(w.round), total_rounds=int(w.total_rounds),
+            model=model_from_proto(w.model), directive=directive_from_proto(w.directive), workers=int(w.workers),
+            downlink_codec_spec=w.downlink_codec_spec,
+            buffers=model_from_proto(w.buffers) if w.HasField("buffers") else None,
+        )
+    if kind == "round_result":
+        rr = msg.round_result
+        delta = model_delta_from_proto(rr.model_delta) if rr.HasField("model_delta") else None
+        return RoundResult(
+            round=int(rr.round), directive=directive_from_proto(rr.directive),
+            update_aggregated=bool(rr.update_aggregated), workers=int(rr.workers),
+            model=None if delta is not None else model_from_proto(rr.model), model_delta=delta,
+            buffers=model_from_proto(rr.buffers) if rr.HasField("buffers") else None,
+        )
+    if kind == "finished":
+        return Finished(rounds=int(msg.finished.rounds), reason=msg.finished.reason)
+    raise MalformedMessage(f"expected a Welcome, a RoundResult or Finished, got {kind or 'an empty message'}")
+
+
+def server_message_from_bytes(data: bytes) -> ServerMessage:
+    """Parse one serialized ServerMessage; ``MalformedMessage`` says why it is not a usable one."""
+    msg = pb.ServerMessage()
+    try:
+        msg.ParseFromString(data)
+    except (DecodeError, RecursionError) as exc:
+        raise MalformedMessage(f"not a valid gradwire.v1.ServerMessage ({len(data)} bytes): {exc}") from None
+    return server_message_from_proto(msg)
+
+
+def server_message_payload_bytes(m: ServerMessage) -> int:
+    """What a server message carries as model payload: a full model's floats, or a delta's codec bytes,
+    plus the buffers (BatchNorm statistics and the like), which always go in full."""
+    if isinstance(m, Welcome):
+        return model_payload_bytes(m.model) + model_payload_bytes(m.buffers or {})
+    if isinstance(m, RoundResult):
+        buffers = model_payload_bytes(m.buffers or {})
+        if m.model_delta is not None:
+            return payload_bytes(m.model_delta.tensors) + buffers
+        return model_payload_bytes(m.model or {}) + buffers
+    return 0
+
+
+# ---------------------------------------------------------------- Status
+
+
+def _nan_for_none(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
+def _none_for_nan(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def status_to_proto(s: Status) -> pb.StatusResponse:
+    resp = pb.StatusResponse(
+        protocol=s.protocol, round=s.round, total_rounds=s.total_rounds, codec_spec=s.codec_spec, params=s.params,
+        finished=s.finished, downlink_codec_spec=s.downlink_codec_spec,
+        server_interface_start=counters_to_proto(s.server_interface_start),
+        server_interface_now=counters_to_proto(s.server_interface_now),
+    )
+    for w in s.workers:
+        c = w.counters
+        resp.workers.append(pb.WorkerStatus(
+            worker_id=w.worker_id, rank=w.rank, connected=w.connected, hostname=w.hostname,
+            rounds_aggregated=c.rounds_aggregated, rejected_messages=c.rejected_messages,
+            interface_start=counters_to_proto(w.interface_start), interface_end=counters_to_proto(w.interface_end),
+            **{name: getattr(c, name) for name in link_fields()},
+        ))
+    for r in s.rounds:
+        resp.rounds.append(pb.RoundStatus(
+            round=r.round, workers_aggregated=r.workers, stragglers=r.stragglers,
+            train_loss=_nan_for_none(r.train_loss), test_accuracy=_nan_for_none(r.test_accuracy),
+            test_loss=_nan_for_none(r.test_loss), **{name: getattr(r, name) for name in link_fields()},
+        ))
+    return resp
+
+
+def _round_from_proto(r: pb.RoundStatus) -> RoundCounters:
+    entry = RoundCounters(
+        round=int(r.round), workers=int(r.workers_aggregated), stragglers=int(r.stragglers),
+        train_loss=_none_for_nan(r.train_loss), test_accuracy=_none_for_nan(r.test_accuracy),
+        test_loss=_none_for_nan(r.test_loss),
+    )
+    entry.add(LinkCounters(**{name: int(getattr(r, name)) for name in link_fields()}))
+    return entry
+
+
+def status_from_proto(msg: pb.StatusResponse) -> Status:
+    workers = tuple(
+        WorkerStatus(
+            worker_id=w.worker_id, rank=int(w.rank), connected=bool(w.connected), hostname=w.hostname,
+            counters=WorkerCounters(rounds_aggregated=int(w.rounds_aggregated), rejected_messages=int(w.rejected_messages),
+                                    **{name: int(getattr(w, name)) for name in link_fields()}),
+            interface_start=counters_from_proto(w.interface_start), interface_end=counters_from_proto(w.interface_end),
+        )
+        for w in msg.workers
+    )
+    rounds = tuple(_round_from_proto(r) for r in msg.rounds)
+    return Status(
+        protocol=msg.protocol, round=int(msg.round), total_rounds=int(msg.total_rounds), codec_spec=msg.codec_spec,
+        params=int(msg.params), finished=bool(msg.finished), downlink_codec_spec=msg.downlink_codec_spec,
+        workers=workers, rounds=rounds, server_interface_start=counters_from_proto(msg.server_interface_start),
+        server_interface_now=counters_from_proto(msg.server_interface_now),
+    )
+
+
+def status_request_to_bytes(_request: object = None) -> bytes:
+    return pb.StatusRequest().SerializeToString()
+
+
+def status_from_bytes(data: bytes) -> Status:
+    return status_from_proto(pb.StatusResponse.FromString(data))
+
+
+def status_to_dict(s: Status) -> dict:
+    """The Status as protobuf JSON (snake_case names), the form ``gradwire status --json`` prints."""
+    return json_format.MessageToDict(status_to_proto(s), preserving_proto_field_name=True,
+                                      always_print_fields_with_no_presence=True)
+
+
+def status_to_text(s: Status) -> str:
+    return str(status_to_proto(s))

@@ -1,0 +1,149 @@
+"""The PS's byte ledger: what it counts per worker id (across sessions) and per round.
+
+The counters themselves are defined once, in ``gradwire/counters.py``; this module keeps them
+for a run. The round engine calls it under its own lock, so the ledger takes none.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradwire.counters import RoundCounters, WorkerCounters
+from gradwire.server.admission import next_rank, prune_records
+
+
+@dataclass
+class WorkerRecord:
+    """What the PS keeps about a worker id across its sessions."""
+
+    worker_id: str
+    rank: int
+    hostname: str = ""
+    connected: bool = False
+    sessions: int = 0
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    last_rejection: str = ""
+    interface_start: dict | None = None
+    interface_end: dict | None = None
+    codec_stats: dict[str, float] = field(default_factory=dict)
+    decoder_stats: dict[str, float] = field(default_factory=dict)
+    shard_size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint form: plain values only."""
+        out = {k: copy.deepcopy(v) for k, v in vars(self).items() if k != "counters"}
+        out["counters"] = self.counters.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WorkerRecord:
+        plain = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "counters"}
+        return cls(**plain, counters=WorkerCounters.from_dict(d["counters"]))
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot:
+    """A consistent copy of the ledger, taken under the engine's lock."""
+
+    round: int
+    phase: str
+    records: tuple[WorkerRecord, ...]  # by rank
+    rounds: tuple[RoundCounters, ...]
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.records: dict[str, WorkerRecord] = {}
+        self.rounds: list[RoundCounters] = []
+
+    # ---------------------------------------------------------------- workers
+
+    def record_for(self, worker_id: str) -> WorkerRecord:
+        """The record of ``worker_id``; a new id gets a rank no kept record has. Before a new record
+        is made, records of departed ids that never contributed may be forgotten (server/admission.py:
+        an attacker cycling worker ids must not grow the PS's memory)."""
+        record = self.records.get(worker_id)
+        if record is None:
+            prune_records(self.records)
+            record = WorkerRecord(worker_id, rank=next_rank(self.records))
+            self.records[worker_id] = record
+        return record
+
+    def count_control(self, record: WorkerRecord, message_bytes: int) -> None:
+        """A Hello or a WorkerReport."""
+        record.counters.uplink_control_bytes += message_bytes
+
+    def count_update(self, record: WorkerRecord, payload_bytes: int, message_bytes: int) -> None:
+        record.counters.uplink_payload_bytes += payload_bytes
+        record.counters.uplink_message_bytes += message_bytes
+
+    def count_rejection(self, record: WorkerRecord, reason: str, message_bytes: int) -> None:
+        record.counters.rejected_messages += 1
+        record.counters.rejected_message_bytes += message_bytes
+        record.last_rejection = reason
+
+    def count_downlink(self, record: WorkerRecord, message_bytes: int, payload_bytes: int, models: int,
+                       in_round: bool) -> None:
+        """A message to a worker; ``in_round``: the rounds have started, so the open round counts it too."""
+        record.counters.downlink_message_bytes += message_bytes
+        record.counters.downlink_payload_bytes += payload_bytes
+        record.counters.downlink_models += models
+        if in_round and self.rounds:
+            entry = self.rounds[-1]
+            entry.downlink_message_bytes += message_bytes
+            entry.downlink_payload_bytes += payload_bytes
+
+    # ---------------------------------------------------------------- rounds
+
+    def open_round(self, round_: int, lr: float) -> None:
+        self.rounds.append(RoundCounters(round=round_, lr=lr))
+
+    def current_round(self) -> RoundCounters:
+        return self.rounds[-1]
+
+    def drop_open_round(self) -> None:
+        """The run ended before the open round closed."""
+        self.rounds.pop()
+
+    def close_round(self, updates: Mapping[str, tuple[int, int]], stragglers: int, train_loss: float) -> RoundCounters:
+        """``updates``: worker id -> (payload bytes, message bytes) of each aggregated update."""
+        entry = self.rounds[-1]
+        entry.uplink_payload_bytes = sum(p for p, _ in updates.values())
+        entry.uplink_message_bytes = sum(m for _, m in updates.values())
+        entry.workers = len(updates)
+        entry.stragglers = stragglers
+        entry.train_loss = train_loss
+        for worker_id in updates:
+            self.records[worker_id].counters.rounds_aggregated += 1
+        return entry
+
+    def closed_rounds(self) -> list[RoundCounters]:
+        """Rounds in which some update was aggregated."""
+        return [e for e in self.rounds if e.workers > 0]
+
+    # ---------------------------------------------------------------- copies
+
+    def snapshot(self, round_: int, phase: str) -> LedgerSnapshot:
+        return LedgerSnapshot(
+            round=round_, phase=phase,
+            records=tuple(copy.deepcopy(r) for r in sorted(self.records.values(), key=lambda r: r.rank)),
+            rounds=tuple(copy.copy(e) for e in self.rounds),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "records": {w: r.to_dict() for w, r in self.records.items()},
+            "rounds": [e.to_dict() for e in self.rounds],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Back to a checkpoint's ledger; every worker is disconnected until it reconnects."""
+        self.rounds = [e for e in (RoundCounters.from_dict(d) for d in state["rounds"]) if e.workers > 0]
+        self.records = {}
+        for w, d in state["records"].items():
+            record = WorkerRecord.from_dict(d)
+            record.connected = False
+            self.records[w] = record

@@ -107,8 +107,19 @@ def rice_encode(gaps: np.ndarray, b: int) -> tuple[bytes, bytes]:
     return low_bytes, np.packbits(unary).tobytes()
 
 
-def rice_decode(low_bytes: bytes, unary_bytes: bytes, count: int, b: int, limit: int, where: str) -> np.ndarray:
-    """Gaps from the two Rice streams; every gap must be < ``limit``."""
+def rice_decode(low_bytes: bytes | memoryview, unary_bytes: bytes | memoryview, count: int, b: int, limit: int, where: str) -> np.ndarray:
+    """Gaps from the two Rice streams; every gap must be < ``limit``.
+
+    ``count`` gaps that fit in ``limit`` entries sum to at most ``limit - count``, so the
+    unary stream holds at most ``count + ((limit - count) >> b)`` bits: a longer stream is
+    refused before it is unpacked (8 bytes of work per stream byte, and an int64 per set bit).
+    """
+    max_unary_bytes = (count + (max(0, limit - count) >> b) + 7) // 8
+    if len(unary_bytes) > max_unary_bytes:
+        raise CodecError(
+            f"{where}: unary stream of {len(unary_bytes)} bytes; {count} gaps within {limit} entries "
+            f"need at most {max_unary_bytes}"
+        )
     bits = np.unpackbits(np.frombuffer(unary_bytes, dtype=np.uint8))
     ones = np.flatnonzero(bits)
     if ones.size != count:
@@ -186,9 +197,8 @@ def decode_sparse(payload: bytes, spec: TensorSpec, codec: str) -> tuple[np.ndar
         low_len = (count * b + 7) // 8
         if len(payload) < offset + low_len + 1:
             raise CodecError(f"{where}: payload ends inside the index streams")
-        gaps = rice_decode(
-            payload[offset : offset + low_len], payload[offset + low_len :], count, b, numel, where
-        )
+        view = memoryview(payload)  # slices of a view, not copies of a possibly hostile stream
+        gaps = rice_decode(view[offset : offset + low_len], view[offset + low_len :], count, b, numel, where)
         if int(np.sum(gaps + 1, dtype=np.uint64)) > numel:
             raise CodecError(f"{where}: indices run past the end of the tensor ({numel} entries)")
         indices = np.cumsum(gaps + 1) - 1

@@ -27,6 +27,7 @@ from gradwire.compressors.base import (
     RoundContext,
     TensorSpec,
 )
+from gradwire.compressors.bounds import check_wire_fields
 
 MODEL_TENSOR_NAME = "__model__"
 # Model moves remembered for LAG-style triggers (docs/algorithms.md §1 uses D = 10).
@@ -160,6 +161,10 @@ class UpdateDecoder:
             raise InvalidUpdate(
                 f"tensor {want.name!r} is encoded with codec {m.codec_name!r}; this run uses {self.codec.spec!r}"
             )
+        try:
+            check_wire_fields(m, self.codec, want)  # before any decoding: bounded work and memory
+        except CodecError as exc:
+            raise InvalidUpdate(str(exc)) from None
 
     def decode(self, msgs: Sequence[Encoded], ctx: RoundContext) -> dict[str, np.ndarray]:
         self._check_structure(msgs)

@@ -49,7 +49,7 @@ def _logging(verbose: bool, command: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from gradwire.envvars import env
     from gradwire.server.config import add_server_flags, add_task_flags
-    from gradwire.worker.config import add_worker_flags
+    from gradwire.worker.config import add_client_security_flags, add_worker_flags
 
     p = OneLineParser(prog="gradwire", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -74,13 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="print a running PS's Status")
     st.add_argument("--address", default=env("STATUS_ADDRESS", "127.0.0.1:50051"))
     st.add_argument("--json", action="store_true")
+    add_client_security_flags(st)
 
     h = sub.add_parser("health", help="exit 0 when the PS's gRPC health service says SERVING")
     h.add_argument("--address", default=env("STATUS_ADDRESS", "127.0.0.1:50051"))
     h.add_argument("--service", default="")
+    add_client_security_flags(h)
 
     b = sub.add_parser("bytes", help="wire bytes per container and round of a compose project", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
+
+    fz = sub.add_parser("fuzz", help="mutation campaign against a PS of its own on loopback (gradwire/fuzz.py)")
+    add_fuzz_flags(fz)
 
     codecs = sub.add_parser("codecs", help="list the registered codecs")
     codecs.add_argument("--options", action="store_true", help="also list every spec option with its default")
@@ -137,19 +142,26 @@ def main(argv: list[str] | None = None) -> int:
             return fail("simulate", exc)
         return run_simulation(args)
     if args.command == "status":
-        import grpc
-
+        from gradwire.channel import client_channel
         from gradwire.protocol import status_to_text
         from gradwire.status import fetch_status, status_as_dict
 
-        with grpc.insecure_channel(args.address) as channel:
+        with client_channel(args.address, [], args.tls_ca, args.tls_cert, args.tls_key, args.token,
+                            args.tls_server_name) as channel:
             st = fetch_status(channel)
         print(json.dumps(status_as_dict(st), indent=2) if args.json else status_to_text(st))
         return 0
     if args.command == "health":
+        from gradwire.channel import client_channel
         from gradwire.status import is_serving
 
-        return 0 if is_serving(args.address, args.service) else 1
+        with client_channel(args.address, [], args.tls_ca, args.tls_cert, args.tls_key, args.token,
+                            args.tls_server_name) as channel:
+            return 0 if is_serving(args.address, args.service, channel=channel) else 1
+    if args.command == "fuzz":
+        from gradwire.fuzz import run_fuzz
+
+        return run_fuzz(args)
     if args.command == "codecs":
         from gradwire.compressors.registry import CODECS, available_codecs
 
@@ -160,6 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'':12s} options: {codec_options(CODECS[name]) or '(none)'}")
         return 0
     return 2
+
+
+FUZZ_CODECS = ("dense", "topk", "randk", "sign", "qsgd", "huffman:bits=4", "ans", "fp8", "m22", "powersgd", "tpc", "lag")
+
+
+def add_fuzz_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--codecs", default=",".join(FUZZ_CODECS), help="semicolon- or comma-separated codec specs")
+    p.add_argument("--messages", type=int, default=1000, help="messages in all, shared among the codecs")
+    p.add_argument("--seconds", type=float, default=300.0, help="time budget in all, shared among the codecs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="write the report here")
 
 
 def codec_options(cls) -> str:

@@ -100,3 +100,9 @@ class RoundCounters(LinkCounters):
     test_accuracy: float | None = None  # None where the round was not evaluated
     test_loss: float | None = None
     lr: float | None = None
+    # server/robust.py: the step was not finite and was rolled back (the model did not move);
+    # the workers whose updates were dropped or scaled down (above the clip norm); when refused,
+    # the largest updates, named with their norms
+    refused: bool = False
+    clipped: list[str] = field(default_factory=list)
+    suspects: list[str] = field(default_factory=list)

@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from gradwire.compressors.base import Directive, Encoded, TensorSpec
-from gradwire.counters import RoundCounters, WorkerCounters, link_fields
+from gradwire.counters import LinkCounters, RoundCounters, WorkerCounters, link_fields
 from gradwire.v1 import exchange_pb2 as pb
 
 PROTOCOL = "gradwire.v1"
@@ -303,6 +303,12 @@ def worker_message_to_proto(m: WorkerMessage) -> pb.WorkerMessage:
     raise TypeError(f"not a worker message: {type(m).__name__}")
 
 
+def worker_message_to_bytes(m: WorkerMessage) -> bytes:
+    """One WorkerMessage, serialized: for clients that write raw bytes to a Train stream
+    (``gradwire fuzz`` mutates honest messages at this level)."""
+    return worker_message_to_proto(m).SerializeToString()
+
+
 def worker_message_from_proto(msg: pb.WorkerMessage) -> WorkerMessage:
     """The typed message; MalformedMessage for an empty body or a tensor that breaks the rules."""
     kind = msg.WhichOneof("body")
@@ -385,6 +391,16 @@ def server_message_from_proto(msg: pb.ServerMessage) -> ServerMessage:
     raise MalformedMessage(f"expected a Welcome, a RoundResult or Finished, got {kind or 'an empty message'}")
 
 
+def server_message_from_bytes(data: bytes) -> ServerMessage:
+    """Parse one serialized ServerMessage; ``MalformedMessage`` says why it is not a usable one."""
+    msg = pb.ServerMessage()
+    try:
+        msg.ParseFromString(data)
+    except (DecodeError, RecursionError) as exc:
+        raise MalformedMessage(f"not a valid gradwire.v1.ServerMessage ({len(data)} bytes): {exc}") from None
+    return server_message_from_proto(msg)
+
+
 def server_message_payload_bytes(m: ServerMessage) -> int:
     """What a server message carries as payload: a full model's floats, or a delta's codec bytes,
     plus the buffers (BatchNorm statistics and the like), which always go in full, plus the codec's
@@ -435,6 +451,16 @@ def status_to_proto(s: Status) -> pb.StatusResponse:
     return resp
 
 
+def _round_from_proto(r: pb.RoundStatus) -> RoundCounters:
+    entry = RoundCounters(
+        round=int(r.round), workers=int(r.workers_aggregated), stragglers=int(r.stragglers),
+        train_loss=_none_for_nan(r.train_loss), test_accuracy=_none_for_nan(r.test_accuracy),
+        test_loss=_none_for_nan(r.test_loss),
+    )
+    entry.add(LinkCounters(**{name: int(getattr(r, name)) for name in link_fields()}))
+    return entry
+
+
 def status_from_proto(msg: pb.StatusResponse) -> Status:
     workers = tuple(
         WorkerStatus(
@@ -445,14 +471,7 @@ def status_from_proto(msg: pb.StatusResponse) -> Status:
         )
         for w in msg.workers
     )
-    rounds = tuple(
-        RoundCounters(
-            round=int(r.round), workers=int(r.workers_aggregated), stragglers=int(r.stragglers),
-            train_loss=_none_for_nan(r.train_loss), test_accuracy=_none_for_nan(r.test_accuracy),
-            test_loss=_none_for_nan(r.test_loss), **{name: int(getattr(r, name)) for name in link_fields()},
-        )
-        for r in msg.rounds
-    )
+    rounds = tuple(_round_from_proto(r) for r in msg.rounds)
     return Status(
         protocol=msg.protocol, round=int(msg.round), total_rounds=int(msg.total_rounds), codec_spec=msg.codec_spec,
         params=int(msg.params), finished=bool(msg.finished), downlink_codec_spec=msg.downlink_codec_spec,

@@ -97,6 +97,8 @@ def run_simulation(args) -> int:
         "--lr-schedule", args.lr_schedule, "--eval-every", str(args.eval_every),
         "--round-timeout-s", str(args.round_timeout_s), "--max-message-mb", str(args.max_message_mb),
         "--json", str(json_path), "--start-timeout-s", "600",
+        "--aggregate", args.aggregate, "--clip-multiple", str(args.clip_multiple), "--trim-fraction", str(args.trim_fraction),
+        "--outliers", args.outliers,
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen] = []

@@ -22,10 +22,13 @@ def status_as_dict(status: Status) -> dict:
     return protocol.status_to_dict(status)
 
 
-def is_serving(address: str, service: str = "", timeout: float = 3.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError:
-            return False
+def is_serving(address: str, service: str = "", timeout: float = 3.0, channel: grpc.Channel | None = None) -> bool:
+    """Health check over ``channel`` (a TLS one for a TLS PS), or a new insecure channel to ``address``."""
+    if channel is None:
+        with grpc.insecure_channel(address) as own:
+            return is_serving(address, service, timeout, own)
+    try:
+        resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.RpcError:
+        return False
     return resp.status == health_pb2.HealthCheckResponse.SERVING

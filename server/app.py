@@ -16,6 +16,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradwire.protocol import SERVICE_NAME
+from gradwire.server.admission import StreamGate, default_max_streams, executor_threads
+from gradwire.server.auth import Credentials, TokenInterceptor, server_credentials
 from gradwire.server.config import ServerConfig
 from gradwire.server.metrics import serve_metrics
 from gradwire.server.round_engine import RoundEngine
@@ -61,8 +63,13 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
         task = load_task(config.task_ref, config.seed, config.data_dir or None, config.model or None)
     engine = RoundEngine(config, task)
     limit = config.max_message_mb * 2**20
+    credentials = Credentials.load(config.token, config.token_file)
+    gate = StreamGate(config.max_streams or default_max_streams(config.workers), config.hello_timeout_s)
+    threads = executor_threads(gate.max_streams)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(16, 4 * config.workers + 8), thread_name_prefix="gradwire-rpc"),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradwire-rpc"),
+        interceptors=[TokenInterceptor(credentials)] if credentials else [],
+        maximum_concurrent_rpcs=threads,  # beyond: RESOURCE_EXHAUSTED at once, not an endless queue
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -70,10 +77,13 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
         ],
     )
-    server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(engine)),))
+    server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(engine, credentials, gate)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(config.address)
+    if config.tls_cert:
+        port = server.add_secure_port(config.address, server_credentials(config.tls_cert, config.tls_key, config.tls_ca))
+    else:
+        port = server.add_insecure_port(config.address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.address}")
     server.start()

@@ -70,6 +70,17 @@ class ServerConfig:
     linger_s: float = 0.0  # keep serving Status this long after training ends
     report_timeout_s: float = 10.0
     metrics_address: str = ""  # host:port for Prometheus /metrics; "" = off
+    aggregate: str = "mean"  # mean | trimmed-mean | median (server/robust.py)
+    clip_multiple: float = 3.0  # clip each update's norm to this x the round's median norm; 0 = off
+    trim_fraction: float = 0.2  # trimmed-mean: fraction dropped at each end of every coordinate
+    outliers: str = "drop"  # updates above the clip norm: dropped from the round, or scaled down to it
+    tls_cert: str = ""  # PEM files (server/auth.py): TLS with cert+key, mutual TLS with a CA too
+    tls_key: str = ""
+    tls_ca: str = ""
+    token: str = ""  # shared bearer token (GRADWIRE_TOKEN); never written to logs or summaries
+    token_file: str = ""  # lines worker_id:token, each token bound to its worker id
+    max_streams: int = 0  # open Train streams the PS holds at most; 0 = 2 x workers + 8 (server/admission.py)
+    hello_timeout_s: float = 10.0  # a stream that sends no Hello within this is cancelled
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -91,9 +102,18 @@ class ServerConfig:
             raise ValueError(f"partition must be iid or dirichlet, got {self.partition!r}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.max_streams < 0 or self.hello_timeout_s <= 0:
+            raise ValueError("max_streams must be >= 0 and hello_timeout_s > 0")
         if self.max_message_mb < 1:
             raise ValueError(f"max_message_mb must be >= 1, got {self.max_message_mb}")
         parse_momentum(self.momentum)
+        from gradwire.server.robust import check_robust_options
+
+        check_robust_options(self.aggregate, self.clip_multiple, self.trim_fraction, self.outliers)
+        from gradwire.server.auth import check_metrics_address, check_server_auth_options
+
+        check_server_auth_options(self.tls_cert, self.tls_key, self.tls_ca)
+        check_metrics_address(self.metrics_address, bool(self.tls_ca or self.token or self.token_file))
         from gradwire.compressors.registry import create_codec
 
         create_codec(self.codec)  # fail at startup, with the registry's reason
@@ -117,7 +137,9 @@ class ServerConfig:
         return 0.0 if worker_momentum else DEFAULT_SERVER_MOMENTUM
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        fields["token"] = "(set)" if self.token else ""  # a secret: never in logs or summaries
+        return json.dumps(fields, sort_keys=True)
 
 
 def _defaults() -> argparse.Namespace:
@@ -157,6 +179,14 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=env("EVAL_EVERY", d.eval_every))
     p.add_argument("--round-timeout-s", type=float, default=env("ROUND_TIMEOUT_S", d.round_timeout_s))
     p.add_argument("--max-message-mb", type=int, default=env("MAX_MESSAGE_MB", d.max_message_mb))
+    p.add_argument("--aggregate", default=env("AGGREGATE", d.aggregate), choices=("mean", "trimmed-mean", "median"),
+                   help="how the PS combines the round's updates (coordinate-wise for trimmed-mean and median)")
+    p.add_argument("--clip-multiple", type=float, default=env("CLIP_MULTIPLE", d.clip_multiple),
+                   help="clip each update's L2 norm to this multiple of the round's median norm (0: off)")
+    p.add_argument("--outliers", default=env("OUTLIERS", d.outliers), choices=("scale", "drop"),
+                   help="an update above the clip norm is dropped from the round (default) or scaled down to it")
+    p.add_argument("--trim-fraction", type=float, default=env("TRIM_FRACTION", d.trim_fraction),
+                   help="trimmed-mean: fraction of the workers dropped at each end of every coordinate")
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -175,6 +205,16 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="keep serving Status this long after training ends")
     p.add_argument("--metrics-address", default=env("METRICS_ADDRESS", d.metrics_address),
                    help="host:port to serve Prometheus metrics on (off when empty)")
+    p.add_argument("--tls-cert", default=env("TLS_CERT", d.tls_cert), help="PEM certificate: serve TLS")
+    p.add_argument("--tls-key", default=env("TLS_KEY", d.tls_key), help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", default=env("TLS_CA", d.tls_ca), help="PEM CA: require client certificates (mTLS)")
+    p.add_argument("--token-file", default=env("TOKEN_FILE", d.token_file),
+                   help="lines worker_id:token; each token admits (only) its worker id")
+    p.add_argument("--max-streams", type=int, default=env("MAX_STREAMS", d.max_streams),
+                   help="Train streams held at most (0: 2 x workers + 8); more are refused RESOURCE_EXHAUSTED")
+    p.add_argument("--hello-timeout-s", type=float, default=env("HELLO_TIMEOUT_S", d.hello_timeout_s),
+                   help="cancel a stream that sends no Hello within this")
+    p.set_defaults(token=env("TOKEN", d.token))  # GRADWIRE_TOKEN only: a flag would show in `ps`
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradwire.counters import RoundCounters, WorkerCounters
+from gradwire.server.admission import next_rank, prune_records
 
 
 @dataclass
@@ -61,10 +62,13 @@ class Ledger:
     # ---------------------------------------------------------------- workers
 
     def record_for(self, worker_id: str) -> WorkerRecord:
-        """The record of ``worker_id``; a new id gets the next rank."""
+        """The record of ``worker_id``; a new id gets a rank no kept record has. Before a new record
+        is made, records of departed ids that never contributed may be forgotten (server/admission.py:
+        an attacker cycling worker ids must not grow the PS's memory)."""
         record = self.records.get(worker_id)
         if record is None:
-            record = WorkerRecord(worker_id, rank=len(self.records))
+            prune_records(self.records)
+            record = WorkerRecord(worker_id, rank=next_rank(self.records))
             self.records[worker_id] = record
         return record
 

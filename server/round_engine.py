@@ -54,10 +54,11 @@ from gradwire.protocol import (
     Welcome,
     WorkerReport,
 )
-from gradwire.server.aggregation import ServerOptimizer, mean_update
+from gradwire.server.aggregation import ServerOptimizer
 from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from gradwire.server.config import ServerConfig
 from gradwire.server.ledger import Ledger, LedgerSnapshot, WorkerRecord
+from gradwire.server.robust import robust_step
 from gradwire.task import Task
 from gradwire.tasks import BUILTIN_TASKS, shard_indices, tensor_specs
 
@@ -436,9 +437,11 @@ class RoundEngine:
                     self.ledger.drop_open_round()
                 return
             by_rank = self._finalize(r, {self.records[w].rank: c.decoded for w, c in contributions.items()})
-            self.optimizer.step(mean_update(by_rank), r)
+            step = robust_step(by_rank, {self.records[w].rank: w for w in contributions}, self.optimizer, self.model,
+                               r, self.config.aggregate, self.config.clip_multiple, self.config.trim_fraction,
+                               self.config.outliers)
             sent = [contributions[w].buffers for w in sorted(contributions, key=lambda w: self.records[w].rank)]
-            if any(b is not None for b in sent):
+            if not step.refused and any(b is not None for b in sent):  # a refused round leaves the model alone
                 load_buffers(self.model, mean_buffers([b for b in sent if b is not None]))
             self.codec_state.observe(r, by_rank)
             train_loss = float(np.mean([c.train_loss for c in contributions.values()]))
@@ -449,6 +452,7 @@ class RoundEngine:
                     {w: (c.payload_bytes, c.message_bytes) for w, c in contributions.items()}, len(stragglers), train_loss
                 )
                 entry.test_loss, entry.test_accuracy = test_loss, test_accuracy
+                entry.refused, entry.clipped, entry.suspects = step.refused, step.clipped, step.suspects
             model_sent = broadcast = None
             buffers_sent = buffer_state(self.model)
             if self.downlink is None:

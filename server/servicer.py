@@ -8,6 +8,7 @@ every message's serialized size goes to the ledger.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -24,6 +25,15 @@ from gradwire.protocol import (
     WorkerReport,
     WorkerStatus,
 )
+from gradwire.server.admission import (
+    MAX_HOSTNAME_CHARS,
+    MAX_REASON_CHARS,
+    StreamGate,
+    check_worker_id,
+    default_max_streams,
+    printable,
+)
+from gradwire.server.auth import Credentials, bound_identities
 from gradwire.server.round_engine import Rejected, RoundEngine, Session
 from gradwire.v1 import exchange_pb2 as pb
 
@@ -44,12 +54,16 @@ def parse_worker_message(data: bytes) -> Received:
 
 
 def _abort(context: grpc.ServicerContext, code: str, reason: str):
-    context.abort(getattr(grpc.StatusCode, code), reason)
+    context.abort(getattr(grpc.StatusCode, code), printable(reason, MAX_REASON_CHARS))
 
 
 class GradientExchangeServicer:
-    def __init__(self, engine: RoundEngine):
+    def __init__(self, engine: RoundEngine, credentials: Credentials | None = None,
+                 gate: StreamGate | None = None):
         self.engine = engine
+        self.credentials = credentials
+        c = engine.config
+        self.gate = gate or StreamGate(c.max_streams or default_max_streams(c.workers), c.hello_timeout_s)
 
     def _send(self, session: Session, message: protocol.ServerMessage) -> pb.ServerMessage:
         proto = protocol.server_message_to_proto(message)
@@ -58,17 +72,28 @@ class GradientExchangeServicer:
         return proto
 
     def Train(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None:
+        if not self.gate.enter(context):
+            _abort(context, "RESOURCE_EXHAUSTED", f"the PS holds its maximum of {self.gate.max_streams} streams")
+        deadline = self.gate.hello_deadline(context)  # an idle stream holds no thread for long
+        try:
+            first = next(request_iterator, None)
+        except Exception:  # noqa: BLE001 - cancelled at the Hello deadline, or the client went away
+            first = None
+        finally:
+            deadline.cancel()
+        if first is None or not context.is_active():
             return
         if first.message is None:
             _abort(context, "INVALID_ARGUMENT", first.error)
         if not isinstance(first.message, Hello):
             _abort(context, "INVALID_ARGUMENT", "the first message of a Train stream must be a Hello")
+        hello, refusal = admitted_hello(first.message, bound_identities(context, self.credentials))
+        if refusal:
+            _abort(context, *refusal)
         try:
-            session = self.engine.join(first.message, first.nbytes)
+            session = self.engine.join(hello, first.nbytes)
         except Rejected as exc:
-            log.warning("refused a worker: %s", exc.reason)
+            log.warning("refused a worker: %s", printable(exc.reason, MAX_REASON_CHARS))  # may quote its Hello
             _abort(context, exc.code, exc.reason)
         context.add_callback(lambda: self.engine.leave(session))
         try:
@@ -80,7 +105,7 @@ class GradientExchangeServicer:
                 try:
                     reply = self._handle(session, item)
                 except Rejected as exc:
-                    self.engine.reject(session, exc.reason, item.nbytes)
+                    self.engine.reject(session, printable(exc.reason, MAX_REASON_CHARS), item.nbytes)
                     _abort(context, exc.code, exc.reason)
                 if reply is None:
                     return
@@ -115,6 +140,24 @@ class GradientExchangeServicer:
             ),
             rounds=snap.rounds,
         )
+
+
+def admitted_hello(hello: Hello, identities: set[str]) -> tuple[Hello, tuple[str, str] | None]:
+    """The Hello with bounded strings and the id its credentials bind, or (code, reason) to refuse it."""
+    requested = hello.requested_worker_id
+    if len(identities) > 1:
+        return hello, ("PERMISSION_DENIED", "the certificate and the token belong to different workers")
+    identity = next(iter(identities), "")
+    if identity:
+        if requested and requested != identity:
+            return hello, ("PERMISSION_DENIED", f"these credentials belong to worker {identity!r}, "
+                                                f"not {printable(requested, 64)!r}")
+        requested = identity
+    elif requested:
+        why = check_worker_id(requested)
+        if why:
+            return hello, ("INVALID_ARGUMENT", why)
+    return replace(hello, requested_worker_id=requested, hostname=printable(hello.hostname, MAX_HOSTNAME_CHARS)), None
 
 
 def _now_counters(engine: RoundEngine):

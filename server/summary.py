@@ -101,6 +101,9 @@ def build_summary(engine) -> dict[str, Any]:
         "accuracy_vs_uplink_bits": curve,
         "codec_stats": codec_stats,
         "stragglers": sum(e.stragglers for e in log),
+        # server/robust.py: rounds whose step was not finite (rolled back), updates dropped or scaled down
+        "refused_rounds": [e.round for e in log if e.refused],
+        "clipped_updates": sum(len(e.clipped) for e in log),
         "rejected_messages": sum(r.counters.rejected_messages for r in records),
         "elapsed_s": elapsed,
         "finish_reason": engine.finish_reason,

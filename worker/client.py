@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import protocol
+from gradwire.channel import client_channel
 from gradwire.protocol import SERVICE_NAME, TRAIN_METHOD
 from gradwire.v1 import exchange_pb2 as pb
 
@@ -19,10 +20,12 @@ log = logging.getLogger("gradwire.worker")
 _CLOSE = object()
 
 
-def open_channel(target: str, max_message_mb: int) -> grpc.Channel:
+def open_channel(target: str, max_message_mb: int, **security: str) -> grpc.Channel:
+    """``security``: tls_ca, tls_cert, tls_key, token, server_name (see server/auth.py's client_channel)."""
     limit = max_message_mb * 2**20
-    return grpc.insecure_channel(
+    return client_channel(
         target,
+        **security,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

@@ -23,6 +23,11 @@ class WorkerConfig:
     threads: int = 1
     link: str = ""  # link profile of every worker (gradwire/links.py), e.g. 10mbit or 10mbit/100mbit
     links: str = ""  # profiles by rank, comma-separated; overrides link
+    tls_ca: str = ""  # PEM CA of the PS's certificate: connect with TLS
+    tls_cert: str = ""  # PEM client certificate and key, for a PS that requires mTLS
+    tls_key: str = ""
+    tls_server_name: str = ""  # name to verify in the PS's certificate, when not the host of --server
+    token: str = ""  # GRADWIRE_TOKEN; never logged
 
     def __post_init__(self) -> None:
         if ":" not in self.server:
@@ -30,6 +35,11 @@ class WorkerConfig:
         if self.connect_timeout_s <= 0:
             raise ValueError("connect_timeout_s must be > 0")
         validate_links(self.link, self.links)  # a bad profile fails at start-up, not after joining
+
+    @property
+    def security(self) -> dict[str, str]:
+        return {"tls_ca": self.tls_ca, "tls_cert": self.tls_cert, "tls_key": self.tls_key, "token": self.token,
+                "server_name": self.tls_server_name}
 
     @property
     def resolved_worker_id(self) -> str:
@@ -51,6 +61,18 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                    help="shape this worker's link (needs CAP_NET_ADMIN): RATE or UP/DOWN, e.g. 10mbit")
     p.add_argument("--links", default=env("LINKS", d.links),
                    help="profiles by rank, e.g. 10mbit,10mbit,100mbit (rank i takes entry i mod n)")
+    add_client_security_flags(p)
+
+
+def add_client_security_flags(p: argparse.ArgumentParser) -> None:
+    """TLS and token flags of every client of the PS (worker, status, health)."""
+    d = WorkerConfig()
+    p.add_argument("--tls-ca", default=env("TLS_CA", d.tls_ca), help="PEM CA that signed the PS's certificate")
+    p.add_argument("--tls-cert", default=env("TLS_CERT", d.tls_cert), help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", default=env("TLS_KEY", d.tls_key), help="PEM key of --tls-cert")
+    p.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", d.tls_server_name),
+                   help="name the PS's certificate must carry (default: the host of the address)")
+    p.set_defaults(token=env("TOKEN", d.token))  # GRADWIRE_TOKEN only: a flag would show in `ps`
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:

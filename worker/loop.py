@@ -39,6 +39,7 @@ from gradwire.task import Task, load_task
 from gradwire.tasks import shard_indices
 from gradwire.worker.client import TrainStream, open_channel, wait_for_server
 from gradwire.worker.config import WorkerConfig
+from gradwire.worker.guard import SESSION_ERRORS, usable_model
 
 log = logging.getLogger("gradwire.worker")
 # Status codes after which reconnecting cannot help.
@@ -98,7 +99,7 @@ class Worker:
 
     def run(self) -> WorkerResult:
         result = WorkerResult()
-        channel = open_channel(self.config.server, self.config.max_message_mb)
+        channel = open_channel(self.config.server, self.config.max_message_mb, **self.config.security)
         try:
             while not result.finished:
                 if result.sessions > self.config.max_reconnects:
@@ -116,6 +117,10 @@ class Worker:
                     else:
                         log.warning("the PS refused an update: %s: %s; reconnecting with reset codec state", code.name, details)
                         result.rejections.append(f"{code.name}: {details}")
+                    time.sleep(0.2)
+                except SESSION_ERRORS as exc:
+                    log.warning("cannot continue this session (%s: %s); reconnecting", type(exc).__name__, exc)
+                    result.rejections.append(f"{type(exc).__name__}: {exc}")
                     time.sleep(0.2)
         finally:
             channel.close()
@@ -141,7 +146,7 @@ class Worker:
             trainer = Trainer(self._task(welcome.task), welcome.task, welcome.rank)
             encoder = UpdateEncoder(codec, trainer.specs)  # fresh state: the session is a resync
             downlink = DownlinkDecoder(welcome.downlink_codec_spec, trainer.specs, int(welcome.task.seed))
-            params = welcome.model
+            params = usable_model(welcome.model, "Welcome")
             trainer.check_model(params)
             result.last_model = params
             trainer.load(params)
@@ -200,6 +205,7 @@ class Worker:
                     log.warning("round %d result carries no model; reconnecting for the full model", reply.round)
                     self._end_session(stream)
                     return
+                usable_model(new_params, f"result of round {round_}")
                 params = new_params
                 result.last_model = params
                 trainer.load(params)
@@ -208,6 +214,9 @@ class Worker:
                 encoder.model_received(params)
                 round_, directive, workers = reply.round, reply.directive, reply.workers
                 result.rounds += 1
+        except SESSION_ERRORS:
+            self._end_session(stream)  # the PS must forget this session before the next Hello
+            raise
         finally:
             stream.close()
 

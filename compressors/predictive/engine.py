@@ -95,7 +95,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -110,6 +110,7 @@ from gradwire.compressors.base import (
     TensorSpec,
     check_input,
 )
+from gradwire.compressors.bounds import check_spec_text
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.spec import SpecError
 
@@ -256,15 +257,6 @@ def validate_common(
     if inner.has_cross_worker_state:
         raise ValueError(f"residual codec {inner.spec!r} needs PS-wide state; it cannot code a residual")
     return inner
-
-
-def _canonical(spec_text: str, cache: dict[str, str]) -> str:
-    if spec_text not in cache:
-        try:
-            cache[spec_text] = create_codec(spec_text).spec
-        except SpecError as exc:
-            raise CodecError(f"unparseable codec spec {spec_text!r}: {exc}") from None
-    return cache[spec_text]
 
 
 # ------------------------------------------------------------ shared state
@@ -580,14 +572,12 @@ class PredictiveDecoder(_HistoryHolder, Decoder):
         self.cfg = cfg
         self.cores: dict[str, _TensorCore] = {}
         self._stats = _Stats()
-        self._canon: dict[str, str] = {}
         self._residual_spec = cfg.residual.spec
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
         cfg = self.cfg
         spec = msg.spec
-        if _canonical(msg.codec, self._canon) != cfg.codec_spec:
-            raise CodecError(f"message for {spec.name!r} uses codec {msg.codec!r}; this decoder is {cfg.codec_spec!r}")
+        check_spec_text(msg.codec, cfg.codec_spec, f"message for {spec.name!r}")
         core = self.cores.get(spec.name)
         if core is None:
             core = _TensorCore(cfg, spec.numel, worker=False)
@@ -633,8 +623,7 @@ class PredictiveDecoder(_HistoryHolder, Decoder):
                 )
             g_hat = pred
         else:
-            if _canonical(res.codec, self._canon) != self._residual_spec:
-                raise CodecError(f"residual of {spec.name!r} uses codec {res.codec!r}; expected {self._residual_spec!r}")
+            check_spec_text(res.codec, self._residual_spec, f"residual of {spec.name!r}")
             if res.spec != spec:
                 raise CodecError(f"residual spec {res.spec} does not match tensor spec {spec}")
             r_hat = np.asarray(core.mirror.decode(res, ctx), dtype=np.float32).reshape(-1)
@@ -669,6 +658,7 @@ class PredictiveCodecBase(Codec):
     with ``trigger, eps, tau, alpha, window, max_stale, check, residual, granularity``."""
 
     stateless_decoder = False  # the decoder holds the predictor history
+    carries_residual: ClassVar[bool] = True  # the wire's residual (and, for TPC, coefficient) fields
     # The shared options, for the type checker: annotations only (this class is no dataclass, so
     # they make no fields); each subclass declares them as its own fields with its defaults.
     trigger: str

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Generate a private CA, a PS certificate and one client certificate per worker (PEM, openssl).
+#
+#   scripts/gen_certs.sh OUT_DIR [SERVER_NAME [WORKER_ID ...]]
+#
+# SERVER_NAME (default "ps") goes in the PS certificate's subjectAltName with localhost and
+# 127.0.0.1; each worker certificate's common name is its worker id, which the PS binds to the
+# id the worker may use (server/auth.py). Default workers: worker-0 worker-1. Keys are EC P-256,
+# certificates valid 30 days: for tests and compose, not a production PKI.
+set -euo pipefail
+out=${1:?usage: gen_certs.sh OUT_DIR [SERVER_NAME [WORKER_ID ...]]}
+server_name=${2:-ps}
+shift $(( $# >= 2 ? 2 : $# ))
+workers=("$@")
+[ ${#workers[@]} -gt 0 ] || workers=(worker-0 worker-1)
+mkdir -p "$out"
+cd "$out"
+umask 077
+
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+
+key ca.key
+openssl req -x509 -new -key ca.key -sha256 -days 30 -subj "/CN=gradwire test CA" -out ca.pem \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+
+sign() {  # name, common name, extensions file
+    key "$1.key"
+    openssl req -new -key "$1.key" -subj "/CN=$2" -out "$1.csr"
+    openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 -days 30 \
+        -extfile "$3" -out "$1.pem" 2>/dev/null
+    rm -f "$1.csr" "$3"
+}
+
+printf 'subjectAltName=DNS:%s,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$server_name" > server.ext
+sign server "$server_name" server.ext
+for w in "${workers[@]}"; do
+    printf 'extendedKeyUsage=clientAuth\n' > "$w.ext"
+    sign "$w" "$w" "$w.ext"
+done
+rm -f ca.srl
+chmod 644 ./*.pem
+echo "wrote CA, server and ${#workers[@]} worker certificates to $out"

@@ -1,0 +1,107 @@
+"""Admission control: how many streams the PS holds, for how long, and what it keeps of their strings.
+
+The gRPC server is synchronous: each open Train stream holds one executor thread for its whole
+life. So the PS
+
+* holds at most ``max_streams`` Train streams; one more is refused at once (RESOURCE_EXHAUSTED)
+  before anything is read from it;
+* sizes its executor to ``max_streams`` plus ``RESERVED_THREADS`` and caps gRPC's concurrent RPCs
+  at that size, so Status and health always find a thread and a flood is refused by gRPC instead
+  of queued without end;
+* cancels a stream that has not sent its Hello within ``hello_timeout_s`` (an idle connection
+  neither holds a thread nor a place in the rounds);
+* bounds the strings a worker sends (ids, hostnames) before they reach logs, Status or summaries.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+
+# Threads beyond the Train streams: Status, health checks and refusals always get one.
+RESERVED_THREADS = 16
+MAX_WORKER_ID_CHARS = 128
+MAX_HOSTNAME_CHARS = 255
+# Reasons quoted back from attacker-chosen content (decoder messages) are cut to this length.
+MAX_REASON_CHARS = 1024
+
+
+def default_max_streams(workers: int) -> int:
+    """Room for every expected worker, its reconnects and a few spares."""
+    return 2 * workers + 8
+
+
+def executor_threads(max_streams: int) -> int:
+    return max_streams + RESERVED_THREADS
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters with control and non-printable characters escaped."""
+    cut = text[:limit]
+    out = cut if cut.isprintable() else cut.encode("unicode_escape").decode("ascii")[:limit]
+    return out + ("…" if len(text) > limit else "")
+
+
+def check_worker_id(worker_id: str) -> str | None:
+    """Why a requested worker id is refused, or None."""
+    if len(worker_id) > MAX_WORKER_ID_CHARS:
+        return f"worker id of {len(worker_id)} characters (at most {MAX_WORKER_ID_CHARS})"
+    if not worker_id.isprintable() or any(c.isspace() for c in worker_id):
+        return f"worker id {printable(worker_id, 40)!r} has control or space characters"
+    return None
+
+
+class StreamGate:
+    """Counts open Train streams; arms the Hello deadline of each."""
+
+    def __init__(self, max_streams: int, hello_timeout_s: float):
+        self.max_streams = max_streams
+        self.hello_timeout_s = hello_timeout_s
+        self._lock = threading.Lock()
+        self.open = 0
+        self.refused = 0
+
+    def enter(self, context: grpc.ServicerContext) -> bool:
+        with self._lock:
+            if self.open >= self.max_streams:
+                self.refused += 1
+                return False
+            self.open += 1
+        context.add_callback(self._leave)
+        return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+    def hello_deadline(self, context: grpc.ServicerContext) -> threading.Timer:
+        """Cancels the stream unless ``.cancel()`` is called on the returned timer in time."""
+        timer = threading.Timer(self.hello_timeout_s, context.cancel)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+
+# Ledger records the PS keeps at most; beyond, departed workers that never had an update
+# aggregated are forgotten first (an attacker cycling worker ids must not grow the PS's memory).
+MAX_RECORDS = 1024
+
+
+def prune_records(records: dict, limit: int = MAX_RECORDS) -> int:
+    """Drop the oldest disconnected records with no aggregated update until ``len(records) < limit``;
+    returns how many were dropped. ``records`` maps worker id -> record (insertion order = age)."""
+    dropped = 0
+    for worker_id in list(records):
+        if len(records) < limit:
+            break
+        record = records[worker_id]
+        if not record.connected and record.counters.rounds_aggregated == 0:
+            del records[worker_id]
+            dropped += 1
+    return dropped
+
+
+def next_rank(records: dict) -> int:
+    """A rank no kept record has (ranks of pruned records, which never contributed, may come back)."""
+    return max((r.rank for r in records.values()), default=-1) + 1

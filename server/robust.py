@@ -1,0 +1,194 @@
+"""Bounded influence of one worker, robust aggregation and a model that stays finite.
+
+The PS decodes and refuses non-finite updates one by one (``compressors.update``), but
+finite values can still do harm: entries of 1e30 drag the mean anywhere, and entries of
+3e38 overflow float32 once summed or stepped. Three defences, applied in this order:
+
+1. **Norm clipping** (``clip_multiple``, default 3; 0 = off): each update whose L2 norm
+   exceeds ``clip_multiple`` × the round's median update norm is left out of the round
+   (``outliers="drop"``, the default) or scaled down to that norm (``outliers="scale"``).
+   The median is the *lower* median of the round's norms, so with two workers one of which
+   is hostile the honest norm sets the bar. Honest updates of one round have norms within
+   a small factor of each other, so a multiple of 3 leaves honest training (nearly) alone
+   while one worker can move the mean by at most ``clip_multiple / n`` honest norms. Scaling
+   still lets a worker that pushes one direction every round steer a mean; dropping removes
+   any update that is far out of line, at the price of losing an honest outlier's round.
+2. **Aggregation** (``aggregate``): ``mean`` (the default), ``trimmed-mean`` (coordinate-wise:
+   drop the ``f`` largest and ``f`` smallest values of each coordinate, ``f = max(1, ⌊trim·n⌋)``
+   with ``2f < n``; with fewer than 3 workers it is the mean) or ``median`` (coordinate-wise).
+   Mean costs O(n·d) time and O(d) memory; trimmed mean and median stack the updates
+   (O(n·d) memory) and sort each coordinate (O(n·d·log n) time).
+3. **Finiteness guard**: the aggregate and the model after the optimizer step must be finite;
+   otherwise the step is rolled back (model and optimizer state), the round is refused and the
+   largest updates are named. A non-finite model is never broadcast.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradwire.server.aggregation import mean_update
+
+log = logging.getLogger("gradwire.server")
+
+AGGREGATES = ("mean", "trimmed-mean", "median")
+DEFAULT_CLIP_MULTIPLE = 3.0
+DEFAULT_TRIM_FRACTION = 0.2
+
+Update = Mapping[str, np.ndarray]
+
+
+OUTLIER_MODES = ("scale", "drop")
+
+
+def check_robust_options(aggregate: str, clip_multiple: float, trim_fraction: float, outliers: str = "scale") -> None:
+    if outliers not in OUTLIER_MODES:
+        raise ValueError(f"outliers must be one of {', '.join(OUTLIER_MODES)}, got {outliers!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    if not (math.isfinite(clip_multiple) and (clip_multiple == 0 or clip_multiple >= 1)):
+        raise ValueError(f"clip_multiple must be 0 (off) or >= 1, got {clip_multiple}")
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+
+
+def update_norm(update: Update) -> float:
+    """L2 norm over every tensor, in float64 (float32 entries up to 3.4e38 square without overflow)."""
+    return math.sqrt(sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64)))
+                         for a in update.values()))
+
+
+@dataclass(frozen=True)
+class ClipReport:
+    norms: dict[int, float]  # rank -> norm before clipping
+    threshold: float  # inf when clipping is off
+    clipped: tuple[int, ...]  # ranks whose update was scaled down
+
+
+def clip_updates(by_rank: Mapping[int, Update], multiple: float, mode: str = "scale",
+                 ) -> tuple[dict[int, dict[str, np.ndarray]], ClipReport]:
+    """Scale each update with norm > multiple × (lower) median norm down to that norm, or with
+    ``mode="drop"`` leave it out of the round (the median update itself always stays)."""
+    norms = {rank: update_norm(u) for rank, u in by_rank.items()}
+    ordered = sorted(norms.values())
+    median = ordered[(len(ordered) - 1) // 2] if ordered else 0.0
+    threshold = multiple * median if multiple > 0 else math.inf
+    out: dict[int, dict[str, np.ndarray]] = {}
+    clipped = []
+    for rank, update in by_rank.items():
+        norm = norms[rank]
+        if norm > threshold and mode == "drop":
+            clipped.append(rank)
+        elif norm > threshold:
+            # in float64: the scale of a 3e38-entry update is below float32's normal range
+            scale = threshold / norm
+            out[rank] = {name: (a.astype(np.float64) * scale).astype(np.float32) for name, a in update.items()}
+            clipped.append(rank)
+        else:
+            out[rank] = dict(update)
+    return out, ClipReport(norms, threshold, tuple(sorted(clipped)))
+
+
+def trimmed_count(workers: int, fraction: float) -> int:
+    """Values dropped at each end of a coordinate: max(1, ⌊fraction·n⌋) while 2f < n; 0 under 3 workers."""
+    if workers < 3:
+        return 0
+    return min(max(1, int(fraction * workers)), (workers - 1) // 2)
+
+
+def aggregate_updates(by_rank: Mapping[int, Update], method: str, trim_fraction: float = DEFAULT_TRIM_FRACTION,
+                      ) -> dict[str, np.ndarray]:
+    """The round's aggregate, in rank order (reproducible)."""
+    if method == "mean":
+        return mean_update(by_rank)
+    ranks = sorted(by_rank)
+    if not ranks:
+        raise ValueError("no updates to aggregate")
+    out = {}
+    for name in by_rank[ranks[0]]:
+        stacked = np.stack([np.asarray(by_rank[r][name], dtype=np.float32) for r in ranks])
+        if method == "median":
+            out[name] = np.median(stacked, axis=0).astype(np.float32)
+        else:
+            f = trimmed_count(len(ranks), trim_fraction)
+            if f:
+                stacked.sort(axis=0)
+                stacked = stacked[f: len(ranks) - f]
+            out[name] = stacked.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return out
+
+
+def all_finite(tensors: Mapping[str, np.ndarray]) -> bool:
+    return all(np.isfinite(a).all() for a in tensors.values())
+
+
+def model_is_finite(model: nn.Module) -> bool:
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class ModelGuard:
+    """A copy of the model and optimizer state to roll a refused step back to."""
+
+    def __init__(self, model: nn.Module, optimizer_state: dict):
+        with torch.no_grad():
+            self.params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.optimizer_state = copy.deepcopy(optimizer_state)
+
+    def restore(self, model: nn.Module, optimizer) -> None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(self.params[n])
+        optimizer.load_state_dict(self.optimizer_state)
+
+
+def describe_suspects(report: ClipReport, names: Mapping[int, str], limit: int = 3) -> list[str]:
+    """The workers with the largest update norms, largest first: the likely cause of a refused round."""
+    ranked = sorted(report.norms.items(), key=lambda kv: -kv[1])[:limit]
+    return [f"{names.get(rank, rank)} (norm {norm:.3g})" for rank, norm in ranked]
+
+
+@dataclass
+class RobustStep:
+    """What ``robust_step`` did in one round (for the rounds log and the summary)."""
+
+    refused: bool
+    clipped: list[str]
+    suspects: list[str]
+    median_norm: float
+
+
+def robust_step(by_rank: Mapping[int, Update], names: Mapping[int, str], optimizer, model: nn.Module,
+                round_: int, aggregate: str, clip_multiple: float, trim_fraction: float,
+                outliers: str = "scale") -> RobustStep:
+    """Clip, aggregate and step the server optimizer; roll back and refuse a step that is not finite."""
+    clipped, report = clip_updates(by_rank, clip_multiple, outliers)
+    ordered = sorted(report.norms.values())
+    median = ordered[(len(ordered) - 1) // 2]
+    clipped_names = [str(names.get(r, r)) for r in report.clipped]
+    if clipped_names:
+        log.warning("round %d: %s %d update(s) with norm above %.3g (%g x median norm %.3g): %s", round_,
+                    "dropped" if outliers == "drop" else "clipped", len(clipped_names), report.threshold,
+                    clip_multiple, median, ", ".join(clipped_names))
+    gradient = aggregate_updates(clipped, aggregate, trim_fraction)
+    if not all_finite(gradient):
+        suspects = describe_suspects(report, names)
+        log.error("round %d refused: the aggregate is not finite; largest updates: %s", round_, ", ".join(suspects))
+        return RobustStep(True, clipped_names, suspects, median)
+    guard = ModelGuard(model, optimizer.state_dict())
+    optimizer.step(gradient, round_)
+    if not model_is_finite(model):
+        guard.restore(model, optimizer)
+        suspects = describe_suspects(report, names)
+        log.error("round %d refused: the stepped model is not finite (rolled back); largest updates: %s",
+                  round_, ", ".join(suspects))
+        return RobustStep(True, clipped_names, suspects, median)
+    return RobustStep(False, clipped_names, [], median)

@@ -1,0 +1,129 @@
+"""Admission control (server/admission.py): idle streams, stream caps, bounded strings."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from gradwire import protocol
+from gradwire.protocol import SERVICE_NAME
+from gradwire.server.admission import printable
+from gradwire.status import fetch_status
+from gradwire.v1 import exchange_pb2 as pb
+
+IDLE_STREAMS = 1000
+HELLO_TIMEOUT_S = 2.0
+
+
+def _idle_streams(port: int, count: int, per_channel: int = 100):
+    """``count`` Train streams that never send a message; returns (channels, calls, release)."""
+    release = threading.Event()
+
+    def nothing():
+        release.wait()
+        return
+        yield  # a generator that sends nothing until released
+
+    channels, calls = [], []
+    for _ in range(0, count, per_channel):
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channels.append(channel)
+        method = channel.stream_stream(f"/{SERVICE_NAME}/Train", request_serializer=pb.WorkerMessage.SerializeToString,
+                                       response_deserializer=pb.ServerMessage.FromString)
+        calls.extend(method(nothing()) for _ in range(per_channel))
+    return channels, calls, release
+
+
+def test_a_thousand_idle_streams_do_not_hold_the_round_or_status(make_server, run_workers):
+    running = make_server(workers=2, rounds=2, hello_timeout_s=HELLO_TIMEOUT_S)
+    channels, calls, release = _idle_streams(running.port, IDLE_STREAMS)
+    try:
+        time.sleep(0.5)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            started = time.monotonic()
+            assert fetch_status(channel, timeout=5).protocol == protocol.PROTOCOL
+            assert time.monotonic() - started < 1.0
+        started = time.monotonic()
+        results = run_workers(running.port, 2)
+        elapsed = time.monotonic() - started
+        assert all(r is not None and r.finished for r in results)
+        assert running.summary()["rounds"] == 2
+        # at worst the honest workers wait for the idle streams' Hello deadline
+        assert elapsed < HELLO_TIMEOUT_S + 20, elapsed
+        assert not any(r.startswith("worker-") for r in running.engine.records)  # idle streams never joined
+        deadline = time.monotonic() + HELLO_TIMEOUT_S + 10
+        while not all(c.done() for c in calls) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        refused = sum(1 for c in calls if c.done() and c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+        cancelled = sum(1 for c in calls if c.done() and c.code() == grpc.StatusCode.CANCELLED)
+        assert refused >= IDLE_STREAMS - 100 and refused + cancelled >= IDLE_STREAMS - 1, (refused, cancelled)
+    finally:
+        release.set()
+        for c in calls:
+            c.cancel()
+        for channel in channels:
+            channel.close()
+
+
+@pytest.mark.parametrize(("worker_id", "code"), [("x" * 129, grpc.StatusCode.INVALID_ARGUMENT),
+                                                 ("evil\nid", grpc.StatusCode.INVALID_ARGUMENT)])
+def test_unbounded_or_control_character_ids_are_refused(make_server, manual_workers, worker_id, code):
+    running = make_server(workers=1, rounds=1)
+    worker = manual_workers(f"127.0.0.1:{running.port}")
+    with pytest.raises(grpc.RpcError) as err:
+        worker.hello(worker_id)
+    assert err.value.code() == code
+    assert not running.engine.records
+
+
+def test_a_long_hostname_is_cut_and_escaped_before_the_ledger_keeps_it(make_server, manual_workers):
+    running = make_server(workers=1, rounds=1)
+    worker = manual_workers(f"127.0.0.1:{running.port}")
+    worker.send(pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id="w0", codecs=["dense"],
+                                                hostname="h\x1b[31m" + "y" * 100_000)))
+    assert worker.recv().WhichOneof("body") == "welcome"
+    hostname = running.engine.records["w0"].hostname
+    assert len(hostname) <= 256 and "\x1b" not in hostname
+
+
+def test_printable_cuts_and_escapes():
+    assert printable("abc", 10) == "abc"
+    assert printable("a\x00b", 10) == "a\\x00b"
+    assert printable("z" * 20, 5) == "zzzzz…"
+
+
+def test_the_message_limit_applies_to_the_decompressed_size_of_a_gzip_message(make_server):
+    # 4 MiB of zeros gzip to ~4 KiB; gRPC refuses it against --max-message-mb 1 after decompression.
+    running = make_server(workers=1, rounds=1, max_message_mb=1)
+    hello = pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id="w0", codecs=["dense"],
+                                            hostname="\x00" * (4 * 2**20)))
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}", compression=grpc.Compression.Gzip) as channel:
+        method = channel.stream_stream(f"/{SERVICE_NAME}/Train", request_serializer=pb.WorkerMessage.SerializeToString,
+                                       response_deserializer=pb.ServerMessage.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            next(method(iter([hello]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not running.engine.records
+
+
+def test_records_of_departed_workers_that_never_contributed_are_pruned(make_server, manual_workers, monkeypatch):
+    from gradwire.server import admission
+
+    monkeypatch.setattr(admission.prune_records, "__defaults__", (5,))
+    running = make_server(workers=50, rounds=1, start_timeout_s=60)
+    for i in range(12):
+        worker = manual_workers(f"127.0.0.1:{running.port}")
+        worker.send(pb.WorkerMessage(hello=pb.Hello(protocol=protocol.PROTOCOL, requested_worker_id=f"cycling-{i}",
+                                                    codecs=["dense"])))
+        deadline = time.monotonic() + 10
+        while f"cycling-{i}" not in running.engine.records and time.monotonic() < deadline:
+            time.sleep(0.02)
+        worker.close()
+        while running.engine.records[f"cycling-{i}"].connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+    records = running.engine.records
+    assert len(records) <= 5 and "cycling-11" in records
+    assert len({r.rank for r in records.values()}) == len(records)

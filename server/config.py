@@ -71,7 +71,7 @@ class ServerConfig:
     report_timeout_s: float = 10.0
     metrics_address: str = ""  # host:port for Prometheus /metrics; "" = off
     aggregate: str = "mean"  # mean | trimmed-mean | median (server/robust.py)
-    clip_multiple: float = 3.0  # clip each update's norm to this x the round's median norm; 0 = off
+    clip_multiple: float = 10.0  # bound each update's norm by this x the round's median norm; 0 = off (robust.py)
     trim_fraction: float = 0.2  # trimmed-mean: fraction dropped at each end of every coordinate
     outliers: str = "drop"  # updates above the clip norm: dropped from the round, or scaled down to it
     tls_cert: str = ""  # PEM files (server/auth.py): TLS with cert+key, mutual TLS with a CA too

@@ -4,13 +4,15 @@ The PS decodes and refuses non-finite updates one by one (``compressors.update``
 finite values can still do harm: entries of 1e30 drag the mean anywhere, and entries of
 3e38 overflow float32 once summed or stepped. Three defences, applied in this order:
 
-1. **Norm clipping** (``clip_multiple``, default 3; 0 = off): each update whose L2 norm
+1. **Norm clipping** (``clip_multiple``, default 10; 0 = off): each update whose L2 norm
    exceeds ``clip_multiple`` × the round's median update norm is left out of the round
-   (``outliers="drop"``, the default) or scaled down to that norm (``outliers="scale"``).
-   The median is the *lower* median of the round's norms, so with two workers one of which
-   is hostile the honest norm sets the bar. Honest updates of one round have norms within
-   a small factor of each other, so a multiple of 3 leaves honest training (nearly) alone
-   while one worker can move the mean by at most ``clip_multiple / n`` honest norms. Scaling
+   (``outliers="drop"``, the default, with 3 or more updates) or scaled down to that norm
+   (``outliers="scale"``, and always with 2 updates, which have no majority to say which is
+   out of line). The median is the *lower* median of the round's norms, so with two workers
+   one of which is hostile the honest norm sets the bar. Honest updates of one round have
+   norms within a small factor of each other (a 3x bar dropped an honest TPC update whose
+   trigger had fired), so a multiple of 10 leaves honest training alone while one worker can
+   move the mean by at most ``clip_multiple / n`` honest norms. Scaling
    still lets a worker that pushes one direction every round steer a mean; dropping removes
    any update that is far out of line, at the price of losing an honest outlier's round.
 2. **Aggregation** (``aggregate``): ``mean`` (the default), ``trimmed-mean`` (coordinate-wise:
@@ -40,7 +42,8 @@ from gradwire.server.aggregation import mean_update
 log = logging.getLogger("gradwire.server")
 
 AGGREGATES = ("mean", "trimmed-mean", "median")
-DEFAULT_CLIP_MULTIPLE = 3.0
+# Dropping needs a majority of the round to define "out of line"; below this, outliers are scaled.
+MIN_UPDATES_TO_DROP = 3
 DEFAULT_TRIM_FRACTION = 0.2
 
 Update = Mapping[str, np.ndarray]
@@ -81,6 +84,10 @@ def clip_updates(by_rank: Mapping[int, Update], multiple: float, mode: str = "sc
     ordered = sorted(norms.values())
     median = ordered[(len(ordered) - 1) // 2] if ordered else 0.0
     threshold = multiple * median if multiple > 0 else math.inf
+    if len(norms) < MIN_UPDATES_TO_DROP:
+        # Two updates have no majority to say which one is out of line: bound the larger, never drop it
+        # (an honest worker's gradient can be several times the other's, e.g. when TPC's trigger fires).
+        mode = "scale"
     out: dict[int, dict[str, np.ndarray]] = {}
     clipped = []
     for rank, update in by_rank.items():

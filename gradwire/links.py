@@ -176,16 +176,3 @@ def clear(ifname: str) -> None:
         if ifb:
             ip.link("del", index=ifb[0])
 
-
-def shape_for_rank(rank: int, environ: dict[str, str] | None = None) -> LinkProfile:
-    """Apply this worker's profile from GRADWIRE_LINK / GRADWIRE_LINKS to GRADWIRE_INTERFACE.
-
-    Called by the worker once the PS has assigned its rank; a no-op when no profile is set.
-    """
-    import os
-
-    env = os.environ if environ is None else environ
-    profile = profile_for_rank(env.get("GRADWIRE_LINK", ""), env.get("GRADWIRE_LINKS", ""), rank)
-    if profile.shaped:
-        apply(profile, env.get("GRADWIRE_INTERFACE") or "eth0")
-    return profile

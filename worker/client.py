@@ -21,7 +21,7 @@ _CLOSE = object()
 
 
 def open_channel(target: str, max_message_mb: int, **security: str) -> grpc.Channel:
-    """``security``: tls_ca, tls_cert, tls_key, token, server_name (see server/auth.py's client_channel)."""
+    """``security``: tls_ca, tls_cert, tls_key, token, server_name (see gradwire/channel.py's client_channel)."""
     limit = max_message_mb * 2**20
     return client_channel(
         target,

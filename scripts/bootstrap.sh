@@ -14,6 +14,7 @@
 # Environment:
 #   GRADWIRE_SKIP_BUILD=1     same as --no-build
 #   GRADWIRE_BASE_IMAGE       base image tag (default python:3.11-slim)
+#   GRADWIRE_IMAGE            tag of the gradwire image compose builds and runs (default gradwire:latest)
 #   GRADWIRE_DEBIAN_MIRROR    Debian mirror for the stand-in (default: the one apt uses)
 #   PIP_* variables           passed to `pip download` (e.g. an index that serves a CPU torch)
 set -euo pipefail
@@ -169,6 +170,6 @@ fi
 if [ "${GRADWIRE_SKIP_BUILD:-0}" != 1 ]; then
     log "building the gradwire image (docker compose build)"
     docker compose build
-    log "image: $(docker image inspect -f '{{.Size}}' gradwire:latest | awk '{printf "%.0f MB", $1/1e6}')"
+    log "image: $(docker image inspect -f '{{.Size}}' "${GRADWIRE_IMAGE:-gradwire:latest}" | awk '{printf "%.0f MB", $1/1e6}')"
 fi
 log "ready in $(( $(date +%s) - t0 )) s; next: docker compose up"

@@ -36,6 +36,8 @@ RELATIVE = 0.10
 PER_MESSAGE_BYTES = 1024
 PER_CONNECTION_BYTES = 8192
 TIMEOUT_S = 600
+# The tag compose builds and runs (docker-compose.yml: GRADWIRE_IMAGE).
+IMAGE = os.environ.get("GRADWIRE_IMAGE") or "gradwire:latest"
 
 
 def _no_engine_reason() -> str | None:
@@ -87,7 +89,7 @@ def image(engine, tmp_path_factory) -> str:
     text = log.read_text()
     assert proc.returncode == 0, f"scripts/bootstrap.sh failed:\n{text[-4000:]}"
     print(f"\nbootstrap + image build: {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    return "gradwire:latest"
+    return IMAGE
 
 
 def _bytes_json(project: str, env: dict[str, str]) -> dict | None:
@@ -197,7 +199,7 @@ def test_compose_cluster_trains_and_interface_bytes_match_protobuf(cluster):
     # 4. gradwire runs as the unprivileged `gradwire` user (uid 10001): the entry point starts as root
     # only to hand a worker CAP_NET_ADMIN (docker/entrypoint.sh), so check what the PS actually wrote.
     owner = _run(["docker", "run", "--rm", "-v", f"{project}_runs:/runs:ro", "--entrypoint", "stat",
-                  "gradwire:latest", "-c", "%u", "/runs/summary.json"], env).stdout.strip()
+                  IMAGE, "-c", "%u", "/runs/summary.json"], env).stdout.strip()
     assert owner == "10001", owner
 
 

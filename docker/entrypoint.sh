@@ -5,6 +5,11 @@
 # ambient capability, so the worker can shape its own container's interface after it learns its
 # rank; every other capability is dropped.
 set -eu
+# Compose mounts the user's data folder at /data and passes the host's path as
+# GRADWIRE_HOST_DATA_DIR (empty: none given); only then is /data the PS's data folder.
+if [ -n "${GRADWIRE_HOST_DATA_DIR:-}" ] && [ -z "${GRADWIRE_DATA_DIR:-}" ]; then
+    export GRADWIRE_DATA_DIR=/data
+fi
 if [ "$(id -u)" != 0 ]; then
     exec gradwire "$@"
 fi

@@ -1,4 +1,4 @@
-"""`gradwire bytes`: what a compose project put on the wire, per container and per round.
+"""`gradwire bytes`: what a compose project (or swarm stack) put on the wire, per container and per round.
 
 Three byte counts side by side (docs/algorithms.md §6):
 
@@ -15,6 +15,8 @@ gRPC/HTTP/2/TCP/IP framing, and the TCP acknowledgements of the other direction.
 Sources, in order of preference (``--project``, the default): the Status of the running PS, queried
 from inside the PS container over its loopback (so the query itself never shows up on the PS's
 interface counters), else ``summary.json`` read out of the (possibly stopped) PS container.
+``--stack NAME`` reads a ``docker stack deploy`` stack the same way (its containers by their swarm
+labels, named ``STACK_SERVICE.SLOT``).
 ``--summary FILE`` or ``--status FILE`` read a saved summary / ``gradwire status --json`` output
 instead and need no Docker engine.
 Parts: ``bytes_report_run`` (the sources: Status / summary.json into ``RunData``),
@@ -52,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradwire bytes",
         description="Payload, protobuf and network-interface bytes per container and per round of a gradwire "
-                    "compose project (running or finished).")
+                    "compose project or swarm stack (running or finished).")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--project", "-p", default=os.environ.get("COMPOSE_PROJECT_NAME") or DEFAULT_PROJECT,
                      help="compose project name (default: $COMPOSE_PROJECT_NAME or %(default)s)")
+    src.add_argument("--stack", "-s", default=None, metavar="NAME",
+                     help="a swarm stack (`docker stack deploy -c docker-compose.yml NAME`) instead of a compose "
+                          "project; a --project name with no compose containers is looked up as a stack too")
     src.add_argument("--summary", metavar="FILE", help="read a run's summary.json instead (no Docker needed)")
     src.add_argument("--status", metavar="FILE", help="read saved `gradwire status --json` output instead")
     p.add_argument("--ps-service", default=DEFAULT_PS_SERVICE)
@@ -90,14 +95,22 @@ def _resolves(host: str) -> bool:
     return True
 
 
-def wait_for_summary(path: str, since: float, ps_host: str = "", timeout_s: float = 0.0, poll_s: float = 1.0) -> None:
+# How long --ps-host may not resolve before it first does: a swarm starts the report beside the PS,
+# and the PS's name resolves only once its task runs (compose starts the PS first).
+PS_HOST_APPEAR_S = 300.0
+
+
+def wait_for_summary(path: str, since: float, ps_host: str = "", timeout_s: float = 0.0, poll_s: float = 1.0,
+                     appear_s: float = PS_HOST_APPEAR_S) -> None:
     """Block until ``path`` was (re)written at or after ``since`` (a time.time()).
 
-    Raises ReportError when ``ps_host`` stops resolving for a few polls without a fresh summary (the
-    PS is gone), or after ``timeout_s`` (if > 0).
+    Raises ReportError when ``ps_host``, once it resolved, stops resolving for a few polls without a
+    fresh summary (the PS is gone), or never resolves within ``appear_s``, or after ``timeout_s`` (if > 0).
     """
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else math.inf
+    appear_deadline = time.monotonic() + appear_s
     gone = 0
+    seen = False
     while True:
         try:
             if os.stat(path).st_mtime >= since - 1.0:
@@ -106,7 +119,11 @@ def wait_for_summary(path: str, since: float, ps_host: str = "", timeout_s: floa
         except OSError:
             pass
         if ps_host:
-            gone = 0 if _resolves(ps_host) else gone + 1
+            resolves = _resolves(ps_host)
+            seen = seen or resolves
+            if not seen and time.monotonic() > appear_deadline:
+                raise ReportError(f"{ps_host} did not resolve within {appear_s:.0f} s: is the PS running?")
+            gone = 0 if resolves or not seen else gone + 1
             if gone >= 3:
                 raise ReportError(f"{ps_host} stopped without writing {path}: see its log (docker compose logs ps)")
         if time.monotonic() > deadline:
@@ -194,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _collect(client, args) -> dict[str, Any]:
-    return collect(client, args.project, args.ps_service, args.worker_service, link=args.link, links=args.links)
+    return collect(client, args.project, args.ps_service, args.worker_service, link=args.link, links=args.links,
+                   stack=args.stack)
 
 
 def _watch(client, args) -> int:

@@ -1,10 +1,11 @@
-"""`gradwire bytes`, Docker: a compose project's containers, live counters, Status and summary.
+"""`gradwire bytes`, Docker: a compose project's or swarm stack's containers, live counters, Status and summary.
 
 Part of the bytes report (``gradwire bytes``, docs/algorithms.md §6; overview in
-``gradwire/bytes_report.py``). Through the docker SDK: lists the project's containers, reads
-each running container's interface counters (``docker stats``), fetches the PS's Status from
-inside the PS container over its loopback, else copies its summary.json out, and builds the
-report (``collect``).
+``gradwire/bytes_report.py``). Through the docker SDK: lists the project's containers (or a
+``docker stack deploy`` stack's: its tasks' containers on this node, and on a manager its tasks on
+other nodes), reads each running local container's interface counters (``docker stats``), fetches
+the PS's Status from inside the PS container over its loopback, else copies its summary.json out,
+and builds the report (``collect``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ SERVICE_LABEL = "com.docker.compose.service"
 NUMBER_LABEL = "com.docker.compose.container-number"
 DEFAULT_PROJECT = "gradwire"
 DEFAULT_PORT = 50051
+# docker stack deploy: every task's container carries its stack and service (STACK_SERVICE), and
+# its task name STACK_SERVICE.SLOT.TASKID. Its compose labels, if any, are the image's (compose
+# labels the images it builds), so they say nothing about the container.
+STACK_LABEL = "com.docker.stack.namespace"
+SWARM_SERVICE_LABEL = "com.docker.swarm.service.name"
+SWARM_TASK_NAME_LABEL = "com.docker.swarm.task.name"
 
 
 def docker_client():
@@ -62,12 +69,86 @@ def list_containers(client, project: str) -> list[tuple[Any, ContainerInfo]]:
     out = []
     for c in client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project}"}):
         labels = c.labels or {}
+        if STACK_LABEL in labels:
+            continue  # a swarm task of an image compose built: the compose labels are the image's
         out.append((c, ContainerInfo(
             name=c.name, id=c.id, hostname=(c.attrs.get("Config") or {}).get("Hostname", ""),
             service=labels.get(SERVICE_LABEL, ""), state=c.status, number=json_int(labels.get(NUMBER_LABEL)),
             link=_container_env(c, "GRADWIRE_LINK") or "", links=_container_env(c, "GRADWIRE_LINKS") or "",
         )))
     return out
+
+
+def _task_slot(task_name: str, swarm_service: str) -> int:
+    """The replica slot in a task name ``STACK_SERVICE.SLOT.TASKID`` (0 where there is none)."""
+    slot = task_name.removeprefix(swarm_service + ".").split(".", 1)[0]
+    return int(slot) if slot.isdigit() else 0
+
+
+def _env_value(env: list[str] | None, name: str) -> str:
+    for item in env or []:
+        key, _, value = item.partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+def list_stack_containers(client, stack: str) -> list[tuple[Any, ContainerInfo]]:
+    """A swarm stack's task containers: those on this node (docker SDK object and ContainerInfo), then,
+    where this engine is a swarm manager, the stack's tasks on other nodes (None and a ContainerInfo
+    from the task: no live counters there; their workers' recorded counters still reach the report
+    through the PS). Names are what ``docker stack ps`` shows: ``STACK_SERVICE.SLOT``."""
+    out: list[tuple[Any, ContainerInfo]] = []
+    prefix = f"{stack}_"
+    for c in client.containers.list(all=True, filters={"label": f"{STACK_LABEL}={stack}"}):
+        labels = c.labels or {}
+        swarm_service = labels.get(SWARM_SERVICE_LABEL, "")
+        slot = _task_slot(labels.get(SWARM_TASK_NAME_LABEL, ""), swarm_service)
+        out.append((c, ContainerInfo(
+            name=c.name, id=c.id, hostname=(c.attrs.get("Config") or {}).get("Hostname", ""),
+            service=swarm_service.removeprefix(prefix), state=c.status, number=slot,
+            link=_container_env(c, "GRADWIRE_LINK") or "", links=_container_env(c, "GRADWIRE_LINKS") or "",
+            display_name=f"{swarm_service}.{slot}" if slot else c.name,
+        )))
+    local_ids = {info.id for _, info in out}
+    out.extend((None, info) for info in _remote_tasks(client, stack, local_ids))
+    return out
+
+
+def _remote_tasks(client, stack: str, local_ids: set[str]) -> list[ContainerInfo]:
+    """The stack's tasks whose containers are not on this node (a multi-node swarm), from the swarm
+    API; none where this engine is not a manager (it cannot list tasks)."""
+    try:
+        services = client.api.services(filters={"label": f"{STACK_LABEL}={stack}"})
+    except Exception:
+        return []  # not a swarm manager, or swarm mode is off
+    out = []
+    for service in services:
+        swarm_service = (service.get("Spec") or {}).get("Name", "")
+        try:
+            tasks = client.api.tasks(filters={"service": service["ID"]})
+        except Exception:
+            continue
+        for task in tasks:
+            status = task.get("Status") or {}
+            container_id = (status.get("ContainerStatus") or {}).get("ContainerID", "")
+            if container_id in local_ids:
+                continue
+            spec = (task.get("Spec") or {}).get("ContainerSpec") or {}
+            slot = int(task.get("Slot") or 0)
+            env = spec.get("Env")
+            out.append(ContainerInfo(
+                name=f"{swarm_service}.{slot}.{task.get('ID', '')}", id=container_id,
+                # A task's container is named after its id unless the service sets a hostname.
+                hostname=spec.get("Hostname") or container_id[:12], service=swarm_service.removeprefix(f"{stack}_"),
+                state=status.get("State", ""), number=slot, link=_env_value(env, "GRADWIRE_LINK"),
+                links=_env_value(env, "GRADWIRE_LINKS"), display_name=f"{swarm_service}.{slot}",
+            ))
+    return out
+
+
+def _stack_names(client) -> list[str]:
+    return sorted({s for c in client.containers.list(all=True) if (s := (c.labels or {}).get(STACK_LABEL))})
 
 
 def _container_env(container, name: str) -> str | None:
@@ -128,18 +209,38 @@ def _summary_via_archive(container) -> dict | None:
 
 def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
             worker_service: str = DEFAULT_WORKER_SERVICE, *, link: str | None = None,
-            links: str | None = None) -> dict[str, Any]:
-    pairs = list_containers(client, project)
+            links: str | None = None, stack: str | None = None) -> dict[str, Any]:
+    """The report of compose project ``project``, or of swarm stack ``stack`` when given. A project
+    name with no compose containers but a stack of that name is read as that stack."""
+    if stack:
+        pairs, kind, name = list_stack_containers(client, stack), "stack", stack
+    else:
+        pairs, kind, name = list_containers(client, project), "compose project", project
+        if not pairs and (stack_pairs := list_stack_containers(client, project)):
+            pairs, kind, name = stack_pairs, "stack", project
     if not pairs:
-        projects = sorted({p for c in client.containers.list(all=True) if (p := (c.labels or {}).get(PROJECT_LABEL))})
-        raise ReportError(f"no containers of compose project {project!r}"
-                          + (f"; projects found: {', '.join(projects)}" if projects else "; is it up (docker compose up)?"))
-    ps = next((c for c, info in pairs if info.service == ps_service), None)
+        projects = sorted({p for c in client.containers.list(all=True)
+                           if (p := (c.labels or {}).get(PROJECT_LABEL)) and STACK_LABEL not in (c.labels or {})})
+        stacks = _stack_names(client)
+        found = ([f"compose projects: {', '.join(projects)}"] if projects else []) + (
+            [f"stacks (--stack): {', '.join(stacks)}"] if stacks else [])
+        raise ReportError(f"no containers of {kind} {name!r}"
+                          + (f"; found {'; '.join(found)}" if found
+                             else "; is it up (docker compose up, or docker stack deploy)?"))
+    ps_pairs = [(c, info) for c, info in pairs if info.service == ps_service]
+    # A stack keeps the containers of earlier tasks: the running PS, else the newest one.
+    local_ps = sorted((c for c, _ in ps_pairs if c is not None),
+                      key=lambda c: (c.status == "running", (c.attrs or {}).get("Created", "")))
+    ps = local_ps[-1] if local_ps else None
     if ps is None:
-        raise ReportError(f"compose project {project!r} has no {ps_service!r} service container")
+        remote = next((info for c, info in ps_pairs if c is None), None)
+        if remote is not None:
+            raise ReportError(f"the PS of {kind} {name!r} ({remote.compose_name}) runs on another node: run "
+                              "gradwire bytes on that node (or point DOCKER_HOST at its engine)")
+        raise ReportError(f"{kind} {name!r} has no {ps_service!r} service container")
     # The Status and every running container's counters are read at the same time, so that during
     # training they describe (nearly) the same moment.
-    running = [(c, info) for c, info in pairs if c.status == "running"]
+    running = [(c, info) for c, info in pairs if c is not None and c.status == "running"]
     with ThreadPoolExecutor(max_workers=min(16, len(running) + 1)) as pool:
         status = pool.submit(_status_via_exec, ps) if ps.status == "running" else None
         for (_, info), live in zip(running, pool.map(lambda pair: _live_counters(pair[0]), running), strict=True):
@@ -149,8 +250,11 @@ def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
     if run is None:
         summary = _summary_via_archive(ps)
         if summary is None:
-            raise ReportError(f"the PS of project {project!r} ({ps.name}, {ps.status}) answers no Status and has "
+            raise ReportError(f"the PS of {kind} {name!r} ({ps.name}, {ps.status}) answers no Status and has "
                               "written no summary.json yet; try again in a moment")
         run = run_from_summary(summary)
-    return build_report(run, [info for _, info in pairs], project=project, ps_service=ps_service,
+    # The other PS containers (earlier tasks of a stack) are no part of this run's report.
+    infos = [info for c, info in pairs if info.service != ps_service or c is ps]
+    return build_report(run, infos, project=name if kind != "stack" else None,
+                        stack=name if kind == "stack" else None, ps_service=ps_service,
                         worker_service=worker_service, link_env=link, links_env=links)

@@ -43,10 +43,16 @@ class ContainerInfo:
     # The container's GRADWIRE_LINK / GRADWIRE_LINKS (empty: unset, i.e. an unshaped link)
     link: str = ""
     links: str = ""
+    # What its orchestrator calls it, where that is not compose's SERVICE-N: a swarm task's
+    # STACK_SERVICE.SLOT (``gw_worker.1``, as ``docker stack ps`` shows it)
+    display_name: str = ""
 
     @property
     def compose_name(self) -> str:
-        """What ``docker compose`` calls it (``worker-1``): service and replica number from its labels."""
+        """What ``docker compose`` calls it (``worker-1``: service and replica number from its labels),
+        or ``docker stack ps`` (``display_name``)."""
+        if self.display_name:
+            return self.display_name
         return f"{self.service}-{self.number}" if self.service and self.number else self.name
 
 
@@ -145,8 +151,10 @@ def _bits_per_entry(nbytes: int | None, params: int, updates: int) -> float | No
 
 def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, project: str | None = None,
                  ps_service: str = DEFAULT_PS_SERVICE, worker_service: str = DEFAULT_WORKER_SERVICE,
-                 link_env: str | None = None, links_env: str | None = None) -> dict[str, Any]:
+                 link_env: str | None = None, links_env: str | None = None, stack: str | None = None) -> dict[str, Any]:
     """The report as plain data (what ``--json`` prints): every figure the tables show.
+
+    ``project``: the compose project the containers belong to; ``stack``: the swarm stack instead.
 
     ``link_env``/``links_env``: the run's GRADWIRE_LINK/GRADWIRE_LINKS where no container says (a summary).
     Compression is dense-equivalent bytes (4 B × params × messages) over payload or interface bytes,
@@ -252,7 +260,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
                      "total_rounds": run.total_rounds, "workers": len(joined), "uplink": uplink, "downlink": downlink},
         "elapsed_s": run.elapsed_s,
         "throughput_over": "interface bytes × 8 / elapsed_s, the PS's training time (first round to finish)",
-        "project": project, "source": run.source, "codec": run.codec, "downlink_codec": run.downlink_codec,
+        "project": project, "stack": stack, "source": run.source, "codec": run.codec, "downlink_codec": run.downlink_codec,
         "params": run.params, "round": run.round,
         "total_rounds": run.total_rounds, "finished": run.finished, "final_accuracy": run.final_accuracy,
         "distinct_ranks": len(set(ranks)) == len(ranks),

@@ -55,13 +55,20 @@ def _x_na(x: float | None) -> str:
     return NA if x is None else _x(x)
 
 
+def _where(report: Mapping[str, Any]) -> str:
+    """What the report is of: a compose project, a swarm stack, or a file's source."""
+    if report.get("stack"):
+        return f"stack {report['stack']}"
+    return f"project {report['project']}" if report["project"] else f"from {report['source']}"
+
+
 def _header(report: Mapping[str, Any]):
     """The lines a reader wants first: accuracy, time, rounds, compression per direction."""
     from rich.text import Text
 
     head = report["headline"]
     state = "finished" if report["finished"] else "running"
-    where = f"project {report['project']}" if report["project"] else f"from {report['source']}"
+    where = _where(report)
     acc = head["final_accuracy"]
     elapsed = head["elapsed_s"]
     t = Text()
@@ -139,7 +146,7 @@ def render_wide(report: Mapping[str, Any], max_rounds: int | None = None):
     from rich.text import Text
 
     state = "finished" if report["finished"] else "running"
-    where = f"project {report['project']}" if report["project"] else f"from {report['source']}"
+    where = _where(report)
     downlink = report.get("downlink_codec") or "dense"
     title = (f"gradwire bytes · {where} · codec {report['codec'] or '–'}"
              f"{'' if downlink == 'dense' else f' · downlink {downlink}'} · "

@@ -226,14 +226,37 @@ def test_wait_for_summary_wants_a_fresh_file(tmp_path, monkeypatch):
     path.write_text(json.dumps(fake_summary()))
     old = time.time() - 3600
     os.utime(path, (old, old))  # a previous run's summary: not this run's
-    monkeypatch.setattr(br, "_resolves", lambda host: False)  # the PS is gone (no DNS query is made)
+    answers = iter([True])  # the PS resolved once, then is gone (no DNS query is made)
+    monkeypatch.setattr(br, "_resolves", lambda host: next(answers, False))
     with pytest.raises(br.ReportError, match="stopped without writing"):
         br.wait_for_summary(str(path), time.time(), ps_host="ps", poll_s=0.01)
+    # A swarm starts the report beside the PS: a name that never resolved yet is waited for, up to a bound.
+    monkeypatch.setattr(br, "_resolves", lambda host: False)
+    with pytest.raises(br.ReportError, match="did not resolve within"):
+        br.wait_for_summary(str(path), time.time(), ps_host="ps", poll_s=0.01, appear_s=0.1)
     with pytest.raises(br.ReportError, match="no fresh"):
         br.wait_for_summary(str(path), time.time(), timeout_s=0.05, poll_s=0.01)
     since = time.time()
     path.write_text(json.dumps(fake_summary()))  # written now: accepted at once
     br.wait_for_summary(str(path), since, ps_host="ps", poll_s=0.01)
+
+
+def test_wait_for_summary_waits_for_a_ps_not_resolving_yet(tmp_path, monkeypatch):
+    """docker stack deploy starts the report at the same time as the PS, whose name resolves only once
+    its task runs: the report must not give up on a PS it has never seen (it once did, at once)."""
+    import threading
+    import time
+
+    path = tmp_path / "summary.json"
+    monkeypatch.setattr(br, "_resolves", lambda host: False)
+    since = time.time()
+    writer = threading.Timer(0.3, lambda: path.write_text(json.dumps(fake_summary())))
+    writer.start()
+    try:
+        br.wait_for_summary(str(path), since, ps_host="ps", poll_s=0.01)
+    finally:
+        writer.cancel()
+    assert path.exists()
 
 
 def test_downlink_payload_and_codec_are_reported_from_both_sources():

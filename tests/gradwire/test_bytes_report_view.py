@@ -190,8 +190,8 @@ def test_watch_into_a_pipe_prints_every_refresh(monkeypatch, capsys):
     calls = iter(frames)
     monkeypatch.setattr(br, "collect", lambda *a, **k: next(calls))
     monkeypatch.setattr(br.time, "sleep", lambda s: None)
-    args = SimpleNamespace(project="p", ps_service="ps", worker_service="worker", link=None, links=None, json=False,
-                           interval=0.01, rounds=None, wide=False)
+    args = SimpleNamespace(project="p", stack=None, ps_service="ps", worker_service="worker", link=None, links=None,
+                           json=False, interval=0.01, rounds=None, wide=False)
     assert br._watch(object(), args) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if re.match(r"\d\d:\d\d:\d\d round ", line)]

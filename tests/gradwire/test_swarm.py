@@ -154,5 +154,11 @@ def test_stack_from_the_compose_file_trains_3_workers_and_gradwire_bytes_reports
     assert all(state.startswith("Complete") for state in states.values()), tasks
     assert sorted(states) == sorted([f"{name}_ps.1", f"{name}_report.1"]
                                     + [f"{name}_worker.{slot}" for slot in range(1, WORKERS + 1)]), tasks
+    # One network per service, the stack's overlay: no second leg (docker_gwbridge, ingress) whose
+    # counters could carry the gRPC traffic instead of the eth0 the processes record.
+    for service in ("ps", "worker"):
+        spec = json.loads(_run(["docker", "service", "inspect", f"{name}_{service}"], env).stdout)[0]["Spec"]
+        networks = (spec.get("TaskTemplate") or {}).get("Networks") or spec.get("Networks") or []
+        assert len(networks) == 1 and not spec.get("EndpointSpec", {}).get("Ports"), spec
     report_log = _run(["docker", "service", "logs", "--raw", f"{name}_report"], env).stdout
     assert "gradwire bytes" in report_log and "(PS)" in report_log, report_log[-2000:]

@@ -23,14 +23,9 @@ def test_a_short_fuzz_campaign_finds_no_crash_and_no_non_finite_model(codec):
     # The baseline is read after the warm-up (a tenth of the messages), between the first Welcome and the end.
     assert report.warmup_messages == 4
     assert report.ps_peak_rss_start_bytes <= report.ps_peak_rss_baseline_bytes <= report.ps_peak_rss_end_bytes
-
-
-def test_a_campaign_encodes_once_per_round_not_once_per_message():
-    """What makes 100,000 messages affordable: a refused message ends its session, so most messages
-    come from a fresh session at the same round and share one honest encoding. Encodings are then at
-    most one per accepted update (its session goes on) plus one per round."""
-    report = fuzz_codec("sign", messages=60, seconds=120, seed=5)
-    assert report.crashes == [] and report.messages == 60, report
+    # What makes 100,000 messages affordable: a refused message ends its session, so most messages come
+    # from a fresh session at the same round and share one honest encoding. Encodings are then at most
+    # one per accepted update (its session goes on) plus one per round.
     assert 0 < report.encodings <= 2 * report.accepted + 1, report
     assert report.encodings < report.messages
 

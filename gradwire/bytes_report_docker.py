@@ -168,11 +168,16 @@ def _ps_port(container) -> int:
 
 
 # Runs inside the PS container: imports only grpc and the generated protos (~0.3 s), unlike the
-# full CLI, so the Status and the interface counters read beside it are close in time.
+# full CLI, so the Status and the interface counters read beside it are close in time. With TLS
+# on (docker-compose.tls.yml) it presents the PS's own credentials from the container's
+# environment: its certificate (which may act as a client) and its token.
 _STATUS_SNIPPET = (
-    "import json, sys, grpc\n"
+    "import json, os, sys\n"
+    "from gradwire.channel import client_channel, token_from_environment\n"
     "from gradwire.status import fetch_status, status_as_dict\n"
-    "with grpc.insecure_channel(sys.argv[1]) as ch:\n"
+    "e = os.environ.get\n"
+    "with client_channel(sys.argv[1], [], e('GRADWIRE_TLS_CA', ''), e('GRADWIRE_TLS_CERT', ''),\n"
+    "                    e('GRADWIRE_TLS_KEY', ''), token_from_environment()) as ch:\n"
     "    print(json.dumps(status_as_dict(fetch_status(ch))))\n"
 )
 

@@ -5,6 +5,7 @@ one is given. The PS's side of the same scheme is ``server/auth.py``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,30 @@ BEARER = "Bearer "
 
 class AuthError(ValueError):
     """A credential file or option that cannot be used."""
+
+
+TOKEN_ENV = "GRADWIRE_TOKEN"
+# A file that holds the shared token: compose mounts it read-only (docker-compose.tls.yml), so the
+# token is in no compose file, no image and no `docker inspect` output.
+TOKEN_FROM_ENV = "GRADWIRE_TOKEN_FROM"
+
+
+def token_from_environment(default: str = "") -> str:
+    """GRADWIRE_TOKEN, else the first line of the file GRADWIRE_TOKEN_FROM names, else ``default``."""
+    token = os.environ.get(TOKEN_ENV, "")
+    if token:
+        return token
+    path = os.environ.get(TOKEN_FROM_ENV, "")
+    if not path:
+        return default
+    try:
+        with open(path) as f:
+            token = f.readline(4096).strip()
+    except OSError as exc:
+        raise AuthError(f"{TOKEN_FROM_ENV}={path!r}: cannot read the token: {exc.strerror}") from None
+    if not token:
+        raise AuthError(f"{TOKEN_FROM_ENV}={path!r}: the file holds no token")
+    return token
 
 
 class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,

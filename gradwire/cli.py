@@ -174,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-FUZZ_CODECS = ("dense", "topk", "randk", "sign", "qsgd", "huffman:bits=4", "ans", "fp8", "m22", "powersgd", "tpc", "lag")
+# Every codec family; the slowest to fuzz (entropy coders: their PS builds a code per distinct
+# parameter set) first, so that with --jobs the fast ones fill in behind them.
+FUZZ_CODECS = ("huffman:bits=4", "fp8", "m22", "ans", "lag", "qsgd", "tpc", "powersgd", "dense", "topk", "randk",
+               "sign")
 
 
 def add_fuzz_flags(p: argparse.ArgumentParser) -> None:
@@ -182,6 +185,9 @@ def add_fuzz_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--messages", type=int, default=1000, help="messages in all, shared among the codecs")
     p.add_argument("--seconds", type=float, default=300.0, help="time budget in all, shared among the codecs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="codecs fuzzed at once, each against its own PS")
+    p.add_argument("--dataset", default="digits", help="the fuzzed PS's task (a small one keeps messages cheap)")
+    p.add_argument("--model", default="linear")
     p.add_argument("--json", default="", help="write the report here")
 
 

@@ -6,7 +6,8 @@
 #      needs no registry and no package index),
 #   3. the base image python:3.11-slim: pulled when a registry answers; otherwise a stand-in
 #      with the same tag is built from a Debian rootfs (debootstrap),
-#   4. the gradwire image (`docker compose build`).
+#   4. the gradwire image (`docker compose build`),
+#   and ./certs for TLS compose (scripts/gen_certs.sh; docker-compose.tls.yml), when missing.
 # Every step is skipped when its result is already there, so running it again is cheap.
 # It never starts the cluster: that is `docker compose up`.
 #
@@ -15,6 +16,7 @@
 #   GRADWIRE_SKIP_BUILD=1     same as --no-build
 #   GRADWIRE_BASE_IMAGE       base image tag (default python:3.11-slim)
 #   GRADWIRE_IMAGE            tag of the gradwire image compose builds and runs (default gradwire:latest)
+#   GRADWIRE_CERTS_DIR        where the TLS certificates go (default ./certs)
 #   GRADWIRE_DEBIAN_MIRROR    Debian mirror for the stand-in (default: the one apt uses)
 #   PIP_* variables           passed to `pip download` (e.g. an index that serves a CPU torch)
 set -euo pipefail
@@ -164,6 +166,20 @@ else
     rm -rf "$rootfs"
     trap - EXIT
     log "built stand-in $BASE_IMAGE ($(docker image inspect -f '{{.Size}}' "$BASE_IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
+fi
+
+# 3b. certificates for TLS compose ------------------------------------------------------------
+# docker-compose.tls.yml mounts ./certs (or GRADWIRE_CERTS_DIR): a CA, the PS's certificate
+# (subjectAltName ps), one client certificate all workers share and a token. Made once; delete
+# the folder to make new ones. They are never copied into the image (.dockerignore).
+CERTS=${GRADWIRE_CERTS_DIR:-$ROOT/certs}
+if [ -s "$CERTS/server.pem" ] && [ -s "$CERTS/worker.pem" ] && [ -s "$CERTS/token" ]; then
+    log "TLS certificates are in $CERTS"
+elif command -v openssl >/dev/null 2>&1; then
+    bash "$ROOT/scripts/gen_certs.sh" "$CERTS" ps worker >/dev/null 9>&-
+    log "wrote TLS certificates and a token to $CERTS (docker-compose.tls.yml)"
+else
+    log "no openssl: TLS certificates not made (needed only for docker-compose.tls.yml)"
 fi
 
 # 4. image ---------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ life. So the PS
   of queued without end;
 * cancels a stream that has not sent its Hello within ``hello_timeout_s`` (an idle connection
   neither holds a thread nor a place in the rounds);
-* bounds the strings a worker sends (ids, hostnames) before they reach logs, Status or summaries.
+* bounds the strings a worker sends (ids, hostnames) before they reach logs, Status or summaries;
+* gives large message buffers back to the OS when they are freed (``return_large_buffers_to_the_os``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import grpc
@@ -105,3 +107,27 @@ def prune_records(records: dict, limit: int = MAX_RECORDS) -> int:
 def next_rank(records: dict) -> int:
     """A rank no kept record has (ranks of pruned records, which never contributed, may come back)."""
     return max((r.rank for r in records.values()), default=-1) + 1
+
+
+# glibc's mallopt parameter M_MMAP_THRESHOLD (malloc.h): from this size on, malloc serves a request
+# with its own mmap, and free returns it to the OS at once.
+_M_MMAP_THRESHOLD = -3
+LARGE_BUFFER_BYTES = 128 * 1024
+
+
+def return_large_buffers_to_the_os() -> bool:
+    """Serve every allocation of 128 KiB or more with mmap (glibc), so that freeing it returns it.
+
+    glibc's default raises that threshold to the size of the largest buffer freed so far (up to
+    32 MiB); from then on message-sized buffers come from the per-thread heaps, and freed ones that
+    are not at a heap's top stay resident. Under a stream of hostile ~0.8 MiB messages (`gradwire
+    fuzz`, 4,000 messages per codec) the PS's peak RSS crept up 2.7-4.1 MiB after the warm-up that
+    way, 0.8-1.4 MiB with the threshold fixed (setting it turns the dynamic adjustment off). The cost
+    is an mmap and its page faults per large buffer: ~1 ms per 5 MB model, nothing next to a round.
+    Returns False, and changes nothing, off glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES))

@@ -16,7 +16,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradwire.protocol import SERVICE_NAME
-from gradwire.server.admission import StreamGate, default_max_streams, executor_threads
+from gradwire.server.admission import (
+    StreamGate,
+    default_max_streams,
+    executor_threads,
+    return_large_buffers_to_the_os,
+)
 from gradwire.server.auth import Credentials, TokenInterceptor, server_credentials
 from gradwire.server.config import ServerConfig
 from gradwire.server.metrics import serve_metrics
@@ -98,6 +103,7 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
 def serve(config: ServerConfig, task: Task | None = None) -> int:
     """`gradwire server`: run until the rounds are done (or SIGTERM), write the summary."""
     torch.set_num_threads(1)
+    return_large_buffers_to_the_os()  # a hostile message's buffers do not stay resident after it is refused
     log.info("config %s", config.to_json())
     running = start_server(config, task)
     host = config.address.rsplit(":", 1)[0]

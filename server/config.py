@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from gradwire.catalog import DATASETS, MODELS
+from gradwire.channel import token_from_environment
 from gradwire.envvars import env
 from gradwire.protocol import DEFAULT_MAX_MESSAGE_MB
 
@@ -214,7 +215,8 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="Train streams held at most (0: 2 x workers + 8); more are refused RESOURCE_EXHAUSTED")
     p.add_argument("--hello-timeout-s", type=float, default=env("HELLO_TIMEOUT_S", d.hello_timeout_s),
                    help="cancel a stream that sends no Hello within this")
-    p.set_defaults(token=env("TOKEN", d.token))  # GRADWIRE_TOKEN only: a flag would show in `ps`
+    # GRADWIRE_TOKEN or GRADWIRE_TOKEN_FROM (a file) only: a flag would show in `ps`
+    p.set_defaults(token=token_from_environment(d.token))
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -6,6 +6,7 @@ import argparse
 import socket
 from dataclasses import dataclass
 
+from gradwire.channel import token_from_environment
 from gradwire.envvars import env
 from gradwire.links import validate as validate_links
 from gradwire.protocol import DEFAULT_MAX_MESSAGE_MB
@@ -72,7 +73,8 @@ def add_client_security_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=env("TLS_KEY", d.tls_key), help="PEM key of --tls-cert")
     p.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", d.tls_server_name),
                    help="name the PS's certificate must carry (default: the host of the address)")
-    p.set_defaults(token=env("TOKEN", d.token))  # GRADWIRE_TOKEN only: a flag would show in `ps`
+    # GRADWIRE_TOKEN or GRADWIRE_TOKEN_FROM (a file) only: a flag would show in `ps`
+    p.set_defaults(token=token_from_environment(d.token))
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:

@@ -232,3 +232,94 @@ def test_compose_runs_a_user_task_from_the_mounted_tasks_folder(image):
     finally:
         _run(["docker", "compose", "-p", project, "down", "-v", "--remove-orphans", "-t", "5"], env, timeout=300,
              check=False)
+
+
+# Run in a one-off container on the project's network (another host, as an outsider would be):
+# Status and Train against the TLS PS with less than the full credentials, then with all of them.
+_PROBE = r"""
+import json, os, grpc
+from gradwire import protocol
+from gradwire.channel import client_channel
+from gradwire.protocol import Hello
+from gradwire.status import fetch_status
+
+T = "/etc/gradwire/tls/"
+token = open(T + "token").read().strip()
+out = {}
+
+def attempt(name, channel):
+    with channel:
+        try:
+            fetch_status(channel, timeout=10)
+            out[name + ":status"] = "OK"
+        except grpc.RpcError as err:
+            out[name + ":status"] = err.code().name
+        train = channel.stream_stream(protocol.TRAIN_METHOD, request_serializer=lambda m: m,
+                                      response_deserializer=protocol.server_message_from_bytes)
+        hello = protocol.worker_message_to_bytes(Hello(protocol=protocol.PROTOCOL, requested_worker_id="intruder"))
+        try:
+            first = next(train(iter([hello]), timeout=10))
+            out[name + ":train"] = type(first).__name__
+        except grpc.RpcError as err:
+            out[name + ":train"] = err.code().name
+
+attempt("plaintext", grpc.insecure_channel("ps:50051"))
+attempt("tls-no-client-cert", client_channel("ps:50051", [], T + "ca.pem"))
+attempt("mtls-no-token", client_channel("ps:50051", [], T + "ca.pem", T + "worker.pem", T + "worker.key"))
+attempt("mtls-wrong-token", client_channel("ps:50051", [], T + "ca.pem", T + "worker.pem", T + "worker.key", "x" * 64))
+with client_channel("ps:50051", [], T + "ca.pem", T + "worker.pem", T + "worker.key", token) as ch:
+    out["all-credentials:status"] = "OK" if fetch_status(ch, timeout=10).protocol else "?"
+print(json.dumps(out))
+"""
+
+
+def test_compose_with_tls_trains_and_refuses_clients_without_credentials(image, tmp_path):
+    """Issue 13 item 4: `docker compose -f docker-compose.yml -f docker-compose.tls.yml up` runs mutual
+    TLS plus a token from certificates scripts/gen_certs.sh made; training completes, `gradwire
+    bytes` still reads the PS's Status (with the PS's own credentials), and a client on the project
+    network without them learns nothing: plaintext and certificate-less connections fail the
+    handshake (UNAVAILABLE), a client certificate without the token gets UNAUTHENTICATED."""
+    workers, rounds = 2, 3
+    certs = tmp_path / "certs"
+    env = _cluster_env()
+    env["GRADWIRE_IMAGE"] = IMAGE
+    _run(["bash", "scripts/gen_certs.sh", str(certs), "ps", "worker"], env)
+    project = f"{os.environ.get('GRADWIRE_TEST_PROJECT_PREFIX', 'gwtls')}{os.getpid()}"
+    env.update({
+        "GRADWIRE_WORKERS": str(workers), "GRADWIRE_ROUNDS": str(rounds), "GRADWIRE_CODEC": "dense",
+        "GRADWIRE_EVAL_EVERY": "1", "GRADWIRE_JOIN_GRACE_S": "3", "GRADWIRE_LINGER_S": str(TIMEOUT_S),
+        "GRADWIRE_CERTS_DIR": str(certs),
+    })
+    compose = ["docker", "compose", "-p", project, "-f", "docker-compose.yml", "-f", "docker-compose.tls.yml"]
+    try:
+        _run(compose + ["up", "-d", "--scale", f"worker={workers}"], env, timeout=TIMEOUT_S)
+        probe = _run(compose + ["run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "worker", "-c", _PROBE],
+                     env, timeout=300)
+        seen = json.loads(probe.stdout.strip().splitlines()[-1])
+        print(f"\nclients without full credentials: {seen}", file=sys.stderr)
+        for name in ("plaintext", "tls-no-client-cert"):
+            assert seen[f"{name}:status"] == "UNAVAILABLE" and seen[f"{name}:train"] == "UNAVAILABLE", seen
+        for name in ("mtls-no-token", "mtls-wrong-token"):
+            assert seen[f"{name}:status"] == "UNAUTHENTICATED" and seen[f"{name}:train"] == "UNAUTHENTICATED", seen
+        assert seen["all-credentials:status"] == "OK", seen
+
+        deadline = time.monotonic() + TIMEOUT_S
+        rep = None
+        while time.monotonic() < deadline:
+            rep = _bytes_json(project, env)  # Status fetched inside the PS container, over TLS
+            if rep is not None and rep["finished"] and len([w for w in rep["workers"] if w["rank"] is not None]) >= workers:
+                break
+            time.sleep(2)
+        logs = _run(compose + ["logs", "--no-color", "--tail", "30"], env, check=False).stdout
+        assert rep is not None and rep["finished"] and rep["source"] == "status", (rep, logs)
+        assert rep["round"] == rounds and rep["final_accuracy"] is not None, (rep, logs)
+        joined = [w for w in rep["workers"] if w["rank"] is not None]
+        assert sorted(w["rank"] for w in joined) == list(range(workers)), joined
+        assert all(w["rounds"] == rounds for w in joined), joined
+        _run(compose + ["wait", "worker"], env, timeout=120, check=False)
+        states = _run(compose + ["ps", "-a", "--format", "{{.Service}} {{.State}} {{.ExitCode}}"], env).stdout
+        worker_exits = [line.split()[-1] for line in states.splitlines() if line.startswith("worker ")]
+        assert worker_exits == ["0"] * workers, (states, logs)
+        assert "Traceback" not in logs, logs
+    finally:
+        _run(compose + ["down", "-v", "--remove-orphans", "-t", "5"], env, timeout=300, check=False)

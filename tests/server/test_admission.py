@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -127,3 +128,39 @@ def test_records_of_departed_workers_that_never_contributed_are_pruned(make_serv
     records = running.engine.records
     assert len(records) <= 5 and "cycling-11" in records
     assert len({r.rank for r in records.values()}) == len(records)
+
+
+_FREE_EVERY_OTHER_MIB = r"""
+import sys
+from gradwire.server.admission import return_large_buffers_to_the_os
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+if sys.argv[1] == "fixed":
+    assert return_large_buffers_to_the_os()
+big = bytearray(16 * 2**20)  # freed: glibc's default now serves buffers up to 16 MiB from its heap
+del big
+before = rss()
+keep = [bytearray(2**20) for _ in range(64)]  # 64 message-sized buffers
+for i in range(0, 64, 2):
+    keep[i] = None  # half of them freed, in the middle of the heap
+print((rss() - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
+def test_freed_message_sized_buffers_go_back_to_the_os():
+    """The PS fixes glibc's mmap threshold: a freed 1 MiB buffer is returned at once, where glibc's
+    default keeps it resident in the heap once a larger buffer was freed (the fuzz campaign's RSS creep)."""
+    import subprocess
+
+    def resident_mib(mode: str) -> float:
+        done = subprocess.run([sys.executable, "-c", _FREE_EVERY_OTHER_MIB, mode], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        return float(done.stdout)
+
+    default, fixed = resident_mib("default"), resident_mib("fixed")
+    assert fixed <= 40, (default, fixed)  # the 32 live buffers and little more
+    assert default >= fixed + 16, (default, fixed)

@@ -183,3 +183,52 @@ def test_with_credentials_on_the_unauthenticated_metrics_endpoint_must_listen_on
         ServerConfig(token="a-shared-token-0123456789", metrics_address="0.0.0.0:9100")
     assert ServerConfig(token="a-shared-token-0123456789", metrics_address="127.0.0.1:9100")
     assert ServerConfig(metrics_address="0.0.0.0:9100")  # no credentials: as before
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl CLI")
+def test_compose_credentials_the_shared_worker_cert_the_token_file_and_the_ps_cert_as_a_client(make_server, tmp_path):
+    """What docker-compose.tls.yml mounts (`gen_certs.sh DIR ps worker`): workers share a certificate
+    and read the token from the file GRADWIRE_TOKEN_FROM names; `gradwire bytes` asks for Status inside
+    the PS container with the PS's own certificate, so that certificate must work as a client's too."""
+    import os
+    import sys
+
+    from gradwire.bytes_report_docker import _STATUS_SNIPPET
+
+    certs = tmp_path / "c"
+    subprocess.run(["bash", str(ROOT / "scripts" / "gen_certs.sh"), str(certs), "ps", "worker"], check=True,
+                   capture_output=True)
+    token = (certs / "token").read_text().strip()
+    assert len(token) == 64 and (certs / "server.key").stat().st_mode & 0o077 == 0
+    running = make_server(workers=2, rounds=2, tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"),
+                          tls_ca=str(certs / "ca.pem"), token=token)
+    address = f"127.0.0.1:{running.port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWIRE_")}
+    for who in ("worker", "server"):
+        env |= {"GRADWIRE_TLS_CA": str(certs / "ca.pem"), "GRADWIRE_TLS_CERT": str(certs / f"{who}.pem"),
+                "GRADWIRE_TLS_KEY": str(certs / f"{who}.key"), "GRADWIRE_TOKEN_FROM": str(certs / "token")}
+        done = subprocess.run([sys.executable, "-c", _STATUS_SNIPPET, address], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, (who, done.stderr[-2000:])
+        assert '"protocol": "gradwire.v1"' in done.stdout
+    env.pop("GRADWIRE_TOKEN_FROM")  # a certificate alone is not enough
+    done = subprocess.run([sys.executable, "-c", _STATUS_SNIPPET, address], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0 and "UNAUTHENTICATED" in done.stderr
+
+
+def test_the_token_comes_from_gradwire_token_or_the_file_gradwire_token_from(tmp_path, monkeypatch):
+    from gradwire.channel import AuthError, token_from_environment
+
+    monkeypatch.delenv("GRADWIRE_TOKEN", raising=False)
+    monkeypatch.delenv("GRADWIRE_TOKEN_FROM", raising=False)
+    assert token_from_environment() == ""
+    (tmp_path / "token").write_text("from-the-file-0123456789\n")
+    monkeypatch.setenv("GRADWIRE_TOKEN_FROM", str(tmp_path / "token"))
+    assert token_from_environment() == "from-the-file-0123456789"
+    monkeypatch.setenv("GRADWIRE_TOKEN", "from-the-environment-0123")
+    assert token_from_environment() == "from-the-environment-0123"
+    monkeypatch.delenv("GRADWIRE_TOKEN")
+    monkeypatch.setenv("GRADWIRE_TOKEN_FROM", str(tmp_path / "missing"))
+    with pytest.raises(AuthError, match="cannot read the token"):
+        token_from_environment()

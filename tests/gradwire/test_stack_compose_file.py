@@ -93,3 +93,22 @@ def test_docker_compose_still_merges_the_compose_only_settings():
     assert cfg["services"]["worker"]["depends_on"]["ps"]["condition"] == "service_started"
     # The entry point turns a given data folder into GRADWIRE_DATA_DIR=/data; none given: unset.
     assert cfg["services"]["ps"]["environment"]["GRADWIRE_HOST_DATA_DIR"] == ""
+
+
+def test_the_tls_overlay_keeps_the_compose_only_settings():
+    """`-f docker-compose.yml -f docker-compose.tls.yml` skips docker-compose.override.yml: without
+    its settings repeated, the TLS cluster would be named after the folder (gradwire bytes looks for
+    project gradwire) and the PS would not be rebuilt from this checkout."""
+    if not _docker_cli_has("compose"):
+        pytest.skip("no docker compose plugin")
+    import json
+
+    files = ["-f", "docker-compose.yml", "-f", "docker-compose.tls.yml"]
+    proc = subprocess.run(["docker", "compose", *files, "config", "--format", "json"], cwd=ROOT,
+                          env=_clean_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["name"] == "gradwire"
+    assert cfg["services"]["ps"]["pull_policy"] == "build"
+    assert cfg["services"]["worker"]["pull_policy"] == cfg["services"]["report"]["pull_policy"] == "never"
+    assert cfg["services"]["ps"]["environment"]["GRADWIRE_TLS_CA"] == "/etc/gradwire/tls/ca.pem"

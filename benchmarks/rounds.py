@@ -169,7 +169,7 @@ def scaling_run(workers: int, rounds: int, task: str = "mlp1m") -> dict:
 # ---------------------------------------------------------------- DDP
 
 
-def _ddp_rank(rank: int, task: str, world: int, steps: int, port: int, out_dir: str) -> None:
+def _ddp_rank(rank: int, task: str, method: str, world: int, steps: int, port: int, out_dir: str) -> None:
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -186,27 +186,26 @@ def _ddp_rank(rank: int, task: str, world: int, steps: int, port: int, out_dir: 
     rng = np.random.default_rng([0, rank])
     results = {}
     try:
-        for method in DDP_METHODS:
-            dist.barrier()
-            torch.manual_seed(0)
-            net = t.model()
-            model = net if method == "local" else DDP(net)
-            if method == "ddp:fp16":
-                model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-            elif method == "ddp:powersgd":
-                state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=2,
-                                                    start_powerSGD_iter=2, random_seed=0)
-                model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            cpu = []
-            for _ in range(steps):
-                idx = torch.from_numpy(rng.choice(len(xs), size=batch, replace=False))
-                c0 = _cpu()
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx]).backward()
-                opt.step()
-                cpu.append(_cpu() - c0)
-            results[method] = median(cpu[2:])  # DDP rebuilds buckets after step 1; PowerSGD starts at 2
+        # one method per process group (ddp_run): a fresh gloo context for each
+        torch.manual_seed(0)
+        net = t.model()
+        model = net if method == "local" else DDP(net)
+        if method == "ddp:fp16":
+            model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif method == "ddp:powersgd":
+            state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=2,
+                                                start_powerSGD_iter=2, random_seed=0)
+            model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        cpu = []
+        for _ in range(steps):
+            idx = torch.from_numpy(rng.choice(len(xs), size=batch, replace=False))
+            c0 = _cpu()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx]).backward()
+            opt.step()
+            cpu.append(_cpu() - c0)
+        results[method] = median(cpu[2:])  # DDP rebuilds buckets after step 1; PowerSGD starts at 2
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
@@ -220,10 +219,13 @@ def _cpu() -> float:
 def ddp_run(task: str, world: int, steps: int) -> dict:
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ddp_rank, args=(task, world, steps, free_port(), out_dir), nprocs=world, join=True)
-        ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
-    return {m: statistics.fmean(r[m] for r in ranks) for m in DDP_METHODS}
+    out = {}
+    for method in DDP_METHODS:
+        with tempfile.TemporaryDirectory() as out_dir:
+            mp.spawn(_ddp_rank, args=(task, method, world, steps, free_port(), out_dir), nprocs=world, join=True)
+            ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+        out[method] = statistics.fmean(r[method] for r in ranks)
+    return out
 
 
 # ---------------------------------------------------------------- one run, and the report

@@ -279,7 +279,7 @@ def measure_model(task: str, workers: int, rounds: int, repeats: int, ddp_steps:
 
 
 def render(result: dict) -> str:
-    lines = [f"# {result['host']}", ""]
+    lines = []
     for m in result["models"]:
         g = m["gradwire"]
         lines += [
@@ -337,16 +337,26 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "host": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                 f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at start",
-        "models": [measure_model(m, args.workers, rounds, repeats, ddp_steps) for m in models],
+        "command": " ".join(["python -m benchmarks.rounds", *(argv if argv is not None else sys.argv[1:])]),
+        "models": [],
         "scaling": [],
     }
+    print(f"# {result['host']}\n# {result['command']}\n", flush=True)
+
+    def save() -> None:  # after every part: a long run that is stopped keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
+    for m in models:
+        result["models"].append(measure_model(m, args.workers, rounds, repeats, ddp_steps))
+        print(render({"models": result["models"][-1:]}), flush=True)
+        save()
     for w in scaling:
         per = [scaling_run(w, scaling_rounds) for _ in range(repeats)]
         result["scaling"].append({"workers": w, **{k: median(p[k] for p in per) for k in per[0]}})
-    text = render(result)
-    print(text, end="")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        save()
+    if result["scaling"]:
+        print(render({"models": [], "scaling": result["scaling"]}), end="", flush=True)
     return 0
 
 

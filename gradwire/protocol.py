@@ -422,12 +422,13 @@ class BroadcastSerializer:
     only the round, directive, ``update_aggregated`` and ``workers`` fields are the worker's own.
     The shared parts are serialized on first use and kept (by identity of the model, delta and
     buffers objects, which the round engine replaces, never mutates, when a round closes) for
-    the ``keep`` most recent ones; each worker's message is then one join: its small fields
+    the ``keep`` most recent ones (3: a round's full model, delta and buffers; older rounds' bytes
+    are let go, so the PS holds one serialized model); each worker's message is then one join: its small fields
     around the shared bytes. Thread-safe: the handlers of a round ask at the same moment, and
     the first one serializes while the others wait for it.
     """
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 3):
         self.keep = keep
         self._lock = threading.Lock()
         self._shared: list[tuple[object, bytes]] = []  # (object, its serialized field)

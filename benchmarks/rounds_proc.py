@@ -126,24 +126,28 @@ def raw_server(port: int, workers: int, rounds: int, down_bytes: int) -> None:
 
     reply = os.urandom(down_bytes)
     cond = threading.Condition()
-    state = {"round": 0, "arrived": 0}
+    state = {"round": 0, "arrived": 0, "ended": 0}
     done = threading.Event()
     mark_round(0)
 
     def exchange(request_iterator, _context):
-        for _message in request_iterator:
+        try:
+            for _message in request_iterator:
+                with cond:
+                    r = state["round"]
+                    state["arrived"] += 1
+                    if state["arrived"] == workers:
+                        state["round"], state["arrived"] = r + 1, 0
+                        mark_round(r + 1)
+                        cond.notify_all()
+                    while state["round"] == r:
+                        cond.wait()
+                yield reply
+        finally:  # stop only once every client has closed its stream
             with cond:
-                r = state["round"]
-                state["arrived"] += 1
-                if state["arrived"] == workers:
-                    state["round"], state["arrived"] = r + 1, 0
-                    mark_round(r + 1)
-                    cond.notify_all()
-                while state["round"] == r:
-                    cond.wait()
-            yield reply
-            if r + 1 == rounds:
-                done.set()
+                state["ended"] += 1
+                if state["ended"] == workers:
+                    done.set()
 
     limit = 2 * max(down_bytes, 1) + 2**20
     opts = [("grpc.max_receive_message_length", 64 * 2**20 * 4), ("grpc.max_send_message_length", limit)]

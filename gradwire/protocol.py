@@ -14,6 +14,7 @@ live here too, so the worker imports nothing from the PS.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -172,17 +173,22 @@ class Status:
 # ---------------------------------------------------------------- tensors and models
 
 
-def encoded_to_proto(e: Encoded) -> pb.EncodedTensor:
-    msg = pb.EncodedTensor(
-        name=e.spec.name,
-        shape=list(e.spec.shape),
-        dtype=e.spec.dtype,
-        codec_spec=e.codec,
-        payload=e.payload,
-        predictor_coefficients=e.coefficients,
-    )
+def _fill_encoded(msg: pb.EncodedTensor, e: Encoded) -> None:
+    """Fill ``msg`` where it lives (a nested residual too): building a nested message apart and
+    copying it in (``CopyFrom``, or passing it to a constructor) copies its payload once more per level."""
+    msg.name = e.spec.name
+    msg.shape.extend(e.spec.shape)
+    msg.dtype = e.spec.dtype
+    msg.codec_spec = e.codec
+    msg.payload = e.payload
+    msg.predictor_coefficients = e.coefficients
     if e.residual is not None:
-        msg.residual.CopyFrom(encoded_to_proto(e.residual))
+        _fill_encoded(msg.residual, e.residual)
+
+
+def encoded_to_proto(e: Encoded) -> pb.EncodedTensor:
+    msg = pb.EncodedTensor()
+    _fill_encoded(msg, e)
     return msg
 
 
@@ -220,13 +226,22 @@ def encoded_from_bytes(data: bytes) -> Encoded:
     return encoded_from_proto(msg)
 
 
+def _fill_model(msg: pb.Model, params: Mapping[str, np.ndarray]) -> None:
+    """Fill ``msg`` in place; marks it present even when ``params`` is empty (an empty model is
+    still a model on the wire)."""
+    msg.SetInParent()
+    for k, v in params.items():
+        t = msg.tensors.add()
+        t.name = k
+        t.shape.extend(v.shape)
+        t.dtype = "float32"
+        t.data = np.ascontiguousarray(v, dtype="<f4").tobytes()
+
+
 def model_to_proto(params: Mapping[str, np.ndarray]) -> pb.Model:
-    return pb.Model(
-        tensors=[
-            pb.Tensor(name=k, shape=list(v.shape), dtype="float32", data=np.ascontiguousarray(v, dtype="<f4").tobytes())
-            for k, v in params.items()
-        ]
-    )
+    msg = pb.Model()
+    _fill_model(msg, params)
+    return msg
 
 
 def model_from_proto(msg: pb.Model) -> Params:
@@ -288,13 +303,16 @@ def worker_message_to_proto(m: WorkerMessage) -> pb.WorkerMessage:
             hostname=m.hostname, interface_start=counters_to_proto(m.interface_start),
         ))
     if isinstance(m, Update):
-        update = pb.Update(
-            round=m.round, tensors=[encoded_to_proto(e) for e in m.tensors], train_loss=m.train_loss,
-            num_examples=m.num_examples, compute_seconds=m.compute_seconds,
-        )
+        msg = pb.WorkerMessage()
+        update = msg.update
+        update.round, update.train_loss = m.round, m.train_loss
+        update.num_examples, update.compute_seconds = m.num_examples, m.compute_seconds
+        update.SetInParent()
+        for e in m.tensors:
+            _fill_encoded(update.tensors.add(), e)
         if m.buffers is not None:
-            update.buffers.CopyFrom(model_to_proto(m.buffers))
-        return pb.WorkerMessage(update=update)
+            _fill_model(update.buffers, m.buffers)
+        return msg
     if isinstance(m, WorkerReport):
         return pb.WorkerMessage(report=pb.WorkerReport(
             codec_stats=dict(m.codec_stats), interface_start=counters_to_proto(m.interface_start),
@@ -304,8 +322,11 @@ def worker_message_to_proto(m: WorkerMessage) -> pb.WorkerMessage:
 
 
 def worker_message_to_bytes(m: WorkerMessage) -> bytes:
-    """One WorkerMessage, serialized: for clients that write raw bytes to a Train stream
-    (``gradwire fuzz`` mutates honest messages at this level)."""
+    """One WorkerMessage, serialized: what the worker's client writes to its Train stream, and
+    ``gradwire fuzz`` mutates. An Update's payloads are copied once, into the returned bytes
+    (``_update_chunks``); the bytes equal ``worker_message_to_proto(m).SerializeToString()``."""
+    if isinstance(m, Update):
+        return b"".join(_field(2, _update_chunks(m)))
     return worker_message_to_proto(m).SerializeToString()
 
 
@@ -330,11 +351,145 @@ def worker_message_from_proto(msg: pb.WorkerMessage) -> WorkerMessage:
     raise MalformedMessage("expected an Update or a WorkerReport (a Hello to open a stream), got an empty message")
 
 
+# ---------------------------------------------------------------- serialized in pieces
+#
+# Large messages are serialized as a list of chunks joined once: the small fields by protobuf
+# itself (a message with only those fields set serializes to exactly their bytes), the large
+# ``bytes`` fields (payloads, tensor data) framed here around the caller's buffers, without a
+# copy. protobuf's Python API has no way to serialize a message around a buffer it does not own:
+# assigning a 44 MB payload copies it, each level of nesting copies it again, and
+# SerializeToString copies it once more (docs/results/perf/). The framing is protobuf's own
+# (tag = field << 3 | 2, a varint length, the bytes) and fields go in field-number order, as
+# protobuf serializes them, so the bytes are identical to the protobuf serialization
+# (tests/gradwire/test_protocol.py checks it).
+
+Chunks = list  # of bytes-like objects (bytes, memoryview)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, chunks: Chunks) -> Chunks:
+    """A length-delimited field (wire type 2) around already-serialized chunks."""
+    return [_varint(number << 3 | 2), _varint(sum(len(c) for c in chunks)), *chunks]
+
+
+def _bytes_field(number: int, data) -> Chunks:
+    """A proto3 ``bytes`` field: left out when empty, as protobuf does."""
+    return _field(number, [data]) if len(data) else []
+
+
+def _encoded_chunks(e: Encoded) -> Chunks:
+    head = pb.EncodedTensor(name=e.spec.name, shape=list(e.spec.shape), dtype=e.spec.dtype, codec_spec=e.codec)
+    chunks = [head.SerializeToString(), *_bytes_field(5, e.payload), *_bytes_field(6, e.coefficients)]
+    if e.residual is not None:
+        chunks += _field(7, _encoded_chunks(e.residual))
+    return chunks
+
+
+def _model_chunks(params: Mapping[str, np.ndarray]) -> Chunks:
+    """A Model's fields; each tensor's data is a view of its (float32, C-contiguous) array."""
+    chunks: Chunks = []
+    for k, v in params.items():
+        arr = np.ascontiguousarray(v, dtype="<f4")
+        head = pb.Tensor(name=k, shape=list(np.shape(v)), dtype="float32").SerializeToString()
+        chunks += _field(1, [head, *_bytes_field(4, arr.reshape(-1).view(np.uint8))])
+    return chunks
+
+
+def _update_chunks(m: Update) -> Chunks:
+    # Update: round (1), tensors (2), train_loss (3), num_examples (4), compute_seconds (5), buffers (6)
+    chunks = [pb.Update(round=m.round).SerializeToString()]
+    for e in m.tensors:
+        chunks += _field(2, _encoded_chunks(e))
+    chunks.append(pb.Update(train_loss=m.train_loss, num_examples=m.num_examples,
+                            compute_seconds=m.compute_seconds).SerializeToString())
+    if m.buffers is not None:
+        chunks += _field(6, _model_chunks(m.buffers))
+    return chunks
+
+
+class BroadcastSerializer:
+    """RoundResults to bytes, with each round's shared parts serialized once for all workers.
+
+    Every worker's RoundResult of a round carries the same model (or model delta) and buffers;
+    only the round, directive, ``update_aggregated`` and ``workers`` fields are the worker's own.
+    The shared parts are serialized on first use and kept (by identity of the model, delta and
+    buffers objects, which the round engine replaces, never mutates, when a round closes) for
+    the ``keep`` most recent ones (3: a round's full model, delta and buffers; older rounds' bytes
+    are let go, so the PS holds one serialized model); each worker's message is then one join: its small fields
+    around the shared bytes. Thread-safe: the handlers of a round ask at the same moment, and
+    the first one serializes while the others wait for it.
+    """
+
+    def __init__(self, keep: int = 3):
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._shared: list[tuple[object, bytes]] = []  # (object, its serialized field)
+
+    def _serialized(self, obj: object, build) -> bytes:
+        with self._lock:
+            for held, data in self._shared:
+                if held is obj:
+                    return data
+            data = b"".join(build())
+            self._shared.append((obj, data))  # holds obj, so its id cannot be reused while cached
+            del self._shared[: max(0, len(self._shared) - self.keep)]
+            return data
+
+    def to_bytes(self, m: ServerMessage) -> bytes:
+        """The serialized ServerMessage; equal to ``server_message_to_proto(m).SerializeToString()``."""
+        if not isinstance(m, RoundResult):
+            return server_message_to_proto(m).SerializeToString()
+        # RoundResult: round (1), model (2), directive (3), update_aggregated (4), workers (5),
+        # model_delta (6), buffers (7)
+        chunks: Chunks = [pb.RoundResult(round=m.round).SerializeToString()]
+        delta = m.model_delta
+        if delta is None:
+            model = m.model if m.model is not None else {}
+            chunks.append(self._serialized(model, lambda: _field(2, _model_chunks(model))))
+        chunks.append(pb.RoundResult(directive=directive_to_proto(m.directive), update_aggregated=m.update_aggregated,
+                                     workers=m.workers).SerializeToString())
+        if delta is not None:
+            chunks.append(self._serialized(delta, lambda: _field(6, _model_delta_chunks(delta))))
+        if m.buffers is not None:
+            buffers = m.buffers
+            chunks.append(self._serialized(buffers, lambda: _field(7, _model_chunks(buffers))))
+        return b"".join(_field(2, chunks))
+
+
+def _model_delta_chunks(d: ModelDelta) -> Chunks:
+    chunks = [pb.ModelDelta(base_round=d.base_round).SerializeToString()]
+    for e in d.tensors:
+        chunks += _field(2, _encoded_chunks(e))
+    return chunks
+
+
+def server_message_to_bytes(m: ServerMessage) -> bytes:
+    """One ServerMessage, serialized (a RoundResult without a cache shared across workers)."""
+    return BroadcastSerializer(keep=0).to_bytes(m)
+
+
 # ---------------------------------------------------------------- PS -> worker
 
 
+def _fill_model_delta(msg: pb.ModelDelta, d: ModelDelta) -> None:
+    msg.SetInParent()
+    msg.base_round = d.base_round
+    for e in d.tensors:
+        _fill_encoded(msg.tensors.add(), e)
+
+
 def model_delta_to_proto(d: ModelDelta) -> pb.ModelDelta:
-    return pb.ModelDelta(base_round=d.base_round, tensors=[encoded_to_proto(e) for e in d.tensors])
+    msg = pb.ModelDelta()
+    _fill_model_delta(msg, d)
+    return msg
 
 
 def model_delta_from_proto(msg: pb.ModelDelta) -> ModelDelta:
@@ -343,24 +498,29 @@ def model_delta_from_proto(msg: pb.ModelDelta) -> ModelDelta:
 
 def server_message_to_proto(m: ServerMessage) -> pb.ServerMessage:
     if isinstance(m, Welcome):
-        welcome = pb.Welcome(
-            protocol=m.protocol, worker_id=m.worker_id, rank=m.rank, task=task_to_proto(m.task),
-            codec_spec=m.codec_spec, round=m.round, total_rounds=m.total_rounds, model=model_to_proto(m.model),
-            directive=directive_to_proto(m.directive), workers=m.workers, downlink_codec_spec=m.downlink_codec_spec,
-        )
+        msg = pb.ServerMessage()
+        welcome = msg.welcome
+        welcome.protocol, welcome.worker_id, welcome.rank = m.protocol, m.worker_id, m.rank
+        welcome.task.CopyFrom(task_to_proto(m.task))  # small messages: a copy costs nothing here
+        welcome.codec_spec, welcome.round, welcome.total_rounds = m.codec_spec, m.round, m.total_rounds
+        _fill_model(welcome.model, m.model)
+        welcome.directive.CopyFrom(directive_to_proto(m.directive))
+        welcome.workers, welcome.downlink_codec_spec = m.workers, m.downlink_codec_spec
         if m.buffers is not None:
-            welcome.buffers.CopyFrom(model_to_proto(m.buffers))
-        return pb.ServerMessage(welcome=welcome)
+            _fill_model(welcome.buffers, m.buffers)
+        return msg
     if isinstance(m, RoundResult):
-        rr = pb.RoundResult(round=m.round, directive=directive_to_proto(m.directive),
-                            update_aggregated=m.update_aggregated, workers=m.workers)
+        msg = pb.ServerMessage()
+        rr = msg.round_result
+        rr.round, rr.update_aggregated, rr.workers = m.round, m.update_aggregated, m.workers
+        rr.directive.CopyFrom(directive_to_proto(m.directive))
         if m.model_delta is not None:
-            rr.model_delta.CopyFrom(model_delta_to_proto(m.model_delta))
+            _fill_model_delta(rr.model_delta, m.model_delta)
         else:
-            rr.model.CopyFrom(model_to_proto(m.model or {}))
+            _fill_model(rr.model, m.model or {})
         if m.buffers is not None:
-            rr.buffers.CopyFrom(model_to_proto(m.buffers))
-        return pb.ServerMessage(round_result=rr)
+            _fill_model(rr.buffers, m.buffers)
+        return msg
     if isinstance(m, Finished):
         return pb.ServerMessage(finished=pb.Finished(rounds=m.rounds, reason=m.reason))
     raise TypeError(f"not a server message: {type(m).__name__}")

@@ -39,7 +39,7 @@ from gradwire.buffers import (
     load_buffers,
     mean_buffers,
 )
-from gradwire.compressors.base import Directive, RoundContext
+from gradwire.compressors.base import CrossWorkerState, Directive, RoundContext
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
 from gradwire.downlink import DENSE, Broadcast, DownlinkEncoder, check_downlink_codec
@@ -58,11 +58,14 @@ from gradwire.server.aggregation import ServerOptimizer
 from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from gradwire.server.config import ServerConfig
 from gradwire.server.ledger import Ledger, LedgerSnapshot, WorkerRecord
-from gradwire.server.robust import robust_step
+from gradwire.server.robust import robust_step, update_norm
 from gradwire.task import Task
 from gradwire.tasks import BUILTIN_TASKS, shard_indices, tensor_specs
 
 log = logging.getLogger("gradwire.server")
+# A handler blocked in submit is woken when its round closes (or its session or the run ends):
+# every such change notifies ``round_closed``, so this timeout is only a guard.
+HANDLER_WAIT_S = 5.0
 
 
 class Rejected(Exception):
@@ -91,6 +94,7 @@ class Contribution:
     payload_bytes: int
     message_bytes: int
     buffers: dict[str, np.ndarray] | None = None  # the worker's buffers (BatchNorm statistics), if any
+    norm: float | None = None  # the update's L2 norm, computed on the handler's thread (see submit)
 
 
 class RoundEngine:
@@ -115,7 +119,14 @@ class RoundEngine:
         self.optimizer = ServerOptimizer(
             self.model, config.lr, self.server_momentum, config.weight_decay, config.lr_schedule, config.rounds
         )
-        self.cond = threading.Condition()
+        lock = threading.RLock()
+        self.cond = threading.Condition(lock)  # engine state: the rounds thread, joins, welcomes
+        # Handlers waiting for their round to close wait here, not on ``cond``: a submit wakes the
+        # rounds thread only, and each handler wakes once per round (not W times: W² a round).
+        self.round_closed = threading.Condition(lock)
+        # Norms for clipping are computed as updates arrive, in parallel on the handlers' threads,
+        # when the codec's cross-worker finalize is the identity (it cannot change the updates).
+        self.norms_on_arrival = type(self.codec_state).finalize is CrossWorkerState.finalize
         self.phase = "waiting"  # waiting -> collecting <-> aggregating -> finished
         self.round = 0
         self.num_shards = 0
@@ -263,6 +274,7 @@ class RoundEngine:
                 self.codec_state.forget_worker(session.record.rank)
                 log.info("worker %s (rank %d) left", wid, session.record.rank)
             self.cond.notify_all()
+            self.round_closed.notify_all()  # its handler may be waiting for the round
 
     def reject(self, session: Session | None, reason: str, message_bytes: int) -> None:
         if session is None:
@@ -299,16 +311,17 @@ class RoundEngine:
                 raise Rejected("INVALID_ARGUMENT", f"buffers: {exc}") from None
             buffers = update.buffers
             payload += protocol.model_payload_bytes(buffers)  # buffers are model payload too
+        norm = update_norm(decoded) if self.norms_on_arrival and self.config.clip_multiple > 0 else None
         with self.cond:
             if self.round != current or self.phase != "collecting" or not session.alive:
                 raise Rejected("FAILED_PRECONDITION", f"stale update for round {current}: the round closed while it was decoded")
             self.contributions[record.worker_id] = Contribution(
-                decoded, float(update.train_loss), int(update.num_examples), payload, message_bytes, buffers
+                decoded, float(update.train_loss), int(update.num_examples), payload, message_bytes, buffers, norm
             )
             self.ledger.count_update(record, payload, message_bytes)
             self.cond.notify_all()
             while self.round == current and self.phase != "finished" and session.alive:
-                self.cond.wait(0.5)
+                self.round_closed.wait(HANDLER_WAIT_S)
             if self.phase == "finished":
                 return Finished(rounds=self.round, reason=self.finish_reason)
             return self._model_reply(
@@ -410,6 +423,7 @@ class RoundEngine:
                 self.phase = "finished"
                 self.finished_at = time.monotonic()
                 self.cond.notify_all()
+                self.round_closed.notify_all()
             self._wait_for_reports()
             self.interface_end = read_counters()
 
@@ -437,9 +451,10 @@ class RoundEngine:
                     self.ledger.drop_open_round()
                 return
             by_rank = self._finalize(r, {self.records[w].rank: c.decoded for w, c in contributions.items()})
+            norms = {self.records[w].rank: c.norm for w, c in contributions.items() if c.norm is not None}
             step = robust_step(by_rank, {self.records[w].rank: w for w in contributions}, self.optimizer, self.model,
                                r, self.config.aggregate, self.config.clip_multiple, self.config.trim_fraction,
-                               self.config.outliers)
+                               self.config.outliers, norms=norms if set(norms) >= set(by_rank) else None)
             sent = [contributions[w].buffers for w in sorted(contributions, key=lambda w: self.records[w].rank)]
             if not step.refused and any(b is not None for b in sent):  # a refused round leaves the model alone
                 load_buffers(self.model, mean_buffers([b for b in sent if b is not None]))
@@ -475,6 +490,7 @@ class RoundEngine:
                     self.finish_reason = f"completed {self.config.rounds} rounds"
                     self.phase = "finished"
                 self.cond.notify_all()
+                self.round_closed.notify_all()  # each waiting handler, once
             log.info(
                 "round %d: %d workers, %d payload bytes, loss %.4f%s", r, entry.workers, entry.uplink_payload_bytes,
                 entry.train_loss, f", test accuracy {entry.test_accuracy:.4f}" if entry.test_accuracy is not None else "",
@@ -504,6 +520,7 @@ class RoundEngine:
         self.stop_requested.set()
         with self.cond:
             self.cond.notify_all()
+            self.round_closed.notify_all()
 
     # ------------------------------------------------------------ checkpoints
 

@@ -64,12 +64,15 @@ class GradientExchangeServicer:
         self.credentials = credentials
         c = engine.config
         self.gate = gate or StreamGate(c.max_streams or default_max_streams(c.workers), c.hello_timeout_s)
+        # A round's model (or delta) goes to every worker: serialized once, not once per worker.
+        self.broadcast = protocol.BroadcastSerializer()
 
-    def _send(self, session: Session, message: protocol.ServerMessage) -> pb.ServerMessage:
-        proto = protocol.server_message_to_proto(message)
+    def _send(self, session: Session, message: protocol.ServerMessage) -> bytes:
+        """The message serialized (gRPC sends these bytes as they are), its size counted."""
+        data = self.broadcast.to_bytes(message)
         models = 1 if isinstance(message, Welcome | RoundResult) else 0
-        self.engine.count_downlink(session, proto.ByteSize(), protocol.server_message_payload_bytes(message), models)
-        return proto
+        self.engine.count_downlink(session, len(data), protocol.server_message_payload_bytes(message), models)
+        return data
 
     def Train(self, request_iterator, context):
         if not self.gate.enter(context):
@@ -172,7 +175,7 @@ def generic_handler(servicer: GradientExchangeServicer) -> grpc.GenericRpcHandle
             "Train": grpc.stream_stream_rpc_method_handler(
                 servicer.Train,
                 request_deserializer=parse_worker_message,
-                response_serializer=pb.ServerMessage.SerializeToString,
+                response_serializer=None,  # Train yields bytes serialized by _send
             ),
             "Status": grpc.unary_unary_rpc_method_handler(
                 servicer.Status,

@@ -75,13 +75,13 @@ class TrainStream:
         self._outbox: queue.Queue = queue.Queue()
         method = channel.stream_stream(
             TRAIN_METHOD,
-            request_serializer=pb.WorkerMessage.SerializeToString,
+            request_serializer=None,  # send() serializes: the bytes it counts are the bytes sent
             response_deserializer=pb.ServerMessage.FromString,
         )
         self._call = method(self._requests())
         self.sent_bytes = 0
 
-    def _requests(self) -> Iterator[pb.WorkerMessage]:
+    def _requests(self) -> Iterator[bytes]:
         while True:
             item = self._outbox.get()
             if item is _CLOSE:
@@ -89,12 +89,12 @@ class TrainStream:
             yield item
 
     def send(self, message: protocol.WorkerMessage) -> int:
-        """Queue a message; returns its serialized size."""
-        proto = protocol.worker_message_to_proto(message)
-        nbytes = proto.ByteSize()
-        self.sent_bytes += nbytes
-        self._outbox.put(proto)
-        return nbytes
+        """Serialize and queue a message; returns its serialized size (``len`` of the bytes sent:
+        ``ByteSize()`` would cost a second serialization)."""
+        data = protocol.worker_message_to_bytes(message)
+        self.sent_bytes += len(data)
+        self._outbox.put(data)
+        return len(data)
 
     def receive(self) -> protocol.ServerMessage | None:
         """The next reply; None when the PS closed the stream."""

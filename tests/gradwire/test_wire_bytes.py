@@ -1,0 +1,90 @@
+"""The serialized-in-pieces encoders (protocol.worker_message_to_bytes, BroadcastSerializer) write
+exactly protobuf's bytes, and share a round's model across workers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gradwire import protocol
+from gradwire.compressors.base import Directive, Encoded, TensorSpec
+from gradwire.protocol import BroadcastSerializer, ModelDelta, RoundResult, Update
+from gradwire.server.robust import clip_updates, update_norm
+
+rng = np.random.default_rng(7)
+PARAMS = {
+    "w": rng.standard_normal((3, 4)).astype(np.float32),
+    "scalar": np.ones((), dtype=np.float32),
+    "empty": np.zeros((0, 3), dtype=np.float32),
+    "f64": rng.standard_normal(5),  # converted to float32 on the wire
+    "fortran": np.asfortranarray(rng.standard_normal((3, 5)).astype(np.float32)),
+    "big": rng.standard_normal(70_000).astype(np.float32),  # lengths needing 3-byte varints
+}
+RESIDUAL = Encoded("dense", TensorSpec("w", (3, 4)), rng.bytes(48))
+TENSORS = (
+    Encoded("tpc", TensorSpec("w", (3, 4)), rng.bytes(300), b"coefs", RESIDUAL),
+    Encoded("dense", TensorSpec("scalar", ()), b""),
+    Encoded("dense", TensorSpec("big", (70_000,)), rng.bytes(280_000)),
+)
+DIRECTIVE = Directive(values={"stage": 2.0}, blob=b"blob")
+
+
+@pytest.mark.parametrize("update", [
+    Update(0, (), 0.0, 0),
+    Update(5, TENSORS, 1.5, 32, 0.25, PARAMS),
+    Update(2**40, TENSORS, math.nan, 1, buffers={}),
+    Update(1, TENSORS[:1], -3.0, 7, buffers=None),
+])
+def test_update_bytes_equal_protobuf(update):
+    assert protocol.worker_message_to_bytes(update) == protocol.worker_message_to_proto(update).SerializeToString()
+
+
+@pytest.mark.parametrize("result", [
+    RoundResult(0, Directive(), False, 0),
+    RoundResult(3, DIRECTIVE, True, 2, model=PARAMS, buffers={"bn": np.ones(3, np.float32)}),
+    RoundResult(3, DIRECTIVE, True, 2, model_delta=ModelDelta(2, TENSORS), buffers={}),
+    RoundResult(1, DIRECTIVE, False, 300, model={}),
+])
+def test_round_result_bytes_equal_protobuf(result):
+    expected = protocol.server_message_to_proto(result).SerializeToString()
+    assert protocol.server_message_to_bytes(result) == expected
+    shared = BroadcastSerializer()
+    assert shared.to_bytes(result) == expected
+    assert shared.to_bytes(result) == expected  # from the cache
+
+
+def test_broadcast_shares_the_model_and_keeps_each_workers_fields(monkeypatch):
+    calls = []
+    original = protocol._model_chunks
+    monkeypatch.setattr(protocol, "_model_chunks", lambda p: calls.append(1) or original(p))
+    shared = BroadcastSerializer()
+    model, buffers = dict(PARAMS), {"bn": np.ones(3, np.float32)}
+    for rank in range(8):
+        result = RoundResult(4, Directive(values={"rank": float(rank)}), rank % 2 == 0, 8, model=model,
+                             buffers=buffers)
+        data = shared.to_bytes(result)
+        assert data == protocol.server_message_to_proto(result).SerializeToString()
+        back = protocol.server_message_from_bytes(data)
+        assert back.directive.values == {"rank": float(rank)} and back.update_aggregated == (rank % 2 == 0)
+    assert len(calls) == 2  # the model and the buffers, once each for 8 workers
+    next_round = dict(PARAMS)  # the engine replaces the model each round: a new object, serialized anew
+    shared.to_bytes(RoundResult(5, Directive(), True, 8, model=next_round))
+    assert len(calls) == 3
+
+
+def test_clipping_uses_norms_known_on_arrival():
+    updates = {0: {"a": np.ones(4, np.float32)}, 1: {"a": np.full(4, 2.0, np.float32)},
+               2: {"a": np.full(4, 100.0, np.float32)}}
+    norms = {rank: update_norm(u) for rank, u in updates.items()}
+    assert norms[1] == pytest.approx(4.0)
+    computed = clip_updates(updates, 10, "drop")
+    given = clip_updates(updates, 10, "drop", norms)
+    assert computed[1] == given[1] and given[1].clipped == (2,)
+    assert set(given[0]) == {0, 1}
+
+
+def test_update_norm_does_not_overflow_float32():
+    huge = {"a": np.full(1000, 3e38, np.float32)}
+    assert update_norm(huge) == pytest.approx(3e38 * math.sqrt(1000), rel=1e-6)

@@ -255,13 +255,18 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
 
 
 class _Code:
-    """Everything derived from one length vector: encoder tables and the multi-symbol decode table."""
+    """Everything derived from one length vector: encoder tables and the multi-symbol decode table.
+
+    The encoder's pair tables and the decoder's window table are built on first use, so a
+    decoder (the PS) never pays for the encoder's ((n+1)^2 entries, ~1 MB at 8 bits) and an
+    encoder never builds the 2^W-entry decode table (512 KiB at W = 16).
+    """
 
     def __init__(self, lengths: np.ndarray):
         ln = _check_lengths(lengths)
         n = ln.size
         self.alphabet = n
-        self.max_len = max_len = int(ln.max())
+        self.max_len = int(ln.max())
         self.codes = canonical_codes(ln)
         self.lengths = ln.astype(np.uint64)
         self.lengths_i64 = ln
@@ -271,12 +276,30 @@ class _Code:
         # when the alphabet is small, so packing runs over pairs or quadruples.
         self.group = 1
         if (n + 1) ** 2 <= 1 << 17:
-            c1 = np.concatenate([self.codes, [0]]).astype(np.uint64)
-            l1 = np.concatenate([self.lengths, [0]]).astype(np.uint64)
-            self.pair_codes = ((c1[:, None] << l1[None, :]) | c1[None, :]).reshape(-1)
-            self.pair_lengths = (l1[:, None] + l1[None, :]).reshape(-1)
-            self.group = 4 if 4 * max_len <= 64 else 2
-        # Single-symbol table over L-bit windows: symbol | length << 32.
+            self.group = 4 if 4 * self.max_len <= 64 else 2
+        self.window = max(self.max_len, 16)
+        self.sym_bits = s_bits = max(1, (n - 1).bit_length())
+        self.sym_dtype = np.uint8 if s_bits <= 8 else np.uint16 if s_bits <= 16 else np.uint32
+        self.kmax = max(1, min(7, (63 - 9) // s_bits))
+        for arr in (self.codes, self.lengths):
+            arr.setflags(write=False)
+
+    @functools.cached_property
+    def pair_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(codeword, length) of every symbol pair, index a·(n+1) + b (encoder only)."""
+        c1 = np.concatenate([self.codes, [0]]).astype(np.uint64)
+        l1 = np.concatenate([self.lengths, [0]]).astype(np.uint64)
+        pair_codes = ((c1[:, None] << l1[None, :]) | c1[None, :]).reshape(-1)
+        pair_lengths = (l1[:, None] + l1[None, :]).reshape(-1)
+        return pair_codes, pair_lengths
+
+    @functools.cached_property
+    def table(self) -> np.ndarray:
+        """Multi-symbol table over W-bit windows (decoder only). Entry layout (int64):
+        bits 0-4 bits consumed, 5-7 symbols decoded k, 8 invalid, 9+ k symbols of S bits."""
+        ln, n, max_len = self.lengths_i64, self.alphabet, self.max_len
+        window, s_bits, kmax = self.window, self.sym_bits, self.kmax
+        # Single-symbol table over L-bit windows.
         order = np.lexsort((np.arange(n), ln))
         sizes = np.left_shift(np.int64(1), max_len - ln[order])
         single_sym = np.repeat(order.astype(np.int64), sizes)
@@ -287,12 +310,6 @@ class _Code:
             single_sym = np.concatenate([single_sym, np.zeros(missing, dtype=np.int64)])
             single_len = np.concatenate([single_len, np.zeros(missing, dtype=np.int64)])
             single_ok = np.concatenate([single_ok, np.zeros(missing, dtype=bool)])
-        # Multi-symbol table over W-bit windows. Entry layout (int64):
-        #   bits 0-4 bits consumed, 5-7 symbols decoded k, 8 invalid, 9+ k symbols of S bits.
-        self.window = window = max(max_len, 16)
-        self.sym_bits = s_bits = max(1, (n - 1).bit_length())
-        self.sym_dtype = np.uint8 if s_bits <= 8 else np.uint16 if s_bits <= 16 else np.uint32
-        self.kmax = kmax = max(1, min(7, (63 - 9) // s_bits))
         v = np.arange(1 << window, dtype=np.int64)
         wmask = np.int64((1 << window) - 1)
         consumed = np.zeros(v.size, dtype=np.int64)
@@ -311,14 +328,25 @@ class _Code:
             consumed = consumed + np.where(take, length, 0)
             count += take
             active &= take
-        self.table = entry | consumed | (count << 5)
-        for arr in (self.codes, self.lengths, self.table):
-            arr.setflags(write=False)
+        table = entry | consumed | (count << 5)
+        table.setflags(write=False)
+        return table
 
 
-@functools.lru_cache(maxsize=64)
+# Small and shared by every encoder and decoder in the process: an entry holds at most one
+# 2^W-entry decode table (512 KiB at W = 16) and the encoder's pair tables, so payloads with
+# ever-new model parameters (hostile fuzzing) cannot grow memory beyond ~16 x 1.5 MB.
+CODE_CACHE_SIZE = 16
+
+
+@functools.lru_cache(maxsize=CODE_CACHE_SIZE)
 def _code(lengths_key: bytes) -> _Code:
     return _Code(np.frombuffer(lengths_key, dtype=np.uint8))
+
+
+def code_cache_info():
+    """``functools`` statistics of the shared code cache (hits, misses, maxsize, currsize)."""
+    return _code.cache_info()
 
 
 def _lengths_key(lengths: np.ndarray) -> bytes:
@@ -474,7 +502,8 @@ def huffman_encode(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
         pair[: count // 2] += sym[1::2]
         if count % 2:
             pair[-1] += code.alphabet  # symbol n: nothing
-        gc, gl = code.pair_codes[pair], code.pair_lengths[pair]
+        pair_codes, pair_lengths = code.pair_tables
+        gc, gl = pair_codes[pair], pair_lengths[pair]
         if code.group == 4:
             if gc.size % 2:
                 gc = np.concatenate([gc, np.zeros(1, np.uint64)])

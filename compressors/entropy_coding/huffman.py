@@ -120,7 +120,7 @@ from gradwire.compressors.gennorm import (
     optimal_uniform_clip,
     subsample,
 )
-from gradwire.compressors.quantize import GRIDS, ROUNDINGS, UniformQuantizer
+from gradwire.compressors.quantize import GRIDS, ROUNDINGS, UniformQuantizer, lookup
 from gradwire.compressors.registry import register
 
 KIND_CODED = 0
@@ -306,6 +306,7 @@ class _Encoder(Encoder):
     def __init__(self, codec: _EntropyQuantCodec):
         self.codec = codec
         self.acc = SymbolStats()
+        self._last: tuple[Encoded, UniformQuantizer, np.ndarray] | None = None  # last coded message
 
     def reset(self) -> None:
         self.acc.reset()
@@ -313,6 +314,7 @@ class _Encoder(Encoder):
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
         flat = check_input(x, spec)
         c = self.codec
+        self._last = None
         if flat.size == 0:
             return Encoded(c.spec, spec, b"")
         q = c.quantize_tensor(flat, ctx.rng(spec.name) if c.rounding == "stochastic" else None)
@@ -335,7 +337,16 @@ class _Encoder(Encoder):
                 gparams[0] if c.model in ("gennorm", "zgennorm") else None,
                 lengths if lengths is not None and lengths.size == counts.size else None,
             )
-        return Encoded(c.spec, spec, payload)
+        msg = Encoded(c.spec, spec, payload)
+        self._last = (msg, quantizer, symbols) if payload[0] == KIND_CODED else None
+        return msg
+
+    def reconstruction(self, msg: Encoded) -> np.ndarray | None:
+        """The decoder's output for the last coded message, from the symbols the encoder chose."""
+        last, self._last = self._last, None
+        if last is None or last[0] is not msg:
+            return None
+        return lookup(last[1].levels(), last[2])
 
     def stats(self) -> dict[str, float]:
         return self.acc.as_dict()

@@ -240,8 +240,11 @@ def fp8_quantize(x: np.ndarray, fmt: str, scale: float | None = None) -> tuple[n
     s = fp8_scale(arr, fmt) if scale is None else np.float32(scale)
     if s == 0 or arr.size == 0:
         return np.zeros(arr.size, dtype=np.uint8), np.float32(s)
-    top = fp8_max(fmt)
-    v = np.clip(arr.astype(np.float64) / float(s), -top, top).astype(np.float32)
+    top = np.float32(fp8_max(fmt))
+    # float32 division is exact here: fl32(x/s) equals the float64 quotient rounded to float32
+    # (53 >= 2·24 + 2 bits, so the double rounding is innocuous), without float64 temporaries.
+    v = np.divide(arr, s, dtype=np.float32)
+    np.clip(v, -top, top, out=v)
     codes = torch.from_numpy(v).to(_torch_dtype(fmt)).view(torch.uint8).numpy().copy()
     codes[codes == 0x80] = 0  # no negative zero
     return codes, np.float32(s)
@@ -250,12 +253,18 @@ def fp8_quantize(x: np.ndarray, fmt: str, scale: float | None = None) -> tuple[n
 def fp8_dequantize(codes: np.ndarray, fmt: str, scale: float) -> np.ndarray:
     """float32 values of byte codes times ``scale``; Inf/NaN codes raise ``CodecError``."""
     vals = fp8_values(_check_format(fmt))
-    c = np.asarray(codes).reshape(-1).astype(np.intp)
-    out = vals[c]
+    c = np.asarray(codes).reshape(-1)
+    if c.dtype != np.uint8:
+        if c.size and (c.min() < 0 or c.max() > 255):
+            raise CodecError(f"fp8 {fmt} codes outside [0, 255]")
+        c = c.astype(np.uint8)
+    limit = float(np.finfo(np.float32).max)
+    # The value of every code, computed once (float64, as per entry before), then a lookup.
+    table = np.clip(vals * float(np.float32(scale)), -limit, limit).astype(np.float32)
+    out = lookup(table, c)
     if c.size and np.isnan(out).any():
         raise CodecError(f"fp8 {fmt} codes contain Inf/NaN patterns")
-    limit = float(np.finfo(np.float32).max)
-    return np.clip(out * float(np.float32(scale)), -limit, limit).astype(np.float32)
+    return out
 
 
 @functools.lru_cache(maxsize=4)

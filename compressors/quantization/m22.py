@@ -13,7 +13,7 @@ Design (``design_quantizer``)
     symmetric: it runs on the half line with 2^(R−1) cells (threshold 0 is fixed by
     symmetry) and mirrors.
 
-Codec ``m22:bits=R,M=...,dist=gennorm|dweibull,coder=ans|huffman,ef=1,gamma=0.7,...``
+Codec ``m22:bits=R,M=...,dist=gennorm|dweibull,coder=ans|huffman|zstd,ef=1,gamma=0.7,...``
     Per tensor the worker fits the model to the z-scored nonzero entries (exact zeros
     from dead units are a point mass no continuous model describes): the shape by MLE
     (GenNorm: ``compressors.gennorm.fit_gennorm``; double Weibull: Weibull profile
@@ -40,7 +40,8 @@ Payload layout (little-endian)::
                 is ``small_shape``, mu and sigma are the sample moments)
     mode 2      f32 mu (every entry decodes to mu: zero or constant tensor)
     indices     entropy-coded stream (``compressors.entropy`` ANS or canonical Huffman
-                with the model's cell pmf), or, when that is not shorter, the indices
+                with the model's cell pmf, or with ``coder=zstd`` one byte per index through
+                zstd level 1, no model), or, when that is not shorter, the indices
                 packed R bits each (header bit 2).
 
 Index j decodes to ``mu + L · c_j`` with c_j the unit-variance center. ``L = s·σ``: σ
@@ -303,7 +304,7 @@ MODE_FIT, MODE_SMALL, MODE_CONST = 0, 1, 2
 FLAG_RAW = 0x04
 PMF_FLOOR = 1e-12  # every cell keeps a code, even where the model puts ~no mass
 RESCALES = ("norm", "ls", "model", "none")
-CODERS = ("ans", "huffman")
+CODERS = ("ans", "huffman", "zstd")
 
 
 def cell_indices(z: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -656,7 +657,7 @@ class M22Codec(Codec):
     """M22 quantizer + model-driven entropy coding + error feedback. See the module docstring.
 
     Options: ``bits`` R (2^R cells, 1..8), ``M`` distortion exponent (real ≥ 0),
-    ``dist`` (gennorm | dweibull), ``coder`` (ans | huffman), ``ef`` / ``gamma`` (error
+    ``dist`` (gennorm | dweibull), ``coder`` (ans | huffman | zstd), ``ef`` / ``gamma`` (error
     feedback and its decay γ), ``rescale`` (norm | ls | model | none, see the module
     docstring), ``refit`` (re-run the shape MLE every this many rounds; in between the
     kept shape is used, location and scale are re-estimated every round), ``min_fit``
@@ -704,6 +705,8 @@ class M22Codec(Codec):
 
         if self.coder == "ans":
             return entropy.ans_encode(idx, pmf)
+        if self.coder == "zstd":
+            return entropy.zstd_encode(idx, 2**self.bits)
         return entropy.huffman_encode(idx, code)
 
     def entropy_decode(self, data: bytes, pmf: np.ndarray, code, count: int, spec: TensorSpec) -> np.ndarray:
@@ -712,6 +715,8 @@ class M22Codec(Codec):
         try:
             if self.coder == "ans":
                 out = entropy.ans_decode(data, pmf, count)
+            elif self.coder == "zstd":
+                out = entropy.zstd_decode(data, 2**self.bits, count)
             else:
                 out = entropy.huffman_decode(data, code, count)
         except CodecError:

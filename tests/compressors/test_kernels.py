@@ -90,3 +90,76 @@ def test_error_feedback_sends_the_same_bytes_with_and_without_the_shortcut(spec_
             assert fast.encode(x, spec, ctx).payload == slow.encode(x, spec, ctx).payload, (round_, name)
     for name in fast.residuals:
         np.testing.assert_array_equal(fast.residuals[name], slow.residuals[name])
+
+
+# ------------------------------------------------------------------ zstd on symbols (coder=zstd)
+
+
+def _gradient(n: int = 50_000, seed: int = 0) -> np.ndarray:
+    from scipy import stats
+
+    return stats.gennorm.rvs(0.8, scale=1e-3, size=n, random_state=np.random.default_rng(seed)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("zstd_spec", "reference_spec"), [
+    ("fp8:format=143,coder=zstd", "fp8:format=143"),
+    ("fp8:format=152,coder=zstd", "fp8:format=152,coder=ans"),
+    ("m22:bits=2,M=2,coder=zstd", "m22:bits=2,M=2"),
+    ("m22:bits=4,M=0,coder=zstd", "m22:bits=4,M=0,coder=huffman"),
+])
+def test_zstd_coder_decodes_to_the_same_values_as_the_other_coders(zstd_spec, reference_spec):
+    x = _gradient()
+    spec = TensorSpec("w", x.shape)
+    ctx = RoundContext(round=0, rank=0, seed=1)
+    decoded = []
+    sizes = []
+    for text in (zstd_spec, reference_spec):
+        codec = create_codec(text)
+        msg = codec.make_encoder().encode(x, spec, ctx)
+        sizes.append(len(msg.payload))
+        decoded.append(codec.make_decoder().decode(msg, ctx))
+    np.testing.assert_array_equal(decoded[0].view(np.uint32), decoded[1].view(np.uint32))
+    assert sizes[0] < 4 * x.size  # compressed, not raw
+    entropy_coded = "coder=ans" in reference_spec or "coder=huffman" in reference_spec or reference_spec.startswith("m22")
+    if entropy_coded:  # zstd pays something over a model-driven coder, but not much
+        assert sizes[0] <= 1.35 * sizes[1] + 64, sizes
+
+
+def test_zstd_coder_is_smaller_than_plain_fp8_codes():
+    x = _gradient()
+    spec = TensorSpec("w", x.shape)
+    ctx = RoundContext(round=0, rank=0, seed=1)
+    plain = create_codec("fp8:format=152").make_encoder().encode(x, spec, ctx)
+    zstd = create_codec("fp8:format=152,coder=zstd").make_encoder().encode(x, spec, ctx)
+    assert zstd.payload[0] == 3 and len(zstd.payload) < 0.85 * len(plain.payload)
+
+
+def test_zstd_decode_refuses_hostile_streams():
+    import zstandard
+
+    from gradwire.compressors.base import CodecError
+    from gradwire.compressors.entropy import varint_encode, zstd_decode, zstd_encode
+
+    sym = np.random.default_rng(0).integers(1, 15, 5001).astype(np.uint8)  # odd: the last byte is padded
+    good = zstd_encode(sym, 15)
+    np.testing.assert_array_equal(zstd_decode(good, 15, sym.size), sym)
+    head = varint_encode([sym.size])
+    frame = good[len(head):]
+    big = zstandard.ZstdCompressor(level=1).compress(bytes(10 * sym.size))  # declares 10x the count
+    no_size = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(sym.tobytes())
+    outside = zstd_encode(np.full(sym.size, 15, dtype=np.uint8), 16)  # 15 is outside 0..14
+    cases = {
+        "wrong count": zstd_encode(sym[:-1], 15),
+        "frame larger than the count": head + big,
+        "no declared size": head + no_size,
+        "trailing bytes": good + b"\x00",
+        "two frames": good + frame,
+        "truncated": good[:-4],
+        "garbage": head + b"\xff" * 64,
+        "outside the alphabet": outside,
+        "nonzero padding": head[:0] + varint_encode([sym.size - 1]) + frame,
+    }
+    for what, data in cases.items():
+        with pytest.raises(CodecError):
+            zstd_decode(data, 15, sym.size)
+            pytest.fail(what)

@@ -45,6 +45,7 @@ __all__ = [
     "fp8_quantize",
     "fp8_scale",
     "fp8_values",
+    "histogram",
     "lookup",
     "uniform_quantize",
 ]
@@ -66,6 +67,19 @@ def lookup(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
         stop = start + LOOKUP_CHUNK
         np.take(table, idx[start:stop], out=out[start:stop])
     return out
+
+
+def histogram(symbols: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount(symbols, minlength=minlength)`` of small unsigned symbols, in cache-sized
+    chunks (bincount widens the whole input to intp first; chunk by chunk that copy stays cached)."""
+    sym = np.asarray(symbols).reshape(-1)
+    counts = np.zeros(minlength, dtype=np.int64)
+    for start in range(0, sym.size, LOOKUP_CHUNK):
+        part = np.bincount(sym[start : start + LOOKUP_CHUNK], minlength=minlength)
+        if part.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(part.size - counts.size, dtype=np.int64)])
+        counts[: part.size] += part
+    return counts
 
 
 def _symbol_dtype(alphabet: int) -> type[np.unsignedinteger]:
@@ -136,7 +150,7 @@ class UniformQuantizer:
         # and both ends only ever see the resulting symbols.
         inv = 1.0 / self.step
         work: type[np.floating] = np.float32 if inv < 1e38 else np.float64  # float64 when 1/Δ overflows float32
-        u = arr.astype(work) * work(inv)
+        u = np.multiply(arr, work(inv), dtype=work)  # one new array: the same values as astype, then *
         u += work(self.alphabet_size / 2 - 0.5 if self.grid == "midrise" else self.alphabet_size // 2)
         np.clip(u, 0, top, out=u)
         if rounding == "nearest":

@@ -75,7 +75,7 @@ from gradwire.compressors.entropy_coding.symbols import (
 )
 from gradwire.compressors.feedback import maybe_error_feedback
 from gradwire.compressors.gennorm import gennorm_cell_pmf, subsample
-from gradwire.compressors.quantize import FP8_FORMATS, fp8_cell_edges, fp8_dequantize, fp8_quantize
+from gradwire.compressors.quantize import FP8_FORMATS, fp8_cell_edges, fp8_dequantize, fp8_quantize, histogram
 from gradwire.compressors.registry import register
 
 KIND_PLAIN = 0
@@ -157,7 +157,7 @@ class _FP8Encoder(Encoder):
             return Encoded(c.spec, spec, b"")
         codes, scale = fp8_quantize(flat, c.format)
         s = float(scale)
-        counts = np.bincount(codes, minlength=ALPHABET)
+        counts = histogram(codes, ALPHABET)
         sample = subsample(flat, FIT_SAMPLES)
         beta = None
         lengths = None
@@ -229,7 +229,7 @@ class _FP8Decoder(Decoder):
                 codes = huffman_decode(data, huffman_code_lengths(pmf), numel)
             else:
                 codes = ans_decode(data, pmf, numel)
-            if counts is not None and not np.array_equal(np.bincount(codes, minlength=ALPHABET), counts):
+            if counts is not None and not np.array_equal(histogram(codes, ALPHABET), counts):
                 raise CodecError(f"{where}: decoded codes do not match the sent histogram")
         try:
             out = fp8_dequantize(codes, c.format, scale)

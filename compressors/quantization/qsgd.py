@@ -63,7 +63,7 @@ from gradwire.compressors.entropy import (
     varint_decode,
     varint_encode,
 )
-from gradwire.compressors.quantize import lookup
+from gradwire.compressors.quantize import histogram, lookup
 from gradwire.compressors.registry import register
 
 MODE_FIXED = 0
@@ -265,7 +265,7 @@ def _decode_magnitudes(
             except CodecError as exc:
                 raise CodecError(f"{where}: {exc}") from None
         # The histogram is sent anyway: it doubles as an integrity check of the stream.
-        if not np.array_equal(np.bincount(mags, minlength=levels + 1), counts):
+        if not np.array_equal(histogram(mags, levels + 1), counts):
             raise CodecError(f"{where}: ANS stream does not match its level histogram")
     else:
         raise CodecError(f"{where}: unknown level code {mode}")
@@ -301,7 +301,7 @@ class QSGDEncoder(Encoder):
             return Encoded(self.codec.spec, spec, b"")
         c = self.codec
         norms, mags, negative = quantize_magnitudes(flat, c.levels, c.bucket, ctx.rng(spec.name))
-        counts = np.bincount(mags, minlength=c.levels + 1)
+        counts = histogram(mags, c.levels + 1)
         mode, body = encode_magnitudes(mags, negative, c.levels, c.coder, counts)
         payload = struct.pack("<B", mode) + norms.astype("<f4").tobytes() + body
         self._entries += flat.size

@@ -163,3 +163,30 @@ def test_zstd_decode_refuses_hostile_streams():
         with pytest.raises(CodecError):
             zstd_decode(data, 15, sym.size)
             pytest.fail(what)
+
+
+def test_bf16_encoder_matches_the_uint64_reference_on_every_kind_of_float():
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    extremes = np.array([0.0, -0.0, np.finfo(np.float32).max, -np.finfo(np.float32).max,
+                         np.finfo(np.float32).tiny, 1e-45, -1e-45, 1.0, -1.0], dtype=np.float32)
+    x = np.concatenate([x, extremes])
+    wide = x.view(np.uint32).astype(np.uint64)  # the straightforward version, in uint64
+    want = np.minimum((wide + 0x7FFF + ((wide >> 16) & 1)) >> 16, 0xFFFF).astype("<u2").tobytes()
+    spec = TensorSpec("w", x.shape)
+    got = create_codec("bf16").make_encoder().encode(x, spec, RoundContext(round=0, rank=0, seed=0)).payload
+    assert got == want
+
+
+def test_fp16_encoder_matches_numpy_on_every_kind_of_float():
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = x[np.isfinite(x)]
+    edges = [65504, 65519.99, 65520, -65520, 1e30, -1e30, 6e-8, 3e-8, 2.98e-8, 5.96e-8, 0.0, -0.0]
+    x = np.concatenate([x, np.array(edges, dtype=np.float32)])
+    limit = np.finfo(np.float16).max
+    want = np.clip(x, -limit, limit).astype("<f2").tobytes()  # the straightforward version
+    spec = TensorSpec("w", x.shape)
+    assert create_codec("fp16").make_encoder().encode(x, spec, RoundContext(round=0, rank=0, seed=0)).payload == want

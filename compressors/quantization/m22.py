@@ -307,14 +307,22 @@ RESCALES = ("norm", "ls", "model", "none")
 CODERS = ("ans", "huffman", "zstd")
 
 
-def cell_indices(z: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def cell_indices(z: np.ndarray, thresholds: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Cell of every entry (uint8: at most 2^8 cells): the number of thresholds strictly
     below it (cell j is (t_{j−1}, t_j]). Comparisons for small tables, binary search for large ones."""
     if thresholds.size > 15:
-        return np.searchsorted(thresholds, z, side="left").astype(np.uint8)
-    idx = np.zeros(z.shape, dtype=np.uint8)
+        cells = np.searchsorted(thresholds, z, side="left").astype(np.uint8)
+        if out is None:
+            return cells
+        out[...] = cells
+        return out
+    idx = np.zeros(z.shape, dtype=np.uint8) if out is None else out
+    if out is not None:
+        idx.fill(0)
+    above = np.empty(z.shape, dtype=bool)
     for t in thresholds:
-        idx += z > t
+        np.greater(z, t, out=above)
+        idx += above
     return idx
 
 
@@ -510,8 +518,7 @@ class M22Encoder(Encoder):
             v = flat[c].astype(np.float64)
             v -= side.mu
             v /= side.sigma
-            cells = cell_indices(v, thresholds)
-            idx[c] = cells
+            cells = cell_indices(v, thresholds, out=idx[c])
             counts += np.bincount(cells, minlength=centers.size)
             zz += float(np.dot(v, v))  # ||v − μ||² / σ²
             zc += float(np.dot(v, centers.take(cells)))  # <z, c[idx]>

@@ -290,6 +290,15 @@ LIMIT_REASONS = {
 }
 
 
+# Why a codec's own (non-entropy) stage can stay near the target, by codec name and direction.
+CODEC_LIMIT_REASONS = {
+    ("m22", "encode"): "quantizer: z = (v - mu)/sigma in float64, chunked (kept so the cell decisions match the "
+                       "reference bit for bit), plus the fit and error feedback's float32 passes (~0.2 s at 11M)",
+    ("qsgd", "encode"): "stochastic rounding draws 11M float32 uniforms from the tensor's seeded generator "
+                        "(~0.05 s; they fix the wire bytes)",
+}
+
+
 def check_targets(rows: list[dict]) -> list[str]:
     notes = kernel_targets(rows)
     for r in rows:
@@ -321,6 +330,8 @@ def kernel_targets(rows: list[dict]) -> list[str]:
             v = r[f"{kind}_MBps"]
             line = f"{'PASS' if v >= KERNEL_TARGET_MBPS else 'FAIL'} kernel {r['codec']} {kind} {v:.0f} MB/s >= {KERNEL_TARGET_MBPS:.0f} ({r['data']} {r['size']:,})"
             reason = LIMIT_REASONS.get((entropy_stage(r["codec"]), kind))
+            own = CODEC_LIMIT_REASONS.get((r["codec"].split(":", 1)[0], kind))
+            reason = "; ".join(x for x in (reason, own) if x) or None
             if v < KERNEL_TARGET_MBPS and reason:
                 line += f" -- {reason}"
             notes.append(line)

@@ -65,12 +65,19 @@ DEFAULT_CODECS = [
     "sign",
     "powersgd:rank=2",
     "m22:bits=2,M=2",
+    "bf16",
+    "fp8:format=143,coder=zstd",
+    "m22:bits=2,M=2,coder=zstd",
+    "tpc",
+    "lag",
+    "lgc",
 ]
 DEFAULT_DATA = ["gennorm0.5", "gennorm1", "gennorm2", "real"]
 DEFAULT_SIZES = [1_000_000, 10_000_000]
 TARGET_MBPS = 50.0
 TARGET_HUFFMAN_GAP = 0.2
 TARGET_CODEC = "huffman:bits=4"
+KERNEL_TARGET_MBPS = 200.0  # every codec, each way, at >= 10M entries (issue 15, item 2)
 
 
 # ------------------------------------------------------------------ data
@@ -170,18 +177,24 @@ def _shape(size: int) -> tuple[int, ...]:
 
 
 def bench_codec(spec_text: str, x: np.ndarray, repeats: int) -> dict:
+    """Encode and decode round by round (round 0 untimed), as a worker and the PS do: the decoder
+    sees every message in order, which stateful codecs (tpc, lag: mirrored history) require."""
     codec = create_codec(spec_text)
     spec = TensorSpec("bench.weight", _shape(x.size))
     xs = x.reshape(spec.shape)
     encoder, decoder = codec.make_encoder(), codec.make_decoder(codec.make_cross_worker_state())
-    rounds = iter(range(10**6))
-
-    def encode():
-        return encoder.encode(xs, spec, RoundContext(round=next(rounds), rank=0, seed=1))
-
-    c_enc, w_enc, msg = _median_time(encode, repeats)
-    ctx = RoundContext(round=next(rounds) - 1, rank=0, seed=1)  # the round `msg` was encoded in
-    c_dec, w_dec, y = _median_time(lambda: decoder.decode(msg, ctx), repeats)
+    times: dict[str, list[float]] = {"c_enc": [], "w_enc": [], "c_dec": [], "w_dec": []}
+    for round_ in range(repeats + 1):
+        ctx = RoundContext(round=round_, rank=0, seed=1)
+        c0, w0 = time.process_time(), time.perf_counter()
+        msg = encoder.encode(xs, spec, ctx)
+        c1, w1 = time.process_time(), time.perf_counter()
+        y = decoder.decode(msg, ctx)
+        c2, w2 = time.process_time(), time.perf_counter()
+        if round_:  # round 0 is the warm-up: page faults, caches, lazy imports
+            for key, value in (("c_enc", c1 - c0), ("w_enc", w1 - w0), ("c_dec", c2 - c1), ("w_dec", w2 - w1)):
+                times[key].append(value)
+    c_enc, w_enc, c_dec, w_dec = (max(statistics.median(times[k]), 1e-9) for k in ("c_enc", "w_enc", "c_dec", "w_dec"))
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     err = float(np.linalg.norm(y - x) / max(np.linalg.norm(x.astype(np.float64)), 1e-300))
     row = {"codec": spec_text, "bits_per_entry": 8.0 * msg.payload_bytes / x.size, "rel_error": err}
@@ -249,8 +262,45 @@ def print_table(rows: list[dict]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def entropy_stage(spec_text: str) -> str | None:
+    """The entropy coder a codec spec runs: "ans", "huffman", "zstd" or None."""
+    name, _, options = spec_text.partition(":")
+    opts = dict(kv.split("=", 1) for kv in options.split(",") if "=" in kv)
+    if name in ("huffman", "ans"):
+        return name
+    if name in ("fp8", "m22"):
+        return {"none": None}.get(opts.get("coder", "none" if name == "fp8" else "ans"), opts.get("coder", "ans"))
+    if name == "qsgd":
+        return "ans"  # coder=auto picks ANS whenever it is shorter than fixed-width magnitudes
+    return None
+
+
+# Why a codec direction stays under KERNEL_TARGET_MBPS, by entropy stage (measured on the
+# project's 2-vCPU machine kind; docs/results/codecs/ holds the runs).
+LIMIT_REASONS = {
+    ("ans", "decode"): "entropy stage: constriction's ANS decoder alone runs at ~25 ns per symbol "
+                       "(~180 MB/s of float32 input at one symbol per entry; 256-symbol fp8 codes ~40 MB/s); "
+                       "coder=zstd (fp8, m22) is the fast option",
+    ("ans", "encode"): "entropy stage: constriction's ANS encoder takes ~0.1 s of the 0.22 s budget at 11M "
+                       "symbols; coder=zstd (fp8, m22) is the fast option",
+    ("huffman", "decode"): "entropy stage: the vectorized numpy Huffman decoder takes one table step per "
+                           "<= 7 symbols per lane (Python-level steps); coder=zstd (fp8, m22) is the fast option",
+    ("huffman", "encode"): "entropy stage: the vectorized numpy bit packer (64-bit OR-reduction of codewords); "
+                           "coder=zstd (fp8, m22) is the fast option",
+}
+
+
+# Why a codec's own (non-entropy) stage can stay near the target, by codec name and direction.
+CODEC_LIMIT_REASONS = {
+    ("m22", "encode"): "quantizer: z = (v - mu)/sigma in float64, chunked (kept so the cell decisions match the "
+                       "reference bit for bit), plus the fit and error feedback's float32 passes (~0.2 s at 11M)",
+    ("qsgd", "encode"): "stochastic rounding draws 11M float32 uniforms from the tensor's seeded generator "
+                        "(~0.05 s; they fix the wire bytes)",
+}
+
+
 def check_targets(rows: list[dict]) -> list[str]:
-    notes = []
+    notes = kernel_targets(rows)
     for r in rows:
         if r["codec"] != TARGET_CODEC:
             continue
@@ -266,6 +316,25 @@ def check_targets(rows: list[dict]) -> list[str]:
                     f">= {TARGET_MBPS:.0f} ({where})"
                 )
         notes.append(f"{'PASS' if gap <= TARGET_HUFFMAN_GAP else 'FAIL'} {TARGET_CODEC} Huffman - entropy = {gap:.3f} bit/symbol <= {TARGET_HUFFMAN_GAP} ({where})")
+    return notes
+
+
+def kernel_targets(rows: list[dict]) -> list[str]:
+    """PASS/FAIL of every codec and direction against KERNEL_TARGET_MBPS at >= 10M entries,
+    with the named reason where the entropy stage is the limit."""
+    notes = []
+    for r in rows:
+        if r["size"] < 10_000_000 or "encode_MBps" not in r or r["codec"].startswith(("zstd-", "entropy(")):
+            continue
+        for kind in ("encode", "decode"):
+            v = r[f"{kind}_MBps"]
+            line = f"{'PASS' if v >= KERNEL_TARGET_MBPS else 'FAIL'} kernel {r['codec']} {kind} {v:.0f} MB/s >= {KERNEL_TARGET_MBPS:.0f} ({r['data']} {r['size']:,})"
+            reason = LIMIT_REASONS.get((entropy_stage(r["codec"]), kind))
+            own = CODEC_LIMIT_REASONS.get((r["codec"].split(":", 1)[0], kind))
+            reason = "; ".join(x for x in (reason, own) if x) or None
+            if v < KERNEL_TARGET_MBPS and reason:
+                line += f" -- {reason}"
+            notes.append(line)
     return notes
 
 

@@ -121,6 +121,15 @@ class Encoder(ABC):
         """Codec-specific statistics accumulated since the last reset."""
         return {}
 
+    def reconstruction(self, msg: Encoded) -> np.ndarray | None:
+        """What the decoder returns for ``msg``, the message this encoder produced last (flat
+        float32, bit-identical), when the encoder knows it without decoding; else None.
+
+        Error feedback asks for it before decoding its own message a second time: an encoder
+        that already knows its symbols saves the entropy decode (tests check it against the decoder).
+        """
+        return None
+
     def set_layout(self, specs: Sequence[TensorSpec]) -> None:  # noqa: B027 - a need most codecs lack
         """The model's tensors, given once before the first round to a codec that declares
         ``needs_layout`` (a model-scope codec sees one flat vector otherwise)."""

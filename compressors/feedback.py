@@ -4,7 +4,8 @@
 worker's encoder and is keyed by tensor name; the PS needs no state for it, so
 the decoder is the inner codec's decoder unchanged. A local mirror decoder gives
 the worker exactly what the PS will decode, so this also works for stateful
-inner codecs.
+inner codecs; an inner encoder that already knows what the PS will decode
+(``Encoder.reconstruction``: m22, huffman, ans) spares the mirror its decode.
 
 **Momentum correction** (Lin et al., 2018, "Deep Gradient Compression", §3.2),
 for sparsifying codecs (``topk``, ``randk``) with ``momentum=m``: the worker
@@ -46,9 +47,15 @@ class ErrorFeedbackEncoder(Encoder):
             flat = flat.copy() if velocity is None else np.float32(self.momentum) * velocity + flat
             self.velocities[spec.name] = flat
         memory = self.residuals.get(spec.name)
-        corrected = flat if memory is None else flat + np.float32(self.decay) * memory
+        if memory is None:
+            corrected = flat
+        else:  # decay·e + x with one new float32 array (the memory stays intact if encoding fails)
+            corrected = memory * np.float32(self.decay) if self.decay != 1.0 else memory + flat
+            if self.decay != 1.0:
+                corrected += flat
         msg = self.inner.encode(corrected, spec, ctx)
-        decoded = self.mirror.decode(msg, ctx).reshape(-1).astype(np.float32)
+        known = self.inner.reconstruction(msg)  # the inner encoder's symbols, when it keeps them
+        decoded = (self.mirror.decode(msg, ctx) if known is None else known).reshape(-1).astype(np.float32, copy=False)
         self.residuals[spec.name] = corrected - decoded
         if self.momentum:
             if self.masking:  # momentum factor masking: a sent entry stops pushing from stale momentum

@@ -45,8 +45,41 @@ __all__ = [
     "fp8_quantize",
     "fp8_scale",
     "fp8_values",
+    "histogram",
+    "lookup",
     "uniform_quantize",
 ]
+
+
+LOOKUP_CHUNK = 1 << 16
+
+
+def lookup(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``table[indices]`` for small unsigned indices (symbols), in cache-sized chunks.
+
+    numpy widens a whole uint8 index array to intp (8 bytes per entry) before indexing;
+    chunk by chunk that copy stays in the CPU cache (about 2x faster at 11 M entries).
+    The caller checks that every index is inside the table.
+    """
+    idx = np.asarray(indices).reshape(-1)
+    out = np.empty(idx.size, dtype=table.dtype)
+    for start in range(0, idx.size, LOOKUP_CHUNK):
+        stop = start + LOOKUP_CHUNK
+        np.take(table, idx[start:stop], out=out[start:stop])
+    return out
+
+
+def histogram(symbols: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount(symbols, minlength=minlength)`` of small unsigned symbols, in cache-sized
+    chunks (bincount widens the whole input to intp first; chunk by chunk that copy stays cached)."""
+    sym = np.asarray(symbols).reshape(-1)
+    counts = np.zeros(minlength, dtype=np.int64)
+    for start in range(0, sym.size, LOOKUP_CHUNK):
+        part = np.bincount(sym[start : start + LOOKUP_CHUNK], minlength=minlength)
+        if part.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(part.size - counts.size, dtype=np.int64)])
+        counts[: part.size] += part
+    return counts
 
 
 def _symbol_dtype(alphabet: int) -> type[np.unsignedinteger]:
@@ -117,7 +150,7 @@ class UniformQuantizer:
         # and both ends only ever see the resulting symbols.
         inv = 1.0 / self.step
         work: type[np.floating] = np.float32 if inv < 1e38 else np.float64  # float64 when 1/Δ overflows float32
-        u = arr.astype(work) * work(inv)
+        u = np.multiply(arr, work(inv), dtype=work)  # one new array: the same values as astype, then *
         u += work(self.alphabet_size / 2 - 0.5 if self.grid == "midrise" else self.alphabet_size // 2)
         np.clip(u, 0, top, out=u)
         if rounding == "nearest":
@@ -137,7 +170,7 @@ class UniformQuantizer:
         sym = np.asarray(symbols).reshape(-1)
         if sym.size and (sym.min() < 0 or sym.max() >= self.alphabet_size):
             raise CodecError(f"symbols outside [0, {self.alphabet_size - 1}]")
-        return self.levels()[sym.astype(np.intp)]
+        return lookup(self.levels(), sym)
 
 
 def uniform_quantize(
@@ -221,8 +254,11 @@ def fp8_quantize(x: np.ndarray, fmt: str, scale: float | None = None) -> tuple[n
     s = fp8_scale(arr, fmt) if scale is None else np.float32(scale)
     if s == 0 or arr.size == 0:
         return np.zeros(arr.size, dtype=np.uint8), np.float32(s)
-    top = fp8_max(fmt)
-    v = np.clip(arr.astype(np.float64) / float(s), -top, top).astype(np.float32)
+    top = np.float32(fp8_max(fmt))
+    # float32 division is exact here: fl32(x/s) equals the float64 quotient rounded to float32
+    # (53 >= 2·24 + 2 bits, so the double rounding is innocuous), without float64 temporaries.
+    v = np.divide(arr, s, dtype=np.float32)
+    np.clip(v, -top, top, out=v)
     codes = torch.from_numpy(v).to(_torch_dtype(fmt)).view(torch.uint8).numpy().copy()
     codes[codes == 0x80] = 0  # no negative zero
     return codes, np.float32(s)
@@ -231,12 +267,18 @@ def fp8_quantize(x: np.ndarray, fmt: str, scale: float | None = None) -> tuple[n
 def fp8_dequantize(codes: np.ndarray, fmt: str, scale: float) -> np.ndarray:
     """float32 values of byte codes times ``scale``; Inf/NaN codes raise ``CodecError``."""
     vals = fp8_values(_check_format(fmt))
-    c = np.asarray(codes).reshape(-1).astype(np.intp)
-    out = vals[c]
+    c = np.asarray(codes).reshape(-1)
+    if c.dtype != np.uint8:
+        if c.size and (c.min() < 0 or c.max() > 255):
+            raise CodecError(f"fp8 {fmt} codes outside [0, 255]")
+        c = c.astype(np.uint8)
+    limit = float(np.finfo(np.float32).max)
+    # The value of every code, computed once (float64, as per entry before), then a lookup.
+    table = np.clip(vals * float(np.float32(scale)), -limit, limit).astype(np.float32)
+    out = lookup(table, c)
     if c.size and np.isnan(out).any():
         raise CodecError(f"fp8 {fmt} codes contain Inf/NaN patterns")
-    limit = float(np.finfo(np.float32).max)
-    return np.clip(out * float(np.float32(scale)), -limit, limit).astype(np.float32)
+    return out
 
 
 @functools.lru_cache(maxsize=4)

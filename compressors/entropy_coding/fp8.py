@@ -8,6 +8,9 @@ Huffman coding them with a GenNorm model (docs/algorithms.md §2). Per tensor:
 2. Codes: x/s rounded to nearest-even in the format (subnormals kept; no
    NaN/Inf code and no negative zero is produced), ``compressors.quantize.fp8_quantize``.
 3. ``coder=none`` (default): the 256 byte codes as they are (8 bits per entry).
+   ``coder=zstd`` (opt-in): the byte codes through zstd level 1, no model
+   (``compressors.entropy.zstd_encode``): about 0.1 bit per entry above ANS on
+   gradients at 5-20x its speed (ANS decodes 256 symbols at ~40 MB/s of input).
    ``coder=huffman`` / ``ans``: the codes are entropy coded with a model pmf over
    the 256 codes. ``model=zgennorm`` (default) sends the fraction p0 of exact
    zeros and fits (β, μ, α) to the nonzero entries; ``gennorm`` (the paper's) fits
@@ -21,7 +24,8 @@ Payload layout (little-endian)::
     kind   u8        0 = plain codes, 3 = entropy coded, 1/2 = raw float16/float32
     plain: scale f32, then numel code bytes
     coded: scale f32, model (zgennorm: f32 p0, β, μ, α | gennorm: f32 β, μ, α |
-           empirical: 256 LEB128 counts), then the huffman_encode / ans_encode stream
+           empirical: 256 LEB128 counts), then the huffman_encode / ans_encode stream;
+           coder=zstd: scale f32, then the zstd_encode stream (no model)
     raw:   numel × f16 / f32 (small-tensor fallback, when strictly smaller)
 
 Biased (round to nearest). ``ef=1`` adds error feedback. Statistics as for
@@ -53,6 +57,8 @@ from gradwire.compressors.entropy import (
     huffman_decode,
     huffman_encode,
     varint_encode,
+    zstd_decode,
+    zstd_encode,
 )
 from gradwire.compressors.entropy_coding.symbols import (
     FIT_SAMPLES,
@@ -69,12 +75,12 @@ from gradwire.compressors.entropy_coding.symbols import (
 )
 from gradwire.compressors.feedback import maybe_error_feedback
 from gradwire.compressors.gennorm import gennorm_cell_pmf, subsample
-from gradwire.compressors.quantize import FP8_FORMATS, fp8_cell_edges, fp8_dequantize, fp8_quantize
+from gradwire.compressors.quantize import FP8_FORMATS, fp8_cell_edges, fp8_dequantize, fp8_quantize, histogram
 from gradwire.compressors.registry import register
 
 KIND_PLAIN = 0
 KIND_CODED = 3
-CODERS = ("none", "huffman", "ans")
+CODERS = ("none", "huffman", "ans", "zstd")
 MODELS = ("zgennorm", "gennorm", "empirical")
 MODEL_PARAMS = {"zgennorm": 4, "gennorm": 3}
 ALPHABET = 256
@@ -151,12 +157,15 @@ class _FP8Encoder(Encoder):
             return Encoded(c.spec, spec, b"")
         codes, scale = fp8_quantize(flat, c.format)
         s = float(scale)
-        counts = np.bincount(codes, minlength=ALPHABET)
+        counts = histogram(codes, ALPHABET)
         sample = subsample(flat, FIT_SAMPLES)
         beta = None
         lengths = None
         if c.coder == "none":
             head, stream = struct.pack("<Bf", KIND_PLAIN, s), codes.tobytes()
+            pmf = counts / counts.sum()
+        elif c.coder == "zstd":  # no model: zstd learns the byte statistics itself
+            head, stream = struct.pack("<Bf", KIND_CODED, s), zstd_encode(codes, ALPHABET)
             pmf = counts / counts.sum()
         else:
             if c.model in MODEL_PARAMS:
@@ -208,6 +217,8 @@ class _FP8Decoder(Decoder):
             if len(payload) != 5 + numel:
                 raise CodecError(f"{where} is {len(payload)} bytes, expected {5 + numel}")
             codes = np.frombuffer(payload, dtype=np.uint8, offset=5)
+        elif c.coder == "zstd":
+            codes = zstd_decode(payload[5:], ALPHABET, numel)
         else:
             pmf, counts, offset = read_model_pmf(
                 payload, 5, MODEL_PARAMS.get(c.model, 0), ALPHABET, numel, where,
@@ -218,7 +229,7 @@ class _FP8Decoder(Decoder):
                 codes = huffman_decode(data, huffman_code_lengths(pmf), numel)
             else:
                 codes = ans_decode(data, pmf, numel)
-            if counts is not None and not np.array_equal(np.bincount(codes, minlength=ALPHABET), counts):
+            if counts is not None and not np.array_equal(histogram(codes, ALPHABET), counts):
                 raise CodecError(f"{where}: decoded codes do not match the sent histogram")
         try:
             out = fp8_dequantize(codes, c.format, scale)

@@ -120,7 +120,7 @@ from gradwire.compressors.gennorm import (
     optimal_uniform_clip,
     subsample,
 )
-from gradwire.compressors.quantize import GRIDS, ROUNDINGS, UniformQuantizer
+from gradwire.compressors.quantize import GRIDS, ROUNDINGS, UniformQuantizer, histogram, lookup
 from gradwire.compressors.registry import register
 
 KIND_CODED = 0
@@ -292,10 +292,9 @@ class _EntropyQuantCodec(Codec):
             return ans_decode(data, pmf, count)
         if self.block_size == 2:
             n = pmf.size
-            pairs = huffman_decode(data, lengths, (count + 1) // 2).astype(np.int32)
-            out = np.empty(2 * pairs.size, dtype=np.int32)
-            np.floor_divide(pairs, n, out=out[0::2])
-            np.remainder(pairs, n, out=out[1::2])
+            pairs = huffman_decode(data, lengths, (count + 1) // 2)  # uint8 for up to 16 levels
+            out = np.empty(2 * pairs.size, dtype=pairs.dtype)
+            np.divmod(pairs, pairs.dtype.type(n), out=(out[0::2], out[1::2]))
             if count % 2 and out[-1] != 0:
                 raise CodecError("Huffman pair stream pads an odd count with a nonzero symbol")
             return out[:count]
@@ -306,6 +305,7 @@ class _Encoder(Encoder):
     def __init__(self, codec: _EntropyQuantCodec):
         self.codec = codec
         self.acc = SymbolStats()
+        self._last: tuple[Encoded, UniformQuantizer, np.ndarray] | None = None  # last coded message
 
     def reset(self) -> None:
         self.acc.reset()
@@ -313,11 +313,12 @@ class _Encoder(Encoder):
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
         flat = check_input(x, spec)
         c = self.codec
+        self._last = None
         if flat.size == 0:
             return Encoded(c.spec, spec, b"")
         q = c.quantize_tensor(flat, ctx.rng(spec.name) if c.rounding == "stochastic" else None)
         quantizer, symbols, params, gparams, sample = q.quantizer, q.symbols, q.params, q.gparams, q.sample
-        counts = np.bincount(symbols, minlength=quantizer.alphabet_size)
+        counts = histogram(symbols, quantizer.alphabet_size)
         if c.model == "empirical":
             head = varint_encode(counts)
             pmf = counts / counts.sum()
@@ -335,7 +336,16 @@ class _Encoder(Encoder):
                 gparams[0] if c.model in ("gennorm", "zgennorm") else None,
                 lengths if lengths is not None and lengths.size == counts.size else None,
             )
-        return Encoded(c.spec, spec, payload)
+        msg = Encoded(c.spec, spec, payload)
+        self._last = (msg, quantizer, symbols) if payload[0] == KIND_CODED else None
+        return msg
+
+    def reconstruction(self, msg: Encoded) -> np.ndarray | None:
+        """The decoder's output for the last coded message, from the symbols the encoder chose."""
+        last, self._last = self._last, None
+        if last is None or last[0] is not msg:
+            return None
+        return lookup(last[1].levels(), last[2])
 
     def stats(self) -> dict[str, float]:
         return self.acc.as_dict()
@@ -366,7 +376,7 @@ class _Decoder(Decoder):
         )
         lengths = c.code_for(pmf)
         symbols = c.entropy_decode(payload[offset:], pmf, lengths, numel)
-        if counts is not None and not np.array_equal(np.bincount(symbols, minlength=counts.size), counts):
+        if counts is not None and not np.array_equal(histogram(symbols, counts.size), counts):
             raise CodecError(f"{where}: decoded symbols do not match the sent histogram")
         return quantizer.dequantize(symbols).reshape(spec.shape)
 

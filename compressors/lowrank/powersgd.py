@@ -125,7 +125,7 @@ class PowerSGDEncoder(Encoder):
         norms = np.linalg.norm(q, axis=0)
         self.q[spec.name] = (q / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         # ||M − P Pᵀ M||² = ||M||² − ||Pᵀ M||² for orthonormal P.
-        sq_norm = float(np.sum(mat * mat))
+        sq_norm = float(np.vdot(mat, mat))  # BLAS dot: no n×m float64 temporary
         self._sq_norm += sq_norm
         self._sq_err += max(0.0, sq_norm - float(np.sum(norms * norms)))
         self._lowrank_entries += flat.size

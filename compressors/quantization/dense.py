@@ -14,6 +14,17 @@ from gradwire.compressors.base import RoundContext, TensorCodec, TensorSpec, exp
 from gradwire.compressors.registry import register
 
 
+def _torch():
+    import torch  # a project dependency; imported when first needed
+
+    return torch
+
+
+def _torch_view(x: np.ndarray):
+    """A flat float32 torch tensor sharing ``x``'s memory (a copy only when x is not contiguous float32)."""
+    return _torch().from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
+
+
 @register
 @dataclass(frozen=True)
 class DenseCodec(TensorCodec):
@@ -37,8 +48,10 @@ class Float16Codec(TensorCodec):
     name = "fp16"
 
     def encode_array(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> bytes:
-        limit = np.finfo(np.float16).max
-        return np.clip(x, -limit, limit).astype("<f2").tobytes()
+        limit = float(np.finfo(np.float16).max)
+        # torch's vectorized conversion (round to nearest even, subnormals kept) gives the same
+        # bits as numpy's astype("<f2") at several times its speed; the clamp avoids infinities.
+        return _torch_view(x).clamp(-limit, limit).to(_torch().float16).numpy().tobytes()
 
     def decode_array(self, payload: bytes, spec: TensorSpec, ctx: RoundContext) -> np.ndarray:
         expect_payload_size(payload, 2 * spec.numel, spec, self.name)
@@ -53,9 +66,9 @@ class BFloat16Codec(TensorCodec):
     name = "bf16"
 
     def encode_array(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> bytes:
-        bits = x.astype("<f4").view("<u4").astype(np.uint64)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return np.minimum(rounded, 0xFFFF).astype("<u2").tobytes()
+        # torch rounds float32 to bfloat16 to nearest even, as (bits + 0x7FFF + lsb) >> 16 does
+        # (inputs are finite; a test checks the bits against that formula).
+        return _torch_view(x).to(_torch().bfloat16).view(_torch().int16).numpy().tobytes()
 
     def decode_array(self, payload: bytes, spec: TensorSpec, ctx: RoundContext) -> np.ndarray:
         expect_payload_size(payload, 2 * spec.numel, spec, self.name)

@@ -13,7 +13,7 @@ Design (``design_quantizer``)
     symmetric: it runs on the half line with 2^(R−1) cells (threshold 0 is fixed by
     symmetry) and mirrors.
 
-Codec ``m22:bits=R,M=...,dist=gennorm|dweibull,coder=ans|huffman,ef=1,gamma=0.7,...``
+Codec ``m22:bits=R,M=...,dist=gennorm|dweibull,coder=ans|huffman|zstd,ef=1,gamma=0.7,...``
     Per tensor the worker fits the model to the z-scored nonzero entries (exact zeros
     from dead units are a point mass no continuous model describes): the shape by MLE
     (GenNorm: ``compressors.gennorm.fit_gennorm``; double Weibull: Weibull profile
@@ -40,7 +40,8 @@ Payload layout (little-endian)::
                 is ``small_shape``, mu and sigma are the sample moments)
     mode 2      f32 mu (every entry decodes to mu: zero or constant tensor)
     indices     entropy-coded stream (``compressors.entropy`` ANS or canonical Huffman
-                with the model's cell pmf), or, when that is not shorter, the indices
+                with the model's cell pmf, or with ``coder=zstd`` one byte per index through
+                zstd level 1, no model), or, when that is not shorter, the indices
                 packed R bits each (header bit 2).
 
 Index j decodes to ``mu + L · c_j`` with c_j the unit-variance center. ``L = s·σ``: σ
@@ -77,6 +78,7 @@ from gradwire.compressors.base import (
     expect_payload_size,
 )
 from gradwire.compressors.feedback import maybe_error_feedback
+from gradwire.compressors.quantize import lookup
 from gradwire.compressors.registry import register
 
 DISTS = ("gennorm", "dweibull")
@@ -302,18 +304,53 @@ MODE_FIT, MODE_SMALL, MODE_CONST = 0, 1, 2
 FLAG_RAW = 0x04
 PMF_FLOOR = 1e-12  # every cell keeps a code, even where the model puts ~no mass
 RESCALES = ("norm", "ls", "model", "none")
-CODERS = ("ans", "huffman")
+CODERS = ("ans", "huffman", "zstd")
 
 
-def cell_indices(z: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Cell of every entry: the number of thresholds strictly below it (cell j is
-    (t_{j−1}, t_j]). Comparisons for small tables, binary search for large ones."""
+def cell_indices(z: np.ndarray, thresholds: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Cell of every entry (uint8: at most 2^8 cells): the number of thresholds strictly
+    below it (cell j is (t_{j−1}, t_j]). Comparisons for small tables, binary search for large ones."""
     if thresholds.size > 15:
-        return np.searchsorted(thresholds, z, side="left")
-    idx = np.zeros(z.shape, dtype=np.uint8)
+        cells = np.searchsorted(thresholds, z, side="left").astype(np.uint8)
+        if out is None:
+            return cells
+        out[...] = cells
+        return out
+    idx = np.zeros(z.shape, dtype=np.uint8) if out is None else out
+    if out is not None:
+        idx.fill(0)
+    above = np.empty(z.shape, dtype=bool)
     for t in thresholds:
-        idx += z > t
-    return idx.astype(np.intp)
+        np.greater(z, t, out=above)
+        idx += above
+    return idx
+
+
+# Entries per chunk of the encoder's float64 pass: the float64 temporaries of one chunk stay in
+# the CPU cache instead of making 11 M-entry float64 copies (the per-entry arithmetic is unchanged).
+CHUNK = 1 << 16
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(start + CHUNK, n))
+
+
+def _mean_std(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of float32 ``x`` with float64 arithmetic, in cache-sized chunks."""
+    n = x.size
+    mean = sum(float(x[c].sum(dtype=np.float64)) for c in _chunks(n)) / n
+    sq = 0.0
+    for c in _chunks(n):
+        d = x[c].astype(np.float64)
+        d -= mean
+        sq += float(np.dot(d, d))
+    return mean, math.sqrt(sq / n)
+
+
+def level_table(mu: float, level_scale: float, centers: np.ndarray) -> np.ndarray:
+    """float32 value of every cell index: what the decoder returns for it (both ends use this)."""
+    return (mu + level_scale * centers).astype(np.float32)
 
 
 def pack_indices(idx: np.ndarray, bits: int) -> bytes:
@@ -377,6 +414,7 @@ class M22Encoder(Encoder):
         self.codec = codec
         self.shapes: dict[str, float] = {}
         self._stats: dict[str, float] = {}
+        self._last: tuple | None = None  # (message, level table, indices) of the last encode
         self.reset_stats()
 
     # -- state
@@ -394,14 +432,17 @@ class M22Encoder(Encoder):
         self.shapes = {str(k): float(v) for k, v in state.get("shapes", {}).items()}
 
     # -- fitting
-    def _fit(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> tuple[float, float, float]:
+    def _fit(self, x: np.ndarray, mean: float, std: float, spec: TensorSpec, ctx: RoundContext) -> tuple[float, float, float]:
         codec = self.codec
-        mean = float(x.mean())
-        std = float(x.std())
-        z = (x - mean) / std
+
+        def standardized(sample: np.ndarray) -> np.ndarray:  # z of the sampled entries only
+            return (sample.astype(np.float64) - mean) / std
+
         refit = spec.name not in self.shapes or ctx.round % codec.refit == 0
         if refit:
             rng = ctx.rng(spec.name, salt=22)
+            # The fits subsample first (the same draws as on the full z): standardize the sample only.
+            z = standardized(x[rng.integers(0, x.size, size=codec.max_samples)] if x.size > codec.max_samples else x)
             if codec.dist == "gennorm":
                 from gradwire.compressors.gennorm import fit_gennorm
 
@@ -418,36 +459,44 @@ class M22Encoder(Encoder):
         # Location: the mean (the quantizer is symmetric about it; a median sits inside
         # one mode of the bimodal inputs error feedback can produce). Scale: the MLE
         # for this shape and location, in closed form.
-        if z.size > codec.max_samples:
-            z = z[ctx.rng(spec.name, salt=23).integers(0, z.size, size=codec.max_samples)]
+        if x.size > codec.max_samples:
+            z = standardized(x[ctx.rng(spec.name, salt=23).integers(0, x.size, size=codec.max_samples)])
+        else:
+            z = standardized(x)
         return shape, mean, std * scale_given_shape(codec.dist, shape, z)
 
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
         codec = self.codec
-        flat = check_input(x, spec).astype(np.float64)
+        self._last = None
+        flat = check_input(x, spec)  # float32; float64 only chunk by chunk (see CHUNK)
         n = flat.size
         st = self._stats
         st["tensors"] += 1
         st["entries"] += n
-        if n == 0 or bool(np.all(flat == flat[0])):
+        if n == 0 or flat.min() == flat.max():  # every entry equal (all finite)
             side = _Side(MODE_CONST, mu=float(flat[0]) if n else 0.0)
         else:
             # Exact zeros (dead units, inputs that are always 0) are a point mass the
             # continuous model cannot describe: the model is fitted to the nonzero
             # entries; every entry, zeros included, is then quantized.
-            nonzero = flat[flat != 0]
-            st["zero_fraction_sum"] += 1.0 - nonzero.size / n
-            if nonzero.size < codec.min_fit or float(nonzero.std()) == 0.0:
-                sample = nonzero if nonzero.size >= 2 and float(nonzero.std()) > 0 else flat
+            nnz = int(np.count_nonzero(flat))
+            nonzero = flat if nnz == n else flat[flat != 0]
+            st["zero_fraction_sum"] += 1.0 - nnz / n
+            moments = _mean_std(nonzero) if nnz >= codec.min_fit else None
+            sq_in = nnz * (moments[0] ** 2 + moments[1] ** 2) if moments else float(np.dot(nonzero, nonzero.astype(np.float64)))
+            if moments is None or moments[1] == 0.0:
+                nz64 = nonzero.astype(np.float64)
+                sample = nz64 if nz64.size >= 2 and float(nz64.std()) > 0 else flat.astype(np.float64)
                 shape, mu, sigma = codec.small_shape, float(sample.mean()), float(sample.std())
                 mode = MODE_SMALL
                 st["small_tensors"] += 1
             else:
-                shape, mu, sigma = self._fit(nonzero, spec, ctx)
+                shape, mu, sigma = self._fit(nonzero, *moments, spec, ctx)
                 mode = MODE_FIT
+            del nonzero
             shape, mu, sigma = (float(np.float32(v)) for v in (shape, mu, sigma))
             if not (sigma > 0 and math.isfinite(sigma) and math.isfinite(mu) and math.isfinite(shape)):
-                side = _Side(MODE_CONST, mu=float(np.float32(flat.mean())))
+                side = _Side(MODE_CONST, mu=float(np.float32(_mean_std(flat)[0])))
             else:
                 side = _Side(mode, shape, mu, sigma)
         if side.mode == MODE_CONST:
@@ -455,16 +504,25 @@ class M22Encoder(Encoder):
             payload = _HEADER.pack(MODE_CONST | (FORMAT_VERSION << 4)) + struct.pack("<f", side.mu)
             st["side_bits"] += 8 * len(payload)
             st["bits"] += 8 * len(payload)
-            return Encoded(codec.spec, spec, payload)
+            msg = Encoded(codec.spec, spec, payload)
+            self._last = (msg, np.full(n, side.mu, dtype=np.float32), None)
+            return msg
 
         thresholds, centers, pmf, code, second = codec.tables(side.shape)
-        z = (flat - side.mu) / side.sigma
-        idx = cell_indices(z, thresholds)
-        # Per-cell sufficient statistics give every norm below without another pass.
-        counts = np.bincount(idx, minlength=centers.size)
-        zc = float(np.dot(np.bincount(idx, weights=z, minlength=centers.size), centers))  # <z, c[idx]>
+        # One pass in cache-sized float64 chunks: z = (v − μ)/σ exactly as a whole-array pass
+        # would compute it, its cell, and the sums every norm below needs.
+        idx = np.empty(n, dtype=np.uint8)
+        counts = np.zeros(centers.size, dtype=np.int64)
+        zc = zz = 0.0
+        for c in _chunks(n):
+            v = flat[c].astype(np.float64)
+            v -= side.mu
+            v /= side.sigma
+            cells = cell_indices(v, thresholds, out=idx[c])
+            counts += np.bincount(cells, minlength=centers.size)
+            zz += float(np.dot(v, v))  # ||v − μ||² / σ²
+            zc += float(np.dot(v, centers.take(cells)))  # <z, c[idx]>
         cc = float(np.dot(counts, centers * centers))  # ||c[idx]||²
-        zz = float(np.dot(z, z))  # ||v − μ||² / σ²
         if codec.rescale == "norm":  # ||ĝ − μ|| = ||v − μ||
             scale = math.sqrt(zz / cc) if cc > 0 else 1.0
         elif codec.rescale == "ls":  # least squares: s = <v − μ, ĝ − μ> / ||ĝ − μ||²
@@ -506,8 +564,19 @@ class M22Encoder(Encoder):
         st["scale_sum"] += s_eff
         st["quantized_tensors"] += 1
         st["sq_err"] += side.sigma**2 * max(zz - 2 * s_eff * zc + s_eff**2 * cc, 0.0)
-        st["sq_in"] += float(np.dot(flat, flat))
-        return Encoded(codec.spec, spec, payload)
+        st["sq_in"] += sq_in  # Σv² from the moments of the nonzero entries (zeros add nothing)
+        msg = Encoded(codec.spec, spec, payload)
+        self._last = (msg, level_table(side.mu, level_scale, centers), idx)
+        return msg
+
+    def reconstruction(self, msg: Encoded) -> np.ndarray | None:
+        """What ``M22Decoder`` returns for ``msg`` (flat float32), from the indices this encoder
+        just chose: error feedback needs no second (entropy) decode of its own message."""
+        last, self._last = self._last, None
+        if last is None or last[0] is not msg:
+            return None
+        _, table, idx = last
+        return table if idx is None else lookup(table, idx)
 
     def stats(self) -> dict[str, float]:
         st = self._stats
@@ -586,7 +655,7 @@ class M22Decoder(Decoder):
             idx = codec.entropy_decode(body, pmf, code, n, spec)
         if idx.size != n or (n and (idx.min() < 0 or idx.max() >= centers.size)):
             raise CodecError(f"m22 payload for {spec.name!r} decodes to invalid indices")
-        return (mu + level_scale * centers[idx]).astype(np.float32).reshape(spec.shape)
+        return lookup(level_table(mu, level_scale, centers), idx).reshape(spec.shape)
 
 
 @register
@@ -595,7 +664,7 @@ class M22Codec(Codec):
     """M22 quantizer + model-driven entropy coding + error feedback. See the module docstring.
 
     Options: ``bits`` R (2^R cells, 1..8), ``M`` distortion exponent (real ≥ 0),
-    ``dist`` (gennorm | dweibull), ``coder`` (ans | huffman), ``ef`` / ``gamma`` (error
+    ``dist`` (gennorm | dweibull), ``coder`` (ans | huffman | zstd), ``ef`` / ``gamma`` (error
     feedback and its decay γ), ``rescale`` (norm | ls | model | none, see the module
     docstring), ``refit`` (re-run the shape MLE every this many rounds; in between the
     kept shape is used, location and scale are re-estimated every round), ``min_fit``
@@ -643,6 +712,8 @@ class M22Codec(Codec):
 
         if self.coder == "ans":
             return entropy.ans_encode(idx, pmf)
+        if self.coder == "zstd":
+            return entropy.zstd_encode(idx, 2**self.bits)
         return entropy.huffman_encode(idx, code)
 
     def entropy_decode(self, data: bytes, pmf: np.ndarray, code, count: int, spec: TensorSpec) -> np.ndarray:
@@ -651,13 +722,15 @@ class M22Codec(Codec):
         try:
             if self.coder == "ans":
                 out = entropy.ans_decode(data, pmf, count)
+            elif self.coder == "zstd":
+                out = entropy.zstd_decode(data, 2**self.bits, count)
             else:
                 out = entropy.huffman_decode(data, code, count)
         except CodecError:
             raise
         except Exception as exc:  # the coder library's own error types
             raise CodecError(f"m22 {self.coder} stream for {spec.name!r} does not decode: {exc}") from None
-        return np.asarray(out, dtype=np.int64).reshape(-1)
+        return np.asarray(out).reshape(-1)
 
     def make_encoder(self) -> Encoder:
         return maybe_error_feedback(M22Encoder(self), M22Decoder(self), self.ef, self.gamma)

@@ -63,6 +63,7 @@ from gradwire.compressors.entropy import (
     varint_decode,
     varint_encode,
 )
+from gradwire.compressors.quantize import histogram, lookup
 from gradwire.compressors.registry import register
 
 MODE_FIXED = 0
@@ -121,8 +122,34 @@ def _per_entry(values: np.ndarray, numel: int, bucket: int) -> np.ndarray:
     return np.repeat(values, np.diff(np.append(bucket_starts(numel, bucket), numel)))
 
 
+_CHUNK = 1 << 16  # entries per float64 chunk of the norm (cache-sized temporaries)
+
+
+def _magnitude_dtype(levels: int) -> type[np.unsignedinteger]:
+    return np.uint8 if levels <= 255 else np.uint16 if levels <= 65535 else np.uint32
+
+
+def _sum_of_squares(flat: np.ndarray) -> float:
+    """Σ v² in float64 (no overflow or underflow for any float32), chunk by chunk."""
+    total = 0.0
+    for start in range(0, flat.size, _CHUNK):
+        v = flat[start : start + _CHUNK].astype(np.float64)
+        total += float(np.dot(v, v))
+    return total
+
+
 def quantize(flat: np.ndarray, levels: int, bucket: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 norms per bucket, signed int32 levels) of the QSGD stochastic quantizer.
+    """(float32 norms per bucket, signed int32 levels) of the QSGD stochastic quantizer."""
+    norms, mags, negative = quantize_magnitudes(flat, levels, bucket, rng)
+    signed = mags.astype(np.int32)
+    np.negative(signed, out=signed, where=negative)
+    return norms, signed
+
+
+def quantize_magnitudes(
+    flat: np.ndarray, levels: int, bucket: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float32 norms per bucket, magnitudes in the smallest unsigned dtype, sign mask v < 0).
 
     The probabilities use the float32 norm that is sent, so the estimate is
     unbiased with respect to what the PS multiplies by. float32 arithmetic (no
@@ -131,20 +158,23 @@ def quantize(flat: np.ndarray, levels: int, bucket: int, rng: np.random.Generato
     """
     numel = flat.size
     starts = bucket_starts(numel, bucket)
-    v64 = flat.astype(np.float64)  # float64 squares: no overflow or underflow for any float32
-    sq = np.array([np.dot(v64, v64)]) if starts.size == 1 else np.add.reduceat(v64 * v64, starts)
+    if starts.size == 1:
+        sq = np.array([_sum_of_squares(flat)])
+    else:
+        v64 = flat.astype(np.float64)
+        sq = np.add.reduceat(v64 * v64, starts)
+        del v64
     norms = np.minimum(np.sqrt(sq), FLOAT32_MAX).astype(np.float32)
-    del v64
     x = np.abs(flat)
     x /= _per_entry(np.where(norms > 0, norms, np.float32(1)), numel, bucket)
     x *= np.float32(levels)
     np.minimum(x, np.float32(levels), out=x)  # float32 rounding of ν can push x a hair past s
     floor = np.floor(x)
     x -= floor
-    mags = floor.astype(np.int32)
+    mags = floor.astype(_magnitude_dtype(levels))
+    del floor
     mags += rng.random(numel, dtype=np.float32) < x
-    np.negative(mags, out=mags, where=flat < 0)
-    return norms, mags
+    return norms, mags, flat < 0
 
 
 def dequantize(norms: np.ndarray, signed: np.ndarray, levels: int, bucket: int) -> np.ndarray:
@@ -160,12 +190,20 @@ def dequantize(norms: np.ndarray, signed: np.ndarray, levels: int, bucket: int) 
 def encode_levels(signed: np.ndarray, levels: int, coder: str) -> tuple[int, bytes]:
     """(mode, bytes after the norms) for the signed levels."""
     mags = np.abs(signed)
-    signs = np.packbits(signed[signed != 0] < 0).tobytes()
+    return encode_magnitudes(mags, signed < 0, levels, coder)
+
+
+def encode_magnitudes(
+    mags: np.ndarray, negative: np.ndarray, levels: int, coder: str, counts: np.ndarray | None = None
+) -> tuple[int, bytes]:
+    """(mode, bytes after the norms) for magnitudes and their sign mask (``counts``: their histogram)."""
+    signs = np.packbits(negative[mags != 0]).tobytes()
     width = level_width(levels)
     fixed_len = (mags.size * width + 7) // 8
     if coder == "fixed":
         return MODE_FIXED, pack_uint(mags, width) + signs
-    counts = np.bincount(mags, minlength=levels + 1)
+    if counts is None:
+        counts = np.bincount(mags, minlength=levels + 1)
     table = varint_encode(counts)
     if coder == "auto":
         # The ANS stream is never shorter than the entropy: skip it when that cannot win.
@@ -180,6 +218,18 @@ def encode_levels(signed: np.ndarray, levels: int, coder: str) -> tuple[int, byt
 
 
 def decode_levels(payload: bytes, offset: int, mode: int, numel: int, levels: int, where: str) -> np.ndarray:
+    """Signed levels (int64) of a payload."""
+    mags, sign_bytes, nnz = _decode_magnitudes(payload, offset, mode, numel, levels, where)
+    mags, negative_at = decode_magnitudes_and_signs(mags, sign_bytes, nnz, where)
+    signed = mags.astype(np.int64)
+    signed[negative_at] *= -1
+    return signed
+
+
+def _decode_magnitudes(
+    payload: bytes, offset: int, mode: int, numel: int, levels: int, where: str
+) -> tuple[np.ndarray, bytes, int]:
+    """(magnitudes, sign bytes, nonzero count) of a payload, checked against its histogram."""
     width = level_width(levels)
     if mode == MODE_FIXED:
         mag_len = (numel * width + 7) // 8
@@ -208,25 +258,29 @@ def decode_levels(payload: bytes, offset: int, mode: int, numel: int, levels: in
         if present.size == 1:
             if stream:
                 raise CodecError(f"{where}: {len(stream)} ANS bytes after a single-symbol histogram")
-            mags = np.full(numel, present[0], dtype=np.int64)
+            mags = np.full(numel, present[0], dtype=_magnitude_dtype(levels))
         else:
             try:
                 mags = ans_decode(stream, counts, numel)
             except CodecError as exc:
                 raise CodecError(f"{where}: {exc}") from None
         # The histogram is sent anyway: it doubles as an integrity check of the stream.
-        if not np.array_equal(np.bincount(mags, minlength=levels + 1), counts):
+        if not np.array_equal(histogram(mags, levels + 1), counts):
             raise CodecError(f"{where}: ANS stream does not match its level histogram")
     else:
         raise CodecError(f"{where}: unknown level code {mode}")
+    return mags, sign_bytes, nnz
+
+
+def decode_magnitudes_and_signs(
+    mags: np.ndarray, sign_bytes: bytes, nnz: int, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(magnitudes, positions of the negative entries) from the magnitudes and the sign bits."""
     sign_bits = np.unpackbits(np.frombuffer(sign_bytes, dtype=np.uint8))
     if sign_bits[nnz:].any():
         raise CodecError(f"{where}: nonzero padding bits after the signs")
-    signed = mags.copy()
     nonzero = np.flatnonzero(mags)
-    negative = sign_bits[:nnz].astype(bool)
-    signed[nonzero[negative]] *= -1
-    return signed
+    return mags, nonzero[sign_bits[:nnz].view(bool)]
 
 
 class QSGDEncoder(Encoder):
@@ -246,13 +300,18 @@ class QSGDEncoder(Encoder):
         if flat.size == 0:
             return Encoded(self.codec.spec, spec, b"")
         c = self.codec
-        norms, signed = quantize(flat, c.levels, c.bucket, ctx.rng(spec.name))
-        mode, body = encode_levels(signed, c.levels, c.coder)
+        norms, mags, negative = quantize_magnitudes(flat, c.levels, c.bucket, ctx.rng(spec.name))
+        counts = histogram(mags, c.levels + 1)
+        mode, body = encode_magnitudes(mags, negative, c.levels, c.coder, counts)
         payload = struct.pack("<B", mode) + norms.astype("<f4").tobytes() + body
         self._entries += flat.size
-        self._nonzero += int(np.count_nonzero(signed))
-        counts = np.bincount(signed + c.levels, minlength=2 * c.levels + 1)
-        self._entropy_bits += flat.size * entropy_from_counts(counts)
+        nnz = flat.size - int(counts[0])
+        self._nonzero += nnz
+        # Histogram of the signed levels: the magnitudes' one, split by sign over the nonzero entries.
+        sent = mags != 0
+        negative_counts = np.bincount(mags[sent & negative], minlength=c.levels + 1)
+        signed_counts = np.concatenate([negative_counts[1:], counts[:1], counts[1:] - negative_counts[1:]])
+        self._entropy_bits += flat.size * entropy_from_counts(signed_counts)
         self._tensors += 1
         self._ans_tensors += int(mode == MODE_ANS)
         return Encoded(c.spec, spec, payload)
@@ -288,7 +347,15 @@ class QSGDDecoder(Decoder):
         norms = np.frombuffer(payload, dtype="<f4", count=nb, offset=1)
         if not (np.isfinite(norms).all() and (norms >= 0).all()):
             raise CodecError(f"{where}: norms must be finite and >= 0")
-        signed = decode_levels(payload, head, payload[0], numel, c.levels, where)
+        mags, sign_bytes, nnz = _decode_magnitudes(payload, head, payload[0], numel, c.levels, where)
+        mags, negative_at = decode_magnitudes_and_signs(mags, sign_bytes, nnz, where)
+        if nb == 1:  # one step: a table of level values, then the signs (exact: -(k·step) = (-k)·step)
+            step = (norms.astype(np.float64) / c.levels).astype(np.float32)
+            out = lookup(np.arange(c.levels + 1, dtype=np.float32) * step, mags)
+            out[negative_at] = -out[negative_at]
+            return out.reshape(spec.shape)
+        signed = mags.astype(np.int64)
+        signed[negative_at] *= -1
         return dequantize(norms, signed, c.levels, c.bucket).reshape(spec.shape)
 
 

@@ -284,7 +284,7 @@ def test_stats_keys():
         "ans:rounding=up",
         "ans:grid=square",
         "fp8:format=134",
-        "fp8:coder=zstd",
+        "fp8:coder=lz4",
         "fp8:model=normal",
         "fp8:model=max",
     ],

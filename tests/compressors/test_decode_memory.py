@@ -1,0 +1,72 @@
+"""Memory a decoder keeps per distinct model parameter set stays bounded (hostile-fuzzing regression).
+
+A Huffman decoder derives its code from the model parameters in each payload. Every
+distinct parameter set used to build and cache a multi-symbol decode table plus the
+encoder's pair tables (~1.4 MB each, 64 kept), so a stream of mutated parameters grew the
+PS by ~90-140 MiB. The caches are now small and the decoder builds no encoder tables.
+"""
+
+from __future__ import annotations
+
+import gc
+import struct
+import tracemalloc
+
+import numpy as np
+
+from gradwire.compressors import entropy
+from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
+from gradwire.compressors.registry import create_codec
+
+RETAINED_BOUND = 16 * 2**20  # bytes kept after decoding any number of distinct parameter sets
+
+
+def _mutated_payloads(count: int) -> tuple[list[bytes], TensorSpec, object]:
+    codec = create_codec("huffman:bits=8,model=gennorm")
+    spec = TensorSpec("w", (1024,))
+    x = np.random.default_rng(0).standard_normal(1024).astype(np.float32)
+    payload = codec.make_encoder().encode(x, spec, RoundContext(round=0, rank=0, seed=0)).payload
+    assert payload[0] == 0  # coded, not raw: kind u8, clip f32, beta f32, mu f32, alpha f32, stream
+    clip, beta, mu, alpha = struct.unpack_from("<4f", payload, 1)
+    out = []
+    for k in range(count):  # shape and scale both move: every one gives a different code
+        b = 0.4 + 2.6 * k / count
+        a = alpha * (0.2 + 3.0 * ((k * 7919) % count) / count)
+        out.append(payload[:1] + struct.pack("<4f", clip, b, mu, a) + payload[17:])
+    return out, spec, codec
+
+
+def test_huffman_decoder_memory_is_bounded_over_distinct_parameter_sets():
+    payloads, spec, codec = _mutated_payloads(48)
+    decoder = codec.make_decoder()
+    ctx = RoundContext(round=0, rank=0, seed=0)
+    codes = set()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for p in payloads:
+            codes.add(codec.code_for(codec_pmf(codec, p)).tobytes())
+            try:
+                decoder.decode(Encoded(codec.spec, spec, p), ctx)
+            except CodecError:
+                pass  # the stream no longer matches the code: refused, as it should be
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert len(codes) >= 32, "the mutations must produce many distinct codes for the test to mean anything"
+    assert retained < RETAINED_BOUND, f"{retained / 2**20:.1f} MiB kept after {len(codes)} distinct codes"
+
+
+def codec_pmf(codec, payload: bytes) -> np.ndarray:
+    from gradwire.compressors.entropy_coding.huffman import _model_pmf
+    from gradwire.compressors.quantize import UniformQuantizer
+
+    clip, *params = struct.unpack_from("<4f", payload, 1)
+    return _model_pmf(codec.model, UniformQuantizer(codec.bits, clip, codec.grid_kind), tuple(params))
+
+
+def test_decode_table_cache_is_small():
+    info = entropy.code_cache_info()
+    assert info.maxsize is not None and info.maxsize <= 16

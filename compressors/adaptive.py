@@ -20,13 +20,17 @@ worker's encoder and the PS's decoder through ``RoundContext.directive``, so bot
 on the rate; the payload's first byte repeats the level and the decoder refuses a mismatch.
 
 **The choice.** Per worker, with throughput B (bytes/s, an exponential average over rounds), compute
-time c and downlink message bytes D from its measurements, and U(ℓ) the predicted uplink bytes at
-level ℓ: the highest level with ``c + (D + U(ℓ)) / B ≤ headroom · target`` (``target`` seconds per
-round) and ``U(ℓ) ≤ budget`` (``budget`` bytes per update), else the cheapest level. Either limit
-may be off (0). U(ℓ) is the average observed message size at ℓ once ℓ has been used; before, it is
-scaled from the nearest observed level in proportion to the rate (bits, ratio or rank: the inner
-payloads grow linearly in it). The link model lumps the fixed per-message costs (parsing, the
-worker loading the model) into B; that is what the target is measured against.
+time c(ℓ) and downlink message bytes D from its measurements, and U(ℓ) the predicted uplink bytes
+at level ℓ: the highest level with ``c(ℓ) + (D + U(ℓ)) / B ≤ headroom · target`` (``target``
+seconds per round) and ``U(ℓ) ≤ budget`` (``budget`` bytes per update); when no level fits, the
+one predicted fastest (within the budget). Either limit may be off (0). U(ℓ) is the average
+observed message size at ℓ once ℓ has been used; before, it is scaled from the nearest observed
+level in proportion to the rate (bits, ratio or rank: the inner payloads grow linearly in it).
+The compute time the worker reports includes encoding, which differs by level (an entropy coder
+costs tens of milliseconds per update on a loaded machine, more than it saves on a fast link), so
+c(ℓ) is the worker's own average plus the difference between the levels' average compute times
+over all workers, where both are known. The link model lumps the fixed per-message costs
+(parsing, the worker loading the model) into B; that is what the target is measured against.
 
 **Error feedback** (``ef=1``, the default) is kept by the wrapper, not the inner codecs (which run
 with ``ef=0``): one memory per tensor, ``v = x + e; send C_ℓ(v); e ← v − C_ℓ⁻¹(C_ℓ(v))``, whatever
@@ -279,6 +283,7 @@ class LinkEstimate:
     compute_s: float
     downlink_bytes: float
     samples: int = 1
+    level: int | None = None  # the level of the last measured round
 
     def update(self, sample: LinkSample) -> None:
         a = SMOOTHING
@@ -342,6 +347,7 @@ class AdaptiveState(CrossWorkerState):
         self.codec = codec
         self.links: dict[int, LinkEstimate] = {}
         self.level_bytes: dict[int, float] = {}  # average uplink message bytes observed at each level
+        self.level_compute: dict[int, float] = {}  # average compute seconds (training + encoding) at each level
         self.history: list[RoundChoice] = []
         self.open: RoundChoice | None = None
 
@@ -356,28 +362,32 @@ class AdaptiveState(CrossWorkerState):
         nearest = min(self.level_bytes, key=lambda j: abs(j - level))
         return self.level_bytes[nearest] * rates[level] / rates[nearest]
 
+    def predicted_compute(self, est: LinkEstimate, level: int) -> float:
+        if est.level is None or level not in self.level_compute or est.level not in self.level_compute:
+            return est.compute_s
+        return max(0.0, est.compute_s + self.level_compute[level] - self.level_compute[est.level])
+
     def predicted_seconds(self, rank: int, level: int) -> float | None:
         est, up = self.links.get(rank), self.predicted_bytes(level)
         if est is None or up is None:
             return None
-        return est.compute_s + (est.downlink_bytes + up) / max(est.throughput, 1.0)
+        return self.predicted_compute(est, level) + (est.downlink_bytes + up) / max(est.throughput, 1.0)
 
     def choose(self, rank: int) -> int:
         c = self.codec
         if rank not in self.links or not self.level_bytes:
             return c.start
-        best = 0
+        best, fastest, fastest_s = None, 0, math.inf
         for level in range(len(c.rate_values)):
             up = self.predicted_bytes(level)
             seconds = self.predicted_seconds(rank, level)
-            fits = up is not None and seconds is not None
-            if fits and c.budget and up > c.budget:  # type: ignore[operator]  # fits: up is not None
-                fits = False
-            if fits and c.target and seconds > c.headroom * c.target:  # type: ignore[operator]
-                fits = False
-            if fits:
+            if up is None or seconds is None or (c.budget and up > c.budget):
+                continue
+            if seconds < fastest_s:
+                fastest, fastest_s = level, seconds
+            if not c.target or seconds <= c.headroom * c.target:
                 best = level
-        return best
+        return best if best is not None else fastest
 
     # -------------------------------------------------------------- the hooks
 
@@ -408,9 +418,11 @@ class AdaptiveState(CrossWorkerState):
         choice = self.open if self.open is not None and self.open.round == sample.round else None
         level = choice.levels.get(rank, self.codec.start) if choice is not None else None
         if level is not None and choice is not None:
-            old = self.level_bytes.get(level)
-            up = float(sample.uplink_bytes)
-            self.level_bytes[level] = up if old is None else SMOOTHING * up + (1 - SMOOTHING) * old
+            for table, value in ((self.level_bytes, float(sample.uplink_bytes)),
+                                 (self.level_compute, sample.compute_seconds)):
+                old = table.get(level)
+                table[level] = value if old is None else SMOOTHING * value + (1 - SMOOTHING) * old
+            self.links[rank].level = level
             choice.measured_s[rank] = sample.compute_seconds + sample.transfer_seconds
             choice.throughput[rank] = sample_throughput(sample)
             choice.uplink_bytes[rank] = int(sample.uplink_bytes)
@@ -421,8 +433,10 @@ class AdaptiveState(CrossWorkerState):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "links": {str(r): [e.throughput, e.compute_s, e.downlink_bytes, e.samples] for r, e in self.links.items()},
+            "links": {str(r): [e.throughput, e.compute_s, e.downlink_bytes, e.samples, e.level]
+                      for r, e in self.links.items()},
             "level_bytes": {str(k): v for k, v in self.level_bytes.items()},
+            "level_compute": {str(k): v for k, v in self.level_compute.items()},
             "history": [h.to_dict(self.codec.rate_values) for h in self.history],
         }
 
@@ -430,9 +444,11 @@ class AdaptiveState(CrossWorkerState):
         if not state:
             return
         levels = len(self.codec.rate_values)
-        self.links = {int(r): LinkEstimate(float(t), float(c), float(d), int(n))
-                      for r, (t, c, d, n) in state["links"].items()}
+        self.links = {int(r): LinkEstimate(float(t), float(c), float(d), int(n),
+                                           None if lv is None or not 0 <= int(lv) < levels else int(lv))
+                      for r, (t, c, d, n, lv) in state["links"].items()}
         self.level_bytes = {int(k): float(v) for k, v in state["level_bytes"].items() if 0 <= int(k) < levels}
+        self.level_compute = {int(k): float(v) for k, v in state["level_compute"].items() if 0 <= int(k) < levels}
         self.history = [RoundChoice.from_dict(h) for h in state["history"]]
         self.open = None
 

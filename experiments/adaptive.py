@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from experiments import stats
 from experiments.runner import run_simulation
 
 LINKS = "10mbit,10mbit,100mbit"
-LADDER = "2,4,8,32"  # ans bit widths; 32 = dense
+LADDER = "2,4,8,16,32"  # ans bit widths; 16 = fp16, 32 = dense
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def methods(target: float) -> tuple[Method, ...]:
     return (
         Method("adaptive", f"adaptive:rates=({LADDER}),target={target:g}", adaptive=True),
         Method("dense", "dense"),
+        Method("fp16", "fp16"),
         Method("ans8", "ans:bits=8"),
         Method("ans4", "ans:bits=4"),
         Method("ans2", "ans:bits=2"),
@@ -72,7 +74,7 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset(3, 60, 20, (0, 1, 2), ("adaptive", "dense", "ans8", "ans4", "ans2"),
+    "full": Preset(3, 60, 30, (0, 1, 2), ("adaptive", "dense", "fp16", "ans8", "ans2"),
                    "Fashion-MNIST, LeNet-5 (61,706 parameters), 3 workers × 60 rounds, batch 32, lr 0.05, "
                    "PS momentum 0.9, dense downlink"),
     "quick": Preset(3, 5, 5, (0,), ("adaptive", "dense"),
@@ -89,6 +91,20 @@ def can_shape() -> str:
     return why_unavailable()
 
 
+def wait_for_the_subnet(timeout_s: float) -> None:
+    """Wait while another shaped simulation (another user's, on this machine) holds the namespaces'
+    subnet: two bridges with the same address would route each other's packets astray."""
+    from gradwire.netns import PS_HOST
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=30).stdout
+        if f" {PS_HOST}/" not in shown:
+            return
+        print(f"[adaptive] {PS_HOST} is in use by another shaped simulation; waiting", flush=True)
+        time.sleep(10)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.adaptive", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="5 rounds, 1 seed, adaptive and dense only")
@@ -99,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unshaped", action="store_true", help="do not shape the links (no root needed)")
     p.add_argument("--force", action="store_true", help="rerun runs whose summary exists")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per-run time limit (seconds)")
+    p.add_argument("--wait-s", type=float, default=1800.0,
+                   help="longest wait for another shaped simulation to free the subnet, per run")
     args = p.parse_args(argv)
     args.preset = PRESETS["quick" if args.quick else "full"]
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()] or list(args.preset.seeds)
@@ -129,6 +147,8 @@ def run_one(method: Method, seed: int, args: argparse.Namespace, run_dir: Path) 
             return summary
     out.unlink(missing_ok=True)
     start = time.perf_counter()
+    if args.shaped:
+        wait_for_the_subnet(args.wait_s)
     print(f"[adaptive] {method.label} seed {seed}: gradwire {stamp}", flush=True)
     status, tail = run_simulation(cmd, log, args.timeout_s)
     if status != "ok" or not out.exists():

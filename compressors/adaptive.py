@@ -29,7 +29,7 @@ level in proportion to the rate (bits, ratio or rank: the inner payloads grow li
 The compute time the worker reports includes encoding, which differs by level (an entropy coder
 costs tens of milliseconds per update on a loaded machine, more than it saves on a fast link), so
 c(ℓ) is the worker's own average plus the difference between the levels' average compute times
-over all workers, where both are known. The link model lumps the fixed per-message costs
+over all workers (a level not used yet: that of the nearest used level). The link model lumps the fixed per-message costs
 (parsing, the worker loading the model) into B; that is what the target is measured against.
 
 **Error feedback** (``ef=1``, the default) is kept by the wrapper, not the inner codecs (which run
@@ -362,10 +362,24 @@ class AdaptiveState(CrossWorkerState):
         nearest = min(self.level_bytes, key=lambda j: abs(j - level))
         return self.level_bytes[nearest] * rates[level] / rates[nearest]
 
+    def level_compute_estimate(self, level: int) -> float | None:
+        """A level's average compute time over all workers; for a level not used yet, that of the
+        nearest used level (on a tie, the slower one). Encoding costs differ by family more than by
+        neighbouring rates (fp16 is a cast like dense, a 2-bit entropy coder is not), so the nearest
+        level is the best guess the ladder offers until the level has been tried."""
+        if level in self.level_compute:
+            return self.level_compute[level]
+        if not self.level_compute:
+            return None
+        nearest = min(self.level_compute, key=lambda j: (abs(j - level), -self.level_compute[j]))
+        return self.level_compute[nearest]
+
     def predicted_compute(self, est: LinkEstimate, level: int) -> float:
-        if est.level is None or level not in self.level_compute or est.level not in self.level_compute:
+        here = self.level_compute_estimate(level)
+        there = None if est.level is None else self.level_compute_estimate(est.level)
+        if here is None or there is None:
             return est.compute_s
-        return max(0.0, est.compute_s + self.level_compute[level] - self.level_compute[est.level])
+        return max(0.0, est.compute_s + here - there)
 
     def predicted_seconds(self, rank: int, level: int) -> float | None:
         est, up = self.links.get(rank), self.predicted_bytes(level)

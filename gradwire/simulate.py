@@ -206,12 +206,6 @@ def _codec_rows(stats: dict) -> list[tuple[str, str]]:
     by_stage = stats.get("bits_per_entry_by_stage")
     if isinstance(by_stage, dict) and by_stage:
         rows.append(("bits / entry by stage", "  ".join(f"{k}: {float(v):.4g}" for k, v in sorted(by_stage.items()))))
-    adaptive = stats.get("adaptive_rounds")
-    if isinstance(adaptive, list) and adaptive:  # compressors/adaptive.py: the last round's rate by rank
-        rates = adaptive[-1].get("rate", {})
-        rows.append(("adaptive rate by rank", "/".join(f"{rates[k]:g}" for k in sorted(rates, key=int)) or "n/a"))
-        if isinstance(stats.get("adaptive_within_target"), int | float):
-            rows.append(("round trips within target", f"{stats['adaptive_within_target']:.0%}"))
     for key in ("symbol_entropy_bits", "coded_bits_per_symbol", "trigger_rate", "mean_prediction_gain"):
         if isinstance(stats.get(key), int | float):
             rows.append((key.replace("_", " "), f"{stats[key]:.4f}"))

@@ -223,3 +223,29 @@ def test_the_state_survives_a_checkpoint():
     restored.load_state_dict(state.state_dict())
     assert restored.stats() == state.stats()
     assert restored.open_round(4, [0, 2]) == state.open_round(4, [0, 2])
+
+
+def test_the_choice_counts_each_levels_encoding_time():
+    """A slow encoder at the cheap levels (an entropy coder on a loaded machine) can cost more time
+    than it saves: on a 10 Mbit/s link the PS then picks fp16, a cast, over 2-bit ans."""
+    codec = create_codec("adaptive:rates=(2,4,8,16,32),target=0.45,headroom=0.8")
+    state = codec.make_cross_worker_state()
+    compute = {0: 0.30, 1: 0.30, 2: 0.30, 3: 0.02, 4: 0.02}  # training 0.02 s + encoding
+    sizes = {0: 16_000, 1: 31_000, 2: 62_000, 3: 124_000, 4: 247_000}
+    spb = {0: 8 / 10e6, 1: 8 / 100e6}
+    chosen = []
+    for r in range(8):
+        values = state.open_round(r, [0, 1])
+        levels = {rank: int(values[level_key(rank)]) for rank in spb}
+        chosen.append(levels)
+        for rank, level in levels.items():
+            up = sizes[level]
+            state.observe_link(rank, LinkSample(r, DOWN, up, (DOWN + up) * spb[rank], compute[level]))
+    # 2 bits at 10 Mbit/s: 0.3 + 0.21 s; fp16: 0.02 + 0.30 s (fits 0.8 x 0.45 s); dense: 0.02 + 0.40 s
+    assert chosen[-1] == {0: 3, 1: 4}, chosen
+    assert state.level_compute_estimate(3) == pytest.approx(0.02)
+    # a level never used borrows the nearest used level's compute time
+    fresh = codec.make_cross_worker_state()
+    fresh.level_compute = {0: 0.3, 4: 0.02}
+    assert fresh.level_compute_estimate(3) == 0.02 and fresh.level_compute_estimate(1) == 0.3
+    assert fresh.level_compute_estimate(2) == 0.3  # a tie: the slower neighbour

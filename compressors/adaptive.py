@@ -19,7 +19,7 @@ and publishes it in the round's directive values (``adaptive.level.<rank>``, plu
 worker's encoder and the PS's decoder through ``RoundContext.directive``, so both ends always agree
 on the rate; the payload's first byte repeats the level and the decoder refuses a mismatch.
 
-**The choice.** Per worker, with throughput B (bytes/s, an exponential average over rounds), compute
+**The choice.** Per worker, with throughput B (bytes/s, the median of its last rounds), compute
 time c(ℓ) and downlink message bytes D from its measurements, and U(ℓ) the predicted uplink bytes
 at level ℓ: the highest level with ``c(ℓ) + (D + U(ℓ)) / B ≤ headroom · target`` (``target``
 seconds per round) and ``U(ℓ) ≤ budget`` (``budget`` bytes per update); when no level fits, the
@@ -71,9 +71,13 @@ LEVEL_KEY = "adaptive.level"
 DEFAULT_KEY = f"{LEVEL_KEY}.default"
 MAX_LEVELS = 16  # the level travels in one payload byte; a longer ladder is no use anyway
 HALF_BITS, DENSE_BITS = 16, 32
-# Exponential averaging of the measurements: half the weight on the newest round, so a link that
-# changes is followed within a few rounds while one slow round does not swing the choice alone.
+# Exponential averaging of the message sizes: half the weight on the newest round.
 SMOOTHING = 0.5
+# Throughput and compute time are the median of a worker's last WINDOW rounds: on a loaded machine
+# one round in five or so takes several times the usual compute time, which an average would carry
+# into the next rounds' choices; the median ignores such rounds and still follows a link that
+# changes within WINDOW // 2 + 1 rounds.
+WINDOW = 9
 # Transfers measured shorter than this are clamped (loopback, clock granularity): no division by ~0.
 MIN_TRANSFER_S = 1e-3
 # Rounds of choices kept for the summary and the checkpoint (a bound on memory for long runs).
@@ -277,19 +281,26 @@ class AdaptiveDecoder(Decoder):
 
 @dataclass
 class LinkEstimate:
-    """One worker's link as the PS measured it, averaged over rounds (``SMOOTHING``)."""
+    """One worker's link as the PS measured it over its last ``WINDOW`` rounds."""
 
-    throughput: float  # bytes per second, downlink message + uplink message over the transfer time
-    compute_s: float
-    downlink_bytes: float
+    throughputs: list[float]  # bytes per second, downlink message + uplink message over the transfer time
+    computes: list[float]  # seconds of training and encoding, as the worker reported them
+    downlink_bytes: float  # the last model message
     samples: int = 1
     level: int | None = None  # the level of the last measured round
 
+    @property
+    def throughput(self) -> float:
+        return float(np.median(self.throughputs))
+
+    @property
+    def compute_s(self) -> float:
+        return float(np.median(self.computes))
+
     def update(self, sample: LinkSample) -> None:
-        a = SMOOTHING
-        self.throughput = a * sample_throughput(sample) + (1 - a) * self.throughput
-        self.compute_s = a * sample.compute_seconds + (1 - a) * self.compute_s
-        self.downlink_bytes = a * sample.downlink_bytes + (1 - a) * self.downlink_bytes
+        self.throughputs = [*self.throughputs, sample_throughput(sample)][-WINDOW:]
+        self.computes = [*self.computes, sample.compute_seconds][-WINDOW:]
+        self.downlink_bytes = float(sample.downlink_bytes)
         self.samples += 1
 
 
@@ -347,7 +358,7 @@ class AdaptiveState(CrossWorkerState):
         self.codec = codec
         self.links: dict[int, LinkEstimate] = {}
         self.level_bytes: dict[int, float] = {}  # average uplink message bytes observed at each level
-        self.level_compute: dict[int, float] = {}  # average compute seconds (training + encoding) at each level
+        self.level_compute: dict[int, list[float]] = {}  # the last compute times (training + encoding) at each level
         self.history: list[RoundChoice] = []
         self.open: RoundChoice | None = None
 
@@ -363,16 +374,17 @@ class AdaptiveState(CrossWorkerState):
         return self.level_bytes[nearest] * rates[level] / rates[nearest]
 
     def level_compute_estimate(self, level: int) -> float | None:
-        """A level's average compute time over all workers; for a level not used yet, that of the
+        """A level's median compute time over all workers; for a level not used yet, that of the
         nearest used level (on a tie, the slower one). Encoding costs differ by family more than by
         neighbouring rates (fp16 is a cast like dense, a 2-bit entropy coder is not), so the nearest
         level is the best guess the ladder offers until the level has been tried."""
-        if level in self.level_compute:
-            return self.level_compute[level]
-        if not self.level_compute:
+        medians = {j: float(np.median(v)) for j, v in self.level_compute.items() if v}
+        if level in medians:
+            return medians[level]
+        if not medians:
             return None
-        nearest = min(self.level_compute, key=lambda j: (abs(j - level), -self.level_compute[j]))
-        return self.level_compute[nearest]
+        nearest = min(medians, key=lambda j: (abs(j - level), -medians[j]))
+        return medians[nearest]
 
     def predicted_compute(self, est: LinkEstimate, level: int) -> float:
         here = self.level_compute_estimate(level)
@@ -425,17 +437,17 @@ class AdaptiveState(CrossWorkerState):
             return
         est = self.links.get(rank)
         if est is None:
-            self.links[rank] = LinkEstimate(sample_throughput(sample), sample.compute_seconds,
+            self.links[rank] = LinkEstimate([sample_throughput(sample)], [sample.compute_seconds],
                                             float(sample.downlink_bytes))
         else:
             est.update(sample)
         choice = self.open if self.open is not None and self.open.round == sample.round else None
         level = choice.levels.get(rank, self.codec.start) if choice is not None else None
         if level is not None and choice is not None:
-            for table, value in ((self.level_bytes, float(sample.uplink_bytes)),
-                                 (self.level_compute, sample.compute_seconds)):
-                old = table.get(level)
-                table[level] = value if old is None else SMOOTHING * value + (1 - SMOOTHING) * old
+            old = self.level_bytes.get(level)
+            up = float(sample.uplink_bytes)
+            self.level_bytes[level] = up if old is None else SMOOTHING * up + (1 - SMOOTHING) * old
+            self.level_compute[level] = [*self.level_compute.get(level, []), sample.compute_seconds][-WINDOW:]
             self.links[rank].level = level
             choice.measured_s[rank] = sample.compute_seconds + sample.transfer_seconds
             choice.throughput[rank] = sample_throughput(sample)
@@ -447,10 +459,10 @@ class AdaptiveState(CrossWorkerState):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "links": {str(r): [e.throughput, e.compute_s, e.downlink_bytes, e.samples, e.level]
+            "links": {str(r): [list(e.throughputs), list(e.computes), e.downlink_bytes, e.samples, e.level]
                       for r, e in self.links.items()},
             "level_bytes": {str(k): v for k, v in self.level_bytes.items()},
-            "level_compute": {str(k): v for k, v in self.level_compute.items()},
+            "level_compute": {str(k): list(v) for k, v in self.level_compute.items()},
             "history": [h.to_dict(self.codec.rate_values) for h in self.history],
         }
 
@@ -458,11 +470,13 @@ class AdaptiveState(CrossWorkerState):
         if not state:
             return
         levels = len(self.codec.rate_values)
-        self.links = {int(r): LinkEstimate(float(t), float(c), float(d), int(n),
+        self.links = {int(r): LinkEstimate([float(x) for x in t][-WINDOW:], [float(x) for x in c][-WINDOW:],
+                                           float(d), int(n),
                                            None if lv is None or not 0 <= int(lv) < levels else int(lv))
-                      for r, (t, c, d, n, lv) in state["links"].items()}
+                      for r, (t, c, d, n, lv) in state["links"].items() if t and c}
         self.level_bytes = {int(k): float(v) for k, v in state["level_bytes"].items() if 0 <= int(k) < levels}
-        self.level_compute = {int(k): float(v) for k, v in state["level_compute"].items() if 0 <= int(k) < levels}
+        self.level_compute = {int(k): [float(x) for x in v][-WINDOW:]
+                              for k, v in state["level_compute"].items() if 0 <= int(k) < levels}
         self.history = [RoundChoice.from_dict(h) for h in state["history"]]
         self.open = None
 

@@ -246,6 +246,21 @@ def test_the_choice_counts_each_levels_encoding_time():
     assert state.level_compute_estimate(3) == pytest.approx(0.02)
     # a level never used borrows the nearest used level's compute time
     fresh = codec.make_cross_worker_state()
-    fresh.level_compute = {0: 0.3, 4: 0.02}
+    fresh.level_compute = {0: [0.3], 4: [0.02, 0.5, 0.01]}  # the median: one slow round does not count
     assert fresh.level_compute_estimate(3) == 0.02 and fresh.level_compute_estimate(1) == 0.3
     assert fresh.level_compute_estimate(2) == 0.3  # a tie: the slower neighbour
+
+
+def test_a_round_slowed_by_the_machine_does_not_swing_the_choice():
+    """One round in a few takes many times the usual compute time on a loaded machine: the median
+    of the last rounds ignores it, where an average would drop the rate for the rounds after."""
+    state = create_codec("adaptive:rates=(2,4,8,16,32),target=0.45,headroom=0.8").make_cross_worker_state()
+    sizes = {0: 16_000, 1: 31_000, 2: 62_000, 3: 124_000, 4: 247_000}
+    chosen = []
+    for r in range(16):
+        level = int(state.open_round(r, [0])[level_key(0)])
+        chosen.append(level)
+        compute = 0.6 if r % 4 == 3 else 0.02
+        state.observe_link(0, LinkSample(r, DOWN, sizes[level], (DOWN + sizes[level]) * 8 / 10e6, compute))
+    # 10 Mbit/s: fp16 takes 0.02 + 0.30 s and fits 0.8 x 0.45 s; dense (0.42 s) does not
+    assert chosen[2:] == [3] * 14, chosen

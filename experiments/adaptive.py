@@ -104,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--links", default=LINKS, help="per-rank link profiles (gradwire simulate --links)")
     p.add_argument("--unshaped", action="store_true", help="do not shape the links (no root needed)")
     p.add_argument("--force", action="store_true", help="rerun runs whose summary exists")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="build the table from the summaries that exist; run nothing (missing runs are counted)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per-run time limit (seconds)")
     args = p.parse_args(argv)
     args.preset = PRESETS["quick" if args.quick else "full"]
@@ -133,6 +135,8 @@ def run_one(method: Method, seed: int, args: argparse.Namespace, run_dir: Path) 
         summary = json.loads(out.read_text())
         if summary.get("experiment_command") == stamp:
             return summary
+    if args.aggregate_only:
+        return None
     out.unlink(missing_ok=True)
     start = time.perf_counter()
     print(f"[adaptive] {method.label} seed {seed}: gradwire {stamp}", flush=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -232,9 +233,12 @@ def table(agg: dict, args: argparse.Namespace, per_run: dict) -> str:
     cmp_ = agg.get("adaptive_vs_best_fixed")
     if cmp_:
         d = stats.Interval(**_iv(cmp_["accuracy_difference"]))
+        bounds = (f"; 95 % interval [{d.low:+.4f}, {d.high:+.4f}]" if d.n > 1 and math.isfinite(d.half_width)
+                  else "")
         lines += ["", f"Adaptive − best fixed (`{cmp_['best_fixed']}`) final accuracy, paired by seed: "
-                      f"{stats.fmt_interval(d, '.4f', signed=True)} "
-                      f"({'within' if cmp_['within_1_point'] else 'NOT within'} 1 point)."]
+                      f"{stats.fmt_interval(d, '.4f', signed=True)}{bounds} (mean "
+                      f"{'within' if cmp_['within_1_point'] else 'NOT within'} 1 point; "
+                      f"{stats.verdict(d, what='adaptive more accurate')})."]
     chosen = [per_run[("adaptive", s)] for s in args.seed_list if ("adaptive", s) in per_run]
     if chosen:
         ranks = sorted(chosen[0]["mean_rate_by_rank"])

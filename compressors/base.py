@@ -158,6 +158,23 @@ class Decoder(ABC):
         """As ``Encoder.set_layout``."""
 
 
+@dataclass(frozen=True)
+class LinkSample:
+    """One worker's link as the PS measured it for one round (``CrossWorkerState.observe_link``).
+
+    ``downlink_bytes``: the serialized model message (RoundResult) the PS sent the worker before this
+    update; ``uplink_bytes``: the serialized update; ``transfer_seconds``: the update's arrival minus
+    the model message's send minus ``compute_seconds``, which the worker reports (``Update``
+    field 5; it covers training and encoding, and is the worker's word: check it before use).
+    """
+
+    round: int
+    downlink_bytes: int
+    uplink_bytes: int
+    transfer_seconds: float
+    compute_seconds: float
+
+
 class CrossWorkerState:
     """The PS-wide state of a codec, shared by all of its decoders: the one channel between a
     stateful codec and the parameter server.
@@ -169,7 +186,8 @@ class CrossWorkerState:
 
     Per round: ``open_round`` (directive values for every worker), ``blob_for`` (one worker's
     directive bytes), the decoders run, ``finalize`` (cross-worker decoding), the model steps,
-    ``observe``. Any time: ``forget_worker`` (a worker left or was rejected). Checkpoints:
+    ``observe``. As each update arrives: ``observe_link`` (the PS's measurement of that worker's
+    link; bandwidth-adaptive compression chooses rates from it). Any time: ``forget_worker`` (a worker left or was rejected). Checkpoints:
     ``state_dict`` / ``load_state_dict``. Summary: ``stats``.
     """
 
@@ -200,6 +218,11 @@ class CrossWorkerState:
 
     def observe(self, round_: int, decoded: Mapping[int, Mapping[str, np.ndarray]]) -> None:
         """Called after a round closes with every aggregated worker's decoded update."""
+
+    def observe_link(self, rank: int, sample: LinkSample) -> None:
+        """The PS measured worker ``rank``'s link in round ``sample.round`` (bytes both ways, transfer
+        time); called once per accepted update, except right after a Welcome (the worker then also
+        loads its data, which no compute time covers)."""
 
     def forget_worker(self, rank: int) -> None:
         """A worker left or was rejected: drop whatever was kept for it."""

@@ -201,6 +201,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
             "downlink_interface_compression": ratio(down_dense, rx),
             "uplink_within_allowance": within_allowance(tx, up_msg, messages),
             "uplink_allowance_bytes": allowance_bytes(up_msg, messages),
+            **_rate_figures(run, w.rank),
         })
     # Worker containers the PS has not heard of (not joined yet, or failed before joining).
     for c in sorted(worker_containers, key=lambda c: c.number):
@@ -220,7 +221,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
             "payload_bits_per_entry": None, "interface_bits_per_entry": None, "dense_equivalent_bytes": 0,
             "payload_compression": None, "interface_compression": None, "downlink_dense_equivalent_bytes": None,
             "downlink_payload_compression": None, "downlink_interface_compression": None, "uplink_within_allowance": None,
-            "uplink_allowance_bytes": None,
+            "uplink_allowance_bytes": None, **_rate_figures(run, None),
         })
 
     joined = [r for r in rows if r["rank"] is not None]
@@ -285,7 +286,26 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
         "rounds": [
             {"round": r.round, "workers": r.workers, **r.link.to_dict(),
              "payload_bits_per_entry": _bits_per_entry(r.link.uplink_payload_bytes, run.params, r.workers),
-             "train_loss": r.train_loss, "test_accuracy": r.test_accuracy}
+             "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
+             # the adaptive codec's choice this round, by rank (None for other codecs)
+             "rates": {str(k): v for k, v in sorted(r.rates.items())} if r.rates else None,
+             "round_trip_s": {str(k): v for k, v in sorted(r.measured_s.items())} if r.measured_s else None}
             for r in run.rounds
         ],
+        "rate_target_s": run.rate_target_s,
+    }
+
+
+def _rate_figures(run: RunData, rank: int | None) -> dict[str, Any]:
+    """One worker's rates as a bandwidth-adaptive codec chose them, and the link the PS measured."""
+    rates = [r.rates[rank] for r in run.rounds if rank is not None and rank in r.rates]
+    trips = [r.measured_s[rank] for r in run.rounds if rank is not None and rank in r.measured_s]
+    speeds = [r.throughput_bps[rank] for r in run.rounds if rank is not None and rank in r.throughput_bps]
+    target = run.rate_target_s
+    return {
+        "rate_last": rates[-1] if rates else None,
+        "rate_mean": sum(rates) / len(rates) if rates else None,
+        "rate_changes": sum(a != b for a, b in zip(rates, rates[1:], strict=False)) if rates else None,
+        "measured_link_bps": sum(speeds) / len(speeds) if speeds else None,
+        "round_trips_within_target": (sum(t <= target for t in trips) / len(trips)) if trips and target else None,
     }

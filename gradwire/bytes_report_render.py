@@ -126,17 +126,51 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None, wide: bool 
     rt = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False, collapse_padding=True,
                title=f"rounds{'' if len(shown) == len(rounds) else f' (last {len(shown)} of {len(rounds)})'}",
                title_justify="left")
-    for name in ("round", "workers", "↑ payload", "↓ payload", "↑ b/entry", "train loss", "test acc"):
+    adaptive = any(r.get("rates") for r in rounds)
+    for name in ("round", "workers", "↑ payload", "↓ payload", "↑ b/entry", "train loss", "test acc",
+                 *(("rate by rank",) if adaptive else ())):
         rt.add_column(name, justify="right", no_wrap=True)
     for r in shown:
         rt.add_row(str(r["round"]), str(r["workers"]), _si(r["uplink_payload_bytes"]), _si(r["downlink_payload_bytes"]),
-                   _r(r["payload_bits_per_entry"], 2), _r(r["train_loss"], 4), _r(r["test_accuracy"], 4))
+                   _r(r["payload_bits_per_entry"], 2), _r(r["train_loss"], 4), _r(r["test_accuracy"], 4),
+                   *((_rates(r.get("rates")),) if adaptive else ()))
+    if adaptive:
+        t = Group(t, _rate_table(report))
     notes = Text(
         "payload = codec bytes the PS counted; wire = the worker's own interface (tx up, rx down) over the "
         "session, with all framing (green: within the allowance over the protobuf bytes); achieved = wire "
         f"bits / the PS's training time; {NA} = no counter for it. --wide: every count.",
         style="dim")
     return Group(_header(report), t, rt, notes)
+
+
+def _g(x: float | None) -> str:
+    return NA if x is None else f"{x:.3g}"
+
+
+def _rates(rates: Mapping[str, float] | None) -> str:
+    """A round's rates by rank, e.g. ``8/8/32`` for ranks 0, 1, 2 (bits, ratio or rank of the ladder)."""
+    if not rates:
+        return NA
+    return "/".join(f"{v:g}" for _, v in sorted(rates.items(), key=lambda kv: int(kv[0])))
+
+
+def _rate_table(report: Mapping[str, Any]):
+    """The adaptive codec's choices per worker: rate, how often it changed, the link the PS measured."""
+    from rich import box
+    from rich.table import Table
+
+    target = report.get("rate_target_s")
+    t = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False, collapse_padding=True,
+              title="adaptive rate" + (f" (round-trip target {target:g} s)" if target else ""), title_justify="left")
+    for name in ("worker", "rank", "last rate", "mean rate", "changes", "measured link", "within target"):
+        t.add_column(name, justify="left" if name == "worker" else "right", no_wrap=True)
+    for r in report["workers"]:
+        within = r.get("round_trips_within_target")
+        t.add_row(r["name"] or "?", "–" if r["rank"] is None else str(r["rank"]), _g(r.get("rate_last")),
+                  _g(r.get("rate_mean")), NA if r.get("rate_changes") is None else str(r["rate_changes"]),
+                  _si(r.get("measured_link_bps"), "b/s"), NA if within is None else f"{within:.0%}")
+    return t
 
 
 def render_wide(report: Mapping[str, Any], max_rounds: int | None = None):
@@ -190,14 +224,15 @@ def render_wide(report: Mapping[str, Any], max_rounds: int | None = None):
     shown = rounds[-max_rounds:] if max_rounds else rounds
     rt = Table(title=f"per round (PS counts){'' if len(shown) == len(rounds) else f', last {len(shown)} of {len(rounds)}'}",
                title_justify="left", header_style="bold")
+    adaptive = any(r.get("rates") for r in rounds)
     for name in ("round", "workers", "↑ payload B", "↑ protobuf B", "↓ payload B", "↓ protobuf B", "payload b/entry",
-                 "train loss", "test acc"):
+                 "train loss", "test acc", *(("rate by rank",) if adaptive else ())):
         rt.add_column(name, justify="right", no_wrap=True)
     for r in shown:
         link = LinkCounters.from_dict(r)
         rt.add_row(str(r["round"]), str(r["workers"]), _b(link.uplink_payload_bytes), _b(link.uplink_message_bytes),
                    _b(link.downlink_payload_bytes), _b(link.downlink_message_bytes), _r(r["payload_bits_per_entry"], 2), _r(r["train_loss"], 4),
-                   _r(r["test_accuracy"], 4))
+                   _r(r["test_accuracy"], 4), *((_rates(r.get("rates")),) if adaptive else ()))
     notes = Text(
         "↑ uplink (worker → PS): iface = the worker's tx, on the PS row the PS's rx; ↓ downlink: the worker's rx, the "
         "PS's tx. Interface bytes cover the session (counters minus those recorded at start: src live = docker stats, "
@@ -209,4 +244,6 @@ def render_wide(report: Mapping[str, Any], max_rounds: int | None = None):
         notes.append("\nWhile training runs, the interface counters and the PS's counts are read up to about half "
                      "a second apart, so the ratios of fast rounds move by a few percent; they are exact once the "
                      "run has finished.", style="yellow")
+    if adaptive:
+        return Group(_header(report), t, _rate_table(report), rt, notes)
     return Group(_header(report), t, rt, notes)

@@ -45,6 +45,11 @@ class RoundRun:
     link: LinkCounters
     train_loss: float | None = None
     test_accuracy: float | None = None
+    # A bandwidth-adaptive codec's choice (compressors/adaptive.py): rate by rank, and what the PS
+    # measured of each worker's round trip (seconds) and link (bits/s); empty for other codecs.
+    rates: dict[int, float] = field(default_factory=dict)
+    measured_s: dict[int, float] = field(default_factory=dict)
+    throughput_bps: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class RunData:
     final_accuracy: float | None = None
     downlink_codec: str = "dense"
     elapsed_s: float | None = None  # the PS's training time (summary only; Status does not carry it)
+    rate_target_s: float | None = None  # the adaptive codec's round-time target (summary only)
 
 
 def json_int(value: Any, default: int = 0) -> int:
@@ -104,6 +110,31 @@ def _round_run(r: Mapping[str, Any], *, workers: int) -> RoundRun:
     )
 
 
+def _by_rank(value: Any, scale: float = 1.0) -> dict[int, float]:
+    if not isinstance(value, Mapping):
+        return {}
+    out = {}
+    for k, v in value.items():
+        f = json_float(v)
+        if f is not None:
+            out[json_int(k)] = f * scale
+    return out
+
+
+def _add_rate_choices(rounds: list[RoundRun], codec_stats: Any) -> None:
+    """The adaptive codec's per-round choices from the summary's codec statistics, onto the rounds."""
+    choices = codec_stats.get("adaptive_rounds") if isinstance(codec_stats, Mapping) else None
+    if not isinstance(choices, list):
+        return
+    by_round = {json_int(c.get("round")): c for c in choices if isinstance(c, Mapping)}
+    for r in rounds:
+        c = by_round.get(r.round)
+        if c is not None:
+            r.rates = _by_rank(c.get("rate"))
+            r.measured_s = _by_rank(c.get("measured_s"))
+            r.throughput_bps = _by_rank(c.get("throughput_mbit"), 1e6)
+
+
 def run_from_status(d: Mapping[str, Any]) -> RunData:
     """From ``gradwire status --json`` (protobuf JSON, snake_case field names)."""
     # Status does not carry the Hello/WorkerReport bytes; they are counted in the summary only.
@@ -125,6 +156,8 @@ def run_from_summary(d: Mapping[str, Any]) -> RunData:
     workers = [_worker_run(w, uplink_control_bytes=json_int(w.get("uplink_control_bytes")), connected=False)
                for w in d.get("per_worker", [])]
     rounds = [_round_run(r, workers=json_int(r.get("workers"))) for r in d.get("rounds_log", [])]
+    codec_stats = d.get("codec_stats") or {}
+    _add_rate_choices(rounds, codec_stats)
     server = d.get("server_interface") or {}
     config = d.get("config") or {}
     n_rounds = json_int(d.get("rounds"), len(rounds))
@@ -134,6 +167,7 @@ def run_from_summary(d: Mapping[str, Any]) -> RunData:
         server_interface_start=_counters(server.get("start")), server_interface_end=_counters(server.get("end")),
         final_accuracy=json_float(d.get("final_accuracy")), downlink_codec=str(d.get("downlink_codec") or "dense"),
         elapsed_s=json_float(d.get("elapsed_s")),
+        rate_target_s=json_float(codec_stats.get("adaptive_target_s")) if isinstance(codec_stats, Mapping) else None,
     )
 
 

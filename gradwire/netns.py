@@ -8,8 +8,9 @@ each worker's link it gives each worker a namespace of its own::
     worker i:        veth gw<tag>v<i> 169.254.90.<10+i>/24 (shaped by the worker, gradwire/links.py)
 
 The PS stays in the host namespace (simulate reads its Status there); a worker is started inside
-its namespace with ``ip netns exec``. Addresses are link-local (169.254.90.0/24): nothing is routed
-off the machine, and every packet stays between the bridge and the namespaces made here.
+its namespace with ``ip netns exec``. Addresses are link-local (169.254.90.0/24, or the next free
+/24 up to 169.254.99.0/24 while another simulation holds it: ``free_subnet_prefix``): nothing is
+routed off the machine, and every packet stays between the bridge and the namespaces made here.
 Needs root and iproute2's ``ip``; everything made is removed on exit.
 """
 
@@ -23,6 +24,26 @@ from dataclasses import dataclass, field
 SUBNET_PREFIX = "169.254.90"
 PS_HOST = f"{SUBNET_PREFIX}.1"
 FIRST_WORKER_HOST = 10
+# Two shaped simulations on one machine (two users, two experiments) must not share a subnet: two
+# bridges holding the same address would route each other's packets astray. A network takes the
+# first of these /24s that no interface on the host holds yet (169.254.90.0/24 when alone).
+SUBNET_PREFIXES = tuple(f"169.254.{third}" for third in range(90, 100))
+
+
+def free_subnet_prefix() -> str:
+    """The first of ``SUBNET_PREFIXES`` no host interface has an address in; ``GRADWIRE_SIM_SUBNET``
+    (one of them, e.g. ``169.254.95``) names the one to take, for a user who wants to keep clear of
+    another's simulations that always take the first."""
+    wanted = os.environ.get("GRADWIRE_SIM_SUBNET", "")
+    if wanted and wanted not in SUBNET_PREFIXES:
+        raise NamespaceError(f"GRADWIRE_SIM_SUBNET={wanted!r} is not one of {', '.join(SUBNET_PREFIXES)}")
+    shown = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=30).stdout
+    for prefix in (wanted,) if wanted else SUBNET_PREFIXES:
+        if f" {prefix}." not in shown:
+            return prefix
+    if wanted:
+        raise NamespaceError(f"GRADWIRE_SIM_SUBNET={wanted}.0/24 is in use on this host")
+    raise NamespaceError(f"every subnet of {SUBNET_PREFIXES[0]}-{SUBNET_PREFIXES[-1]}.0/24 is in use on this host")
 MAX_WORKERS = 200
 
 
@@ -52,6 +73,11 @@ class WorkerNetwork:
     workers: int
     tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
     made: list[str] = field(default_factory=list)
+    subnet: str = SUBNET_PREFIX  # chosen when entered (free_subnet_prefix)
+
+    @property
+    def ps_host(self) -> str:
+        return f"{self.subnet}.1"
 
     @property
     def bridge(self) -> str:
@@ -69,10 +95,11 @@ class WorkerNetwork:
             raise NamespaceError(why)
         if not 1 <= self.workers <= MAX_WORKERS:
             raise NamespaceError(f"namespaces for {self.workers} workers: 1..{MAX_WORKERS}")
+        self.subnet = free_subnet_prefix()
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             self.made.append("bridge")
-            _ip("addr", "add", f"{PS_HOST}/24", "dev", self.bridge)
+            _ip("addr", "add", f"{self.ps_host}/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
             for i in range(self.workers):
                 ns, inner, outer = self.namespace(i), self.interface(i), f"gw{self.tag}h{i}"
@@ -81,7 +108,7 @@ class WorkerNetwork:
                 _ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns)
                 _ip("link", "set", outer, "master", self.bridge)
                 _ip("link", "set", outer, "up")
-                _ip("-n", ns, "addr", "add", f"{SUBNET_PREFIX}.{FIRST_WORKER_HOST + i}/24", "dev", inner)
+                _ip("-n", ns, "addr", "add", f"{self.subnet}.{FIRST_WORKER_HOST + i}/24", "dev", inner)
                 _ip("-n", ns, "link", "set", inner, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
         except BaseException:

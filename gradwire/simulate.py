@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from gradwire.counters import LinkCounters, total
-from gradwire.netns import PS_HOST, WorkerNetwork
+from gradwire.netns import WorkerNetwork
 from gradwire.status import fetch_status
 
 
@@ -88,7 +88,7 @@ def run_simulation(args) -> int:
     if network is not None:
         network.__enter__()
     server_args = [
-        "server", "--address", f"{PS_HOST}:0" if network else "127.0.0.1:0", "--workers", str(args.workers), "--rounds", str(args.rounds),
+        "server", "--address", f"{network.ps_host}:0" if network else "127.0.0.1:0", "--workers", str(args.workers), "--rounds", str(args.rounds),
         "--codec", args.codec, "--downlink-codec", args.downlink_codec, "--dataset", args.dataset, "--model", args.model, "--data-dir", args.data_dir,
         "--task", args.task, "--local-steps", str(args.local_steps), "--local-lr", str(args.local_lr),
         "--batch-size", "full" if args.batch_size == 0 else str(args.batch_size), "--partition", args.partition,
@@ -206,6 +206,12 @@ def _codec_rows(stats: dict) -> list[tuple[str, str]]:
     by_stage = stats.get("bits_per_entry_by_stage")
     if isinstance(by_stage, dict) and by_stage:
         rows.append(("bits / entry by stage", "  ".join(f"{k}: {float(v):.4g}" for k, v in sorted(by_stage.items()))))
+    adaptive = stats.get("adaptive_rounds")
+    if isinstance(adaptive, list) and adaptive:  # compressors/adaptive.py: the last round's rate by rank
+        rates = adaptive[-1].get("rate", {})
+        rows.append(("adaptive rate by rank", "/".join(f"{rates[k]:g}" for k in sorted(rates, key=int)) or "n/a"))
+        if isinstance(stats.get("adaptive_within_target"), int | float):
+            rows.append(("round trips within target", f"{stats['adaptive_within_target']:.0%}"))
     for key in ("symbol_entropy_bits", "coded_bits_per_symbol", "trigger_rate", "mean_prediction_gain"):
         if isinstance(stats.get(key), int | float):
             rows.append((key.replace("_", " "), f"{stats[key]:.4f}"))

@@ -39,7 +39,7 @@ from gradwire.buffers import (
     load_buffers,
     mean_buffers,
 )
-from gradwire.compressors.base import CrossWorkerState, Directive, RoundContext
+from gradwire.compressors.base import CrossWorkerState, Directive, LinkSample, RoundContext
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
 from gradwire.downlink import DENSE, Broadcast, DownlinkEncoder, check_downlink_codec
@@ -84,6 +84,10 @@ class Session:
     start_round: int = 0
     alive: bool = True
     reference_round: int = -1  # the broadcast reference the worker holds (downlink deltas)
+    # When the last model message (Welcome or RoundResult) was handed to gRPC, and its bytes: the
+    # start of the worker's next round trip, for the link measurement (CrossWorkerState.observe_link).
+    model_sent_at: float | None = None
+    model_sent_bytes: int = 0
 
 
 @dataclass
@@ -136,6 +140,7 @@ class RoundEngine:
         self.contributions: dict[str, Contribution] = {}
         self.aggregated_last: set[str] = set()
         self.directive_values: dict[str, float] = {}
+        self.link_samples: list[dict] = []  # every link measurement, for the summary
         self.initial_loss: float | None = None
         self.initial_accuracy: float | None = None
         self.last_join = 0.0
@@ -285,6 +290,7 @@ class RoundEngine:
 
     def submit(self, session: Session, update: Update, message_bytes: int) -> ServerMessage:
         """Validate, decode and file one update; block until the round closes."""
+        arrived = time.monotonic()
         record = session.record
         with self.cond:
             current, phase = self.round, self.phase
@@ -319,6 +325,7 @@ class RoundEngine:
                 decoded, float(update.train_loss), int(update.num_examples), payload, message_bytes, buffers, norm
             )
             self.ledger.count_update(record, payload, message_bytes)
+            self._observe_link(session, update, message_bytes, arrived)
             self.cond.notify_all()
             while self.round == current and self.phase != "finished" and session.alive:
                 self.round_closed.wait(HANDLER_WAIT_S)
@@ -329,9 +336,28 @@ class RoundEngine:
                 update_aggregated=record.worker_id in self.aggregated_last, workers=len(self.expected),
             )
 
+    def _observe_link(self, session: Session, update: Update, message_bytes: int, arrived: float) -> None:
+        """The worker's round trip since its last model message, for the codec (caller holds the lock).
+
+        Not after a Welcome: the first round of a session also loads the data, which the worker's
+        compute time does not cover. The compute time is the worker's word; a negative or non-finite
+        one counts as 0 (the transfer then includes the compute, which only makes the link look slower).
+        """
+        if session.model_sent_at is None or update.round <= session.start_round:
+            return
+        compute = float(update.compute_seconds)
+        compute = compute if math.isfinite(compute) and compute >= 0 else 0.0
+        sample = LinkSample(round=update.round, downlink_bytes=session.model_sent_bytes, uplink_bytes=message_bytes,
+                            transfer_seconds=max(0.0, arrived - session.model_sent_at - compute),
+                            compute_seconds=min(compute, arrived - session.model_sent_at))
+        self.link_samples.append({"rank": session.record.rank, **vars(sample)})
+        self.codec_state.observe_link(session.record.rank, sample)
+
     def count_downlink(self, session: Session, nbytes: int, payload: int = 0, models: int = 0) -> None:
         """``payload``: model bytes the message carries (floats, or delta codec bytes) in ``models`` models."""
         with self.cond:
+            if models:
+                session.model_sent_at, session.model_sent_bytes = time.monotonic(), nbytes
             self.ledger.count_downlink(session.record, nbytes, payload, models, in_round=self.phase != "waiting")
 
     def report(self, session: Session, report: WorkerReport, message_bytes: int) -> None:

@@ -119,6 +119,9 @@ def build_summary(engine) -> dict[str, Any]:
             for r in records
         ],
         "rounds_log": [e.to_dict() for e in log],
+        # Each worker's round trip as the PS measured it (compute as reported, transfer = the rest):
+        # what bandwidth-adaptive codecs choose rates from (CrossWorkerState.observe_link).
+        "link_samples": list(engine.link_samples),
     }
 
 

@@ -28,7 +28,8 @@ EXTRA_STATELESS = ["ans:bits=4", "qsgd:levels=4", "topk:ratio=0.05,ef=0", "randk
                    "huffman:bits=3", "fp8:format=152"]
 EXTRA_STATEFUL = ["tpc:granularity=tensor", "lag:trigger=relative", "powersgd:rank=2", "m22:ef=0",
                   "randk:ratio=0.1", "ans:bits=4,ef=1"]
-ALL_SPECS = [n for n in available_codecs() if n != "lgc"]
+# Codecs with PS-wide state (lgc, adaptive) run only through the PS; gradwire.codecs refuses them.
+ALL_SPECS = [n for n in available_codecs() if not create_codec(n).has_cross_worker_state]
 STATELESS = [s for s in ALL_SPECS + EXTRA_STATELESS if codecs.is_stateless(s)]
 STATEFUL = [s for s in ALL_SPECS + EXTRA_STATEFUL if not codecs.is_stateless(s)]
 

@@ -1,0 +1,287 @@
+"""Bandwidth-adaptive compression against fixed settings on heterogeneous links (issue 16, item 4).
+
+    sudo python -m experiments.adaptive --out docs/results/adaptive          # ~20 min on 2 cores
+    python -m experiments.adaptive --quick --out /tmp/adaptive-quick        # ~2 min, any user (unshaped)
+
+runs the reference task (Fashion-MNIST, LeNet-5, 3 workers; experiments/reference.py) with
+``gradwire simulate --links 10mbit,10mbit,100mbit`` (network namespaces and tbf, so root) for the
+adaptive wrapper and several fixed settings of its ladder, each over ``--seeds``, one run at a time
+(parallel runs would share the CPU and the namespaces' addresses), and writes to ``--out``:
+
+    runs/<label>_s<seed>.json   each run's summary (reused by a rerun with the same command)
+    results.json                per method and seed the figures below, and their intervals
+    table.md                    the table the README quotes
+
+**Round time** is what the codec controls: per round, the slowest worker's round trip as the PS
+measured it (the model message handed to gRPC → the update's arrival; ``link_samples`` in the
+summary: compute as the worker reports it, transfer the rest). The PS's own aggregation and test
+evaluation are the same for every method and left out. Round 0 (after the Welcome, which also loads
+the data) has no measurement. Figures over seeds: mean ± 95 % Student-t interval
+(experiments/stats.py); the adaptive run's final accuracy is compared with the best fixed setting
+(the highest mean final accuracy) paired by seed.
+
+Without root (or with ``--unshaped``) the links are not shaped: the machinery runs the same, but
+every link is loopback, so the table says nothing about adaptation (the quick preset exists for
+the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from experiments import stats
+from experiments.runner import run_simulation
+
+LINKS = "10mbit,10mbit,100mbit"
+# A shaped run that fails (another user's simulation took the namespaces' subnet at the same
+# moment, gradwire/netns.py) is run again.
+RETRIES = 1
+# Shaped runs take this subnet, clear of other simulations on the machine, which take the first free.
+SUBNET = "169.254.97"
+LADDER = "2,4,8,16,32"  # ans bit widths; 16 = fp16, 32 = dense
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    spec: str
+    adaptive: bool = False
+
+
+def methods(target: float) -> tuple[Method, ...]:
+    return (
+        Method("adaptive", f"adaptive:rates=({LADDER}),target={target:g},headroom=0.8", adaptive=True),
+        Method("dense", "dense"),
+        Method("fp16", "fp16"),
+        Method("ans8", "ans:bits=8"),
+        Method("ans4", "ans:bits=4"),
+        Method("ans2", "ans:bits=2"),
+    )
+
+
+@dataclass(frozen=True)
+class Preset:
+    workers: int
+    rounds: int
+    eval_every: int
+    seeds: tuple[int, ...]
+    labels: tuple[str, ...]
+    description: str
+
+
+PRESETS = {
+    "full": Preset(3, 60, 30, (0, 1, 2), ("adaptive", "dense", "fp16", "ans8", "ans2"),
+                   "Fashion-MNIST, LeNet-5 (61,706 parameters), 3 workers × 60 rounds, batch 32, lr 0.05, "
+                   "PS momentum 0.9, dense downlink"),
+    "quick": Preset(2, 4, 4, (0,), ("adaptive", "dense"),
+                    "Fashion-MNIST, LeNet-5, 2 workers × 4 rounds, 1 seed (quick: checks the machinery)"),
+}
+
+
+def can_shape() -> str:
+    """Empty when shaped links are available here, else why not."""
+    if os.geteuid() != 0:
+        return "not root"
+    from gradwire.netns import why_unavailable
+
+    return why_unavailable()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.adaptive", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 workers, 4 rounds, 1 seed, adaptive and dense only")
+    p.add_argument("--out", default="runs/adaptive")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--target", type=float, default=0.45, help="the adaptive codec's round-time target (seconds)")
+    p.add_argument("--links", default=LINKS, help="per-rank link profiles (gradwire simulate --links)")
+    p.add_argument("--unshaped", action="store_true", help="do not shape the links (no root needed)")
+    p.add_argument("--force", action="store_true", help="rerun runs whose summary exists")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="build the table from the summaries that exist; run nothing (missing runs are counted)")
+    p.add_argument("--timeout-s", type=float, default=900.0, help="per-run time limit (seconds)")
+    args = p.parse_args(argv)
+    args.preset = PRESETS["quick" if args.quick else "full"]
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()] or list(args.preset.seeds)
+    args.methods = [m for m in methods(args.target) if m.label in args.preset.labels]
+    why = "" if args.unshaped else can_shape()
+    if why:
+        print(f"[adaptive] links not shaped ({why}): every link is loopback", flush=True)
+    args.shaped = not args.unshaped and not why
+    return args
+
+
+def command(method: Method, seed: int, args: argparse.Namespace, out: Path, log: Path) -> list[str]:
+    pr = args.preset
+    shaping = ["--links", args.links] if args.shaped else []
+    return [sys.executable, "-m", "gradwire.cli", "simulate", "--workers", str(pr.workers), "--rounds", str(pr.rounds),
+            "--eval-every", str(pr.eval_every), "--seed", str(seed), "--codec", method.spec,
+            "--dataset", "fashion-mnist", "--model", "lenet5", *shaping,
+            "--json", str(out), "--log", str(log), "--quiet"]
+
+
+def run_one(method: Method, seed: int, args: argparse.Namespace, run_dir: Path) -> dict | None:
+    out, log = run_dir / f"{method.label}_s{seed}.json", run_dir / f"{method.label}_s{seed}.log"
+    cmd = command(method, seed, args, out, log)
+    stamp = " ".join(cmd[4:-5])
+    if out.exists() and not args.force:
+        summary = json.loads(out.read_text())
+        if summary.get("experiment_command") == stamp:
+            return summary
+    if args.aggregate_only:
+        return None
+    out.unlink(missing_ok=True)
+    start = time.perf_counter()
+    print(f"[adaptive] {method.label} seed {seed}: gradwire {stamp}", flush=True)
+    for attempt in range(1 + RETRIES):
+        status, tail = run_simulation(cmd, log, args.timeout_s)
+        if status == "ok" and out.exists():
+            break
+        print(f"[adaptive] {method.label} seed {seed}: attempt {attempt + 1}: {status}: {' | '.join(tail)}", flush=True)
+    if status != "ok" or not out.exists():
+        print(f"[adaptive] {method.label} seed {seed}: {status}: {' | '.join(tail)}", flush=True)
+        return None
+    summary = json.loads(out.read_text())
+    summary["experiment_command"] = stamp
+    out.write_text(json.dumps(summary) + "\n")
+    print(f"[adaptive] {method.label} seed {seed}: accuracy {summary['final_accuracy']:.4f}, "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------- figures of one run
+
+
+def round_times(summary: dict) -> list[float]:
+    """Per measured round, the slowest worker's round trip (compute + transfer), in round order."""
+    by_round: dict[int, float] = {}
+    for s in summary.get("link_samples", []):
+        seconds = float(s["compute_seconds"]) + float(s["transfer_seconds"])
+        by_round[int(s["round"])] = max(by_round.get(int(s["round"]), 0.0), seconds)
+    return [by_round[r] for r in sorted(by_round)]
+
+
+def run_figures(summary: dict, target: float) -> dict:
+    times = np.asarray(round_times(summary))
+    rounds = summary.get("codec_stats", {}).get("adaptive_rounds", [])
+    rates: dict[str, list[float]] = {}
+    for r in rounds:
+        for rank, rate in r["rate"].items():
+            rates.setdefault(rank, []).append(float(rate))
+    return {
+        "final_accuracy": summary["final_accuracy"],
+        "measured_rounds": int(times.size),
+        "within_target": float(np.mean(times <= target)) if times.size else None,
+        "p95_round_s": float(np.percentile(times, 95)) if times.size else None,
+        "mean_round_s": float(times.mean()) if times.size else None,
+        "uplink_mb": summary["uplink_payload_bytes"] / 1e6,
+        "uplink_bits_per_entry": summary["uplink_bits_per_entry"],
+        "elapsed_s": summary["elapsed_s"],
+        # the adaptive codec's choices: each rank's mean rate and its rate in the last round
+        "mean_rate_by_rank": {k: float(np.mean(v)) for k, v in sorted(rates.items())},
+        "last_rate_by_rank": {k: v[-1] for k, v in sorted(rates.items())},
+    }
+
+
+# ---------------------------------------------------------------- over seeds
+
+
+def aggregate(per_run: dict[tuple[str, int], dict], labels: list[str], seeds: list[int]) -> dict:
+    out: dict = {}
+    for label in labels:
+        runs = [per_run.get((label, s)) for s in seeds]
+        out[label] = {key: stats.t_ci([r[key] if r else None for r in runs]).as_dict()
+                      for key in ("final_accuracy", "within_target", "p95_round_s", "mean_round_s", "uplink_mb")}
+        out[label]["runs"] = sum(r is not None for r in runs)
+    fixed = [lb for lb in labels if lb != "adaptive" and out[lb]["final_accuracy"]["mean"] is not None]
+    if "adaptive" in labels and fixed:
+        best = max(fixed, key=lambda lb: out[lb]["final_accuracy"]["mean"])
+        acc = {lb: [per_run[(lb, s)]["final_accuracy"] if (lb, s) in per_run else None for s in seeds]
+               for lb in ("adaptive", best)}
+        diff = stats.paired_ci(acc["adaptive"], acc[best])
+        out["adaptive_vs_best_fixed"] = {"best_fixed": best, "accuracy_difference": diff.as_dict(),
+                                         "within_1_point": diff.n > 0 and diff.mean >= -0.01}
+    return out
+
+
+def table(agg: dict, args: argparse.Namespace, per_run: dict) -> str:
+    pr = args.preset
+    links = args.links if args.shaped else "unshaped (loopback)"
+    lines = [
+        f"{pr.description}; links {links}; round-time target {args.target:g} s; seeds "
+        f"{', '.join(map(str, args.seed_list))}; mean ± 95 % CI over seeds.",
+        "",
+        "| method | codec | final accuracy | rounds within target | p95 round (s) | mean round (s) | uplink MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in args.methods:
+        a = agg[m.label]
+        lines.append(
+            f"| {m.label} | `{m.spec}` | {stats.fmt_interval(stats.Interval(**_iv(a['final_accuracy'])))} | "
+            f"{stats.fmt_interval(stats.Interval(**_iv(a['within_target'])), '.0%')} | "
+            f"{stats.fmt_interval(stats.Interval(**_iv(a['p95_round_s'])), '.3f')} | "
+            f"{stats.fmt_interval(stats.Interval(**_iv(a['mean_round_s'])), '.3f')} | "
+            f"{stats.fmt_interval(stats.Interval(**_iv(a['uplink_mb'])), '.2f')} |")
+    cmp_ = agg.get("adaptive_vs_best_fixed")
+    if cmp_:
+        d = stats.Interval(**_iv(cmp_["accuracy_difference"]))
+        bounds = (f"; 95 % interval [{d.low:+.4f}, {d.high:+.4f}]" if d.n > 1 and math.isfinite(d.half_width)
+                  else "")
+        lines += ["", f"Adaptive − best fixed (`{cmp_['best_fixed']}`) final accuracy, paired by seed: "
+                      f"{stats.fmt_interval(d, '.4f', signed=True)}{bounds} (mean "
+                      f"{'within' if cmp_['within_1_point'] else 'NOT within'} 1 point; "
+                      f"{stats.verdict(d, what='adaptive more accurate')})."]
+    chosen = [per_run[("adaptive", s)] for s in args.seed_list if ("adaptive", s) in per_run]
+    if chosen:
+        ranks = sorted(chosen[0]["mean_rate_by_rank"])
+        shown = ", ".join(f"rank {r}: {np.mean([c['mean_rate_by_rank'][r] for c in chosen]):.1f}" for r in ranks)
+        lines += ["", f"Adaptive's mean chosen bit width per worker (ranks are assigned by join order; "
+                      f"32 = dense): {shown}."]
+    return "\n".join(lines) + "\n"
+
+
+def _iv(d: dict) -> dict:
+    nan = float("nan")
+    return {"mean": nan if d["mean"] is None else d["mean"],
+            "half_width": nan if d["half_width"] is None else d["half_width"], "n": d["n"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.shaped:  # inherited by every simulation (gradwire/netns.py)
+        os.environ.setdefault("GRADWIRE_SIM_SUBNET", SUBNET)
+    out = Path(args.out)
+    run_dir = out / "runs"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    per_run: dict[tuple[str, int], dict] = {}
+    for m in args.methods:  # method-major: an interrupted run still has every seed of the first ones
+        for seed in args.seed_list:
+            summary = run_one(m, seed, args, run_dir)
+            if summary is not None:
+                per_run[(m.label, seed)] = run_figures(summary, args.target)
+    labels = [m.label for m in args.methods]
+    agg = aggregate(per_run, labels, args.seed_list)
+    result = {
+        "preset": args.preset.description, "links": args.links if args.shaped else "", "shaped": args.shaped,
+        "target_s": args.target, "seeds": args.seed_list,
+        "methods": {m.label: m.spec for m in args.methods},
+        "per_run": {f"{lb}_s{s}": v for (lb, s), v in sorted(per_run.items())},
+        "aggregate": agg,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = table(agg, args, per_run)
+    (out / "table.md").write_text(text)
+    print(text, flush=True)
+    return 0 if len(per_run) == len(labels) * len(args.seed_list) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

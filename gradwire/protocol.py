@@ -78,8 +78,18 @@ class Update:
     tensors: tuple[Encoded, ...]
     train_loss: float
     num_examples: int
-    compute_seconds: float = 0.0
+    compute_seconds: float = 0.0  # the local training alone (gradient or local steps)
     buffers: Params | None = None  # the worker's buffers (BatchNorm statistics), sent in full
+    encode_seconds: float = 0.0  # the codec's encoding of this update
+    previous_round: WorkerTiming | None = None  # the worker's clock around its previous Update
+
+
+@dataclass(frozen=True)
+class WorkerTiming:
+    """The worker's clock around one round trip (seconds): the PS splits round time with it."""
+
+    reply_wait_seconds: float = 0.0  # queuing the previous Update -> the PS's answer received
+    downlink_decode_seconds: float = 0.0  # rebuilding and loading the model of that answer
 
 
 @dataclass(frozen=True)
@@ -290,10 +300,13 @@ def worker_message_to_proto(m: WorkerMessage) -> pb.WorkerMessage:
     if isinstance(m, Update):
         update = pb.Update(
             round=m.round, tensors=[encoded_to_proto(e) for e in m.tensors], train_loss=m.train_loss,
-            num_examples=m.num_examples, compute_seconds=m.compute_seconds,
+            num_examples=m.num_examples, compute_seconds=m.compute_seconds, encode_seconds=m.encode_seconds,
         )
         if m.buffers is not None:
             update.buffers.CopyFrom(model_to_proto(m.buffers))
+        if m.previous_round is not None:
+            update.previous_round.reply_wait_seconds = m.previous_round.reply_wait_seconds
+            update.previous_round.downlink_decode_seconds = m.previous_round.downlink_decode_seconds
         return pb.WorkerMessage(update=update)
     if isinstance(m, WorkerReport):
         return pb.WorkerMessage(report=pb.WorkerReport(
@@ -321,7 +334,11 @@ def worker_message_from_proto(msg: pb.WorkerMessage) -> WorkerMessage:
         return Update(round=int(u.round), tensors=tuple(encoded_from_proto(t) for t in u.tensors),
                       train_loss=float(u.train_loss), num_examples=int(u.num_examples),
                       compute_seconds=float(u.compute_seconds),
-                      buffers=model_from_proto(u.buffers) if u.HasField("buffers") else None)
+                      buffers=model_from_proto(u.buffers) if u.HasField("buffers") else None,
+                      encode_seconds=float(u.encode_seconds),
+                      previous_round=WorkerTiming(float(u.previous_round.reply_wait_seconds),
+                                                  float(u.previous_round.downlink_decode_seconds))
+                      if u.HasField("previous_round") else None)
     if kind == "report":
         r = msg.report
         return WorkerReport(codec_stats={k: float(v) for k, v in r.codec_stats.items()},

@@ -36,6 +36,7 @@ from gradwire.protocol import Update
 
 MAX_REPORTED_SECONDS = 86_400.0
 PARTS = ("compute_s", "encode_s", "transfer_s", "decode_s", "eval_s", "other_s")
+DETAIL = ("worker_encode_s", "ps_encode_s", "ps_decode_s", "aggregate_s", "worker_decode_s")
 
 
 def reported(seconds: float | None) -> float | None:
@@ -102,7 +103,12 @@ class RoundTiming:
         }
         known = [v for v in parts.values() if v is not None]
         parts["other_s"] = None if wall is None or len(known) < len(parts) else wall - sum(known)
-        return {"wall_s": wall, **parts}
+        detail = {  # which end spent the encode and decode time
+            "worker_encode_s": w.encode_s if w else None, "ps_encode_s": self.downlink_encode_s,
+            "ps_decode_s": w.ps_decode_s if w else None, "aggregate_s": self.aggregate_s,
+            "worker_decode_s": w.downlink_decode_s if w else None,
+        }
+        return {"wall_s": wall, **parts, **detail}
 
 
 class RoundClock:
@@ -161,7 +167,7 @@ def wall_clock_totals(splits: list[dict[str, Any]]) -> dict[str, Any]:
     """Sums over rounds; a part unknown in some round is summed over the rounds that know it, and
     ``rounds_known`` says how many those are."""
     out: dict[str, Any] = {}
-    for key in ("wall_s", *PARTS):
+    for key in ("wall_s", *PARTS, *DETAIL):
         values = [s[key] for s in splits if s.get(key) is not None]
         out[key] = float(sum(values)) if values else None
         out[f"{key[:-2]}_rounds_known"] = len(values)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,9 @@ def run_simulation(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
+    # SIGTERM (an experiment's time limit, `kill`) unwinds like Ctrl-C, so that the `finally` below ends
+    # the PS and the workers and removes the network namespaces instead of leaving them behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="gradwire-sim-"))
     json_path = Path(args.json).resolve() if args.json else workdir / "summary.json"
     log_path = Path(args.log) if args.log else workdir / "run.log"

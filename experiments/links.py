@@ -93,9 +93,10 @@ def full_plan() -> list[Cell]:
 FULL_ORDER = (
     ("10mbit/dense", 0), ("10mbit/ans4", 0), ("10mbit/fp16", 0), ("10mbit/dense_stale", 0),
     ("unshaped/dense", 0), ("unshaped/ans4", 0),
-    ("10mbit/dense", 1), ("10mbit/ans4", 1), ("10mbit/fp16", 1), ("10mbit/dense_stale", 1),
-    ("10mbit/dense", 2), ("10mbit/ans4", 2), ("10mbit/fp16", 2), ("10mbit/dense_stale", 2),
+    ("10mbit/dense", 1), ("10mbit/ans4", 1), ("10mbit/fp16", 1),
     ("100mbit/dense", 0), ("100mbit/ans4", 0),
+    ("10mbit/dense", 2), ("10mbit/ans4", 2), ("10mbit/fp16", 2),
+    ("10mbit/dense_stale", 1), ("10mbit/dense_stale", 2),
     ("10mbit/qsgd16", 0), ("10mbit/ans4_stale", 0), ("10mbit/ans4_densedown", 0),
 )
 

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--link", default="", help="shape every worker's link, RATE or UP/DOWN (e.g. 10mbit): "
                      "each worker then runs in a network namespace of its own (needs root and iproute2)")
     sim.add_argument("--links", default="", help="profiles by rank, e.g. 10mbit,10mbit,100mbit")
+    sim.add_argument("--stale-updates", action="store_true",
+                     help="workers compute the next gradient while their update is in flight (one round stale)")
 
     st = sub.add_parser("status", help="print a running PS's Status")
     st.add_argument("--address", default=env("STATUS_ADDRESS", "127.0.0.1:50051"))

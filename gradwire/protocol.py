@@ -79,8 +79,18 @@ class Update:
     tensors: tuple[Encoded, ...]
     train_loss: float
     num_examples: int
-    compute_seconds: float = 0.0
+    compute_seconds: float = 0.0  # the local training alone (gradient or local steps)
     buffers: Params | None = None  # the worker's buffers (BatchNorm statistics), sent in full
+    encode_seconds: float = 0.0  # the codec's encoding of this update
+    previous_round: WorkerTiming | None = None  # the worker's clock around its previous Update
+
+
+@dataclass(frozen=True)
+class WorkerTiming:
+    """The worker's clock around one round trip (seconds): the PS splits round time with it."""
+
+    reply_wait_seconds: float = 0.0  # queuing the previous Update -> the PS's answer received
+    downlink_decode_seconds: float = 0.0  # rebuilding and loading the model of that answer
 
 
 @dataclass(frozen=True)
@@ -307,11 +317,15 @@ def worker_message_to_proto(m: WorkerMessage) -> pb.WorkerMessage:
         update = msg.update
         update.round, update.train_loss = m.round, m.train_loss
         update.num_examples, update.compute_seconds = m.num_examples, m.compute_seconds
+        update.encode_seconds = m.encode_seconds
         update.SetInParent()
         for e in m.tensors:
             _fill_encoded(update.tensors.add(), e)
         if m.buffers is not None:
             _fill_model(update.buffers, m.buffers)
+        if m.previous_round is not None:
+            update.previous_round.reply_wait_seconds = m.previous_round.reply_wait_seconds
+            update.previous_round.downlink_decode_seconds = m.previous_round.downlink_decode_seconds
         return msg
     if isinstance(m, WorkerReport):
         return pb.WorkerMessage(report=pb.WorkerReport(
@@ -342,7 +356,11 @@ def worker_message_from_proto(msg: pb.WorkerMessage) -> WorkerMessage:
         return Update(round=int(u.round), tensors=tuple(encoded_from_proto(t) for t in u.tensors),
                       train_loss=float(u.train_loss), num_examples=int(u.num_examples),
                       compute_seconds=float(u.compute_seconds),
-                      buffers=model_from_proto(u.buffers) if u.HasField("buffers") else None)
+                      buffers=model_from_proto(u.buffers) if u.HasField("buffers") else None,
+                      encode_seconds=float(u.encode_seconds),
+                      previous_round=WorkerTiming(float(u.previous_round.reply_wait_seconds),
+                                                  float(u.previous_round.downlink_decode_seconds))
+                      if u.HasField("previous_round") else None)
     if kind == "report":
         r = msg.report
         return WorkerReport(codec_stats={k: float(v) for k, v in r.codec_stats.items()},
@@ -404,7 +422,8 @@ def _model_chunks(params: Mapping[str, np.ndarray]) -> Chunks:
 
 
 def _update_chunks(m: Update) -> Chunks:
-    # Update: round (1), tensors (2), train_loss (3), num_examples (4), compute_seconds (5), buffers (6)
+    # Update: round (1), tensors (2), train_loss (3), num_examples (4), compute_seconds (5), buffers (6),
+    # encode_seconds (7), previous_round (8)
     chunks = [pb.Update(round=m.round).SerializeToString()]
     for e in m.tensors:
         chunks += _field(2, _encoded_chunks(e))
@@ -412,6 +431,12 @@ def _update_chunks(m: Update) -> Chunks:
                             compute_seconds=m.compute_seconds).SerializeToString())
     if m.buffers is not None:
         chunks += _field(6, _model_chunks(m.buffers))
+    # encode_seconds (7), previous_round (8): small fields after the buffers, in field order.
+    tail = pb.Update(encode_seconds=m.encode_seconds)
+    if m.previous_round is not None:
+        tail.previous_round.reply_wait_seconds = m.previous_round.reply_wait_seconds
+        tail.previous_round.downlink_decode_seconds = m.previous_round.downlink_decode_seconds
+    chunks.append(tail.SerializeToString())
     return chunks
 
 

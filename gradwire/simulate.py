@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,9 @@ def run_simulation(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
+    # SIGTERM (an experiment's time limit, `kill`) unwinds like Ctrl-C, so that the `finally` below ends
+    # the PS and the workers and removes the network namespaces instead of leaving them behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="gradwire-sim-"))
     json_path = Path(args.json).resolve() if args.json else workdir / "summary.json"
     log_path = Path(args.log) if args.log else workdir / "run.log"
@@ -95,6 +99,7 @@ def run_simulation(args) -> int:
         "--dirichlet-alpha", str(args.dirichlet_alpha), "--seed", str(args.seed), "--lr", str(args.lr),
         "--momentum", "auto" if args.momentum is None else str(args.momentum), "--weight-decay", str(args.weight_decay),
         "--lr-schedule", args.lr_schedule, "--eval-every", str(args.eval_every),
+        "--target-accuracy", str(args.target_accuracy),
         "--round-timeout-s", str(args.round_timeout_s), "--max-message-mb", str(args.max_message_mb),
         "--json", str(json_path), "--start-timeout-s", "600",
         "--aggregate", args.aggregate, "--clip-multiple", str(args.clip_multiple), "--trim-fraction", str(args.trim_fraction),
@@ -127,6 +132,8 @@ def run_simulation(args) -> int:
         address = found["address"]
         for i in range(args.workers):
             worker_argv = _cli("worker", "--server", address, "--worker-id", f"sim-{i}", "--connect-timeout-s", "60")
+            if args.stale_updates:
+                worker_argv.append("--stale-updates")
             if network is not None:
                 worker_argv = network.command(i, [*worker_argv, "--interface", network.interface(i),
                                                   "--link", args.link, "--links", args.links])
@@ -218,6 +225,26 @@ def _codec_rows(stats: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _timing_rows(s: dict) -> list[tuple[str, str]]:
+    """Where the rounds' wall time went (server/timing.py), and the time to the target."""
+    wall = s.get("wall_clock") or {}
+    if not wall.get("wall_s"):
+        return []
+
+    def sec(key: str) -> str:
+        v = wall.get(key)
+        return "n/a" if v is None else f"{v:.2f} s"
+
+    rows = [("rounds' wall time", f"{wall['wall_s']:.2f} s"),
+            ("split", f"compute {sec('compute_s')}, encode {sec('encode_s')}, transfer {sec('transfer_s')}, "
+                      f"decode {sec('decode_s')}, evaluation {sec('eval_s')}, other {sec('other_s')}")]
+    if s.get("target_accuracy") is not None:
+        t = s.get("time_to_target_s")
+        rows.append((f"time to accuracy {s['target_accuracy']:.4f}",
+                     "not reached" if t is None else f"{t:.2f} s of training (evaluations excluded)"))
+    return rows
+
+
 def _print_summary(console, s: dict, json_path: Path, log_path: Path) -> None:
     from rich.table import Table
 
@@ -235,6 +262,7 @@ def _print_summary(console, s: dict, json_path: Path, log_path: Path) -> None:
         ("uplink bits / entry", f"{s['uplink_bits_per_entry']:.4f}" if s["uplink_bits_per_entry"] else "n/a"),
         ("downlink bits / entry", f"{s['downlink_bits_per_entry']:.4f}" if s["downlink_bits_per_entry"] else "n/a"),
         *_codec_rows(s.get("codec_stats") or {}),
+        *_timing_rows(s),
         ("summary", str(json_path)),
         ("log", str(log_path)),
     ]

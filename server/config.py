@@ -61,6 +61,7 @@ class ServerConfig:
     local_steps: int = 1  # optimizer steps per worker per round; 1 = one gradient per round
     local_lr: float = 0.0  # the workers' local SGD learning rate when local_steps > 1; 0 = lr
     eval_every: int = 5
+    target_accuracy: float = 0.0  # the summary reports the training time to reach it; 0 = none
     round_timeout_s: float = 120.0
     start_timeout_s: float = 600.0
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
@@ -103,6 +104,8 @@ class ServerConfig:
             raise ValueError(f"partition must be iid or dirichlet, got {self.partition!r}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if not 0.0 <= self.target_accuracy <= 1.0:
+            raise ValueError(f"target_accuracy must be in [0, 1] (0: none), got {self.target_accuracy}")
         if self.max_streams < 0 or self.hello_timeout_s <= 0:
             raise ValueError("max_streams must be >= 0 and hello_timeout_s > 0")
         if self.max_message_mb < 1:
@@ -178,6 +181,8 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-lr", type=float, default=env("LOCAL_LR", d.local_lr),
                    help="the workers' SGD learning rate for --local-steps > 1 (default: --lr)")
     p.add_argument("--eval-every", type=int, default=env("EVAL_EVERY", d.eval_every))
+    p.add_argument("--target-accuracy", type=float, default=env("TARGET_ACCURACY", d.target_accuracy),
+                   help="report the training time (wall clock, evaluations excluded) to reach this test accuracy")
     p.add_argument("--round-timeout-s", type=float, default=env("ROUND_TIMEOUT_S", d.round_timeout_s))
     p.add_argument("--max-message-mb", type=int, default=env("MAX_MESSAGE_MB", d.max_message_mb))
     p.add_argument("--aggregate", default=env("AGGREGATE", d.aggregate), choices=("mean", "trimmed-mean", "median"),

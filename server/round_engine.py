@@ -59,6 +59,7 @@ from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpo
 from gradwire.server.config import ServerConfig
 from gradwire.server.ledger import Ledger, LedgerSnapshot, WorkerRecord
 from gradwire.server.robust import robust_step, update_norm
+from gradwire.server.timing import RoundClock
 from gradwire.task import Task
 from gradwire.tasks import BUILTIN_TASKS, shard_indices, tensor_specs
 
@@ -151,6 +152,8 @@ class RoundEngine:
         self.reports_done = threading.Event()
         self.interface_start = read_counters()
         self.interface_end: dict | None = None
+        self.clock = RoundClock()  # where each round's wall time goes (server/timing.py)
+        self.eval_seconds = 0.0  # evaluations so far: not training time
         if config.resume:
             self._resume(config.resume)
         # Dense downlink: the model itself goes out in full (model_sent, a copy taken when a round
@@ -290,7 +293,7 @@ class RoundEngine:
 
     def submit(self, session: Session, update: Update, message_bytes: int) -> ServerMessage:
         """Validate, decode and file one update; block until the round closes."""
-        arrived = time.monotonic()
+        arrived = arrived_at = time.monotonic()
         record = session.record
         with self.cond:
             current, phase = self.round, self.phase
@@ -305,7 +308,9 @@ class RoundEngine:
         if not math.isfinite(update.train_loss):
             raise Rejected("INVALID_ARGUMENT", f"train_loss is {update.train_loss}; refusing an update from a diverged worker")
         try:
+            decode_started = time.monotonic()
             decoded = session.decoder.decode(update.tensors, self._ctx(record.rank, current))
+            decode_s = time.monotonic() - decode_started
         except InvalidUpdate as exc:
             raise Rejected("INVALID_ARGUMENT", str(exc)) from None
         payload = protocol.payload_bytes(update.tensors)
@@ -326,27 +331,34 @@ class RoundEngine:
             )
             self.ledger.count_update(record, payload, message_bytes)
             self._observe_link(session, update, message_bytes, arrived)
+            timed = self.clock.arrived(current, record.worker_id, update, arrived_at, decode_s)
             self.cond.notify_all()
             while self.round == current and self.phase != "finished" and session.alive:
                 self.round_closed.wait(HANDLER_WAIT_S)
             if self.phase == "finished":
+                timed.answered_at = time.monotonic()
                 return Finished(rounds=self.round, reason=self.finish_reason)
-            return self._model_reply(
+            reply = self._model_reply(
                 session, round=self.round, directive=self._directive_for(record.rank, self.round),
                 update_aggregated=record.worker_id in self.aggregated_last, workers=len(self.expected),
             )
+            timed.answered_at = time.monotonic()
+            return reply
 
     def _observe_link(self, session: Session, update: Update, message_bytes: int, arrived: float) -> None:
         """The worker's round trip since its last model message, for the codec (caller holds the lock).
 
         Not after a Welcome: the first round of a session also loads the data, which the worker's
         compute time does not cover. The compute time is the worker's word; a negative or non-finite
-        one counts as 0 (the transfer then includes the compute, which only makes the link look slower).
+        one counts as 0 (the transfer then includes it, which only makes the link look slower).
         """
         if session.model_sent_at is None or update.round <= session.start_round:
             return
-        compute = float(update.compute_seconds)
-        compute = compute if math.isfinite(compute) and compute >= 0 else 0.0
+        # The worker's own time: its training (compute_seconds) and its encoding (encode_seconds),
+        # which differs a lot by codec level; what is left of the round trip is the link.
+        compute = 0.0
+        for seconds in (float(update.compute_seconds), float(update.encode_seconds)):
+            compute += seconds if math.isfinite(seconds) and seconds >= 0 else 0.0
         sample = LinkSample(round=update.round, downlink_bytes=session.model_sent_bytes, uplink_bytes=message_bytes,
                             transfer_seconds=max(0.0, arrived - session.model_sent_at - compute),
                             compute_seconds=min(compute, arrived - session.model_sent_at))
@@ -399,6 +411,7 @@ class RoundEngine:
 
     def _open_round(self, round_: int) -> None:
         """Caller holds the lock."""
+        self.clock.open(round_, time.monotonic())
         self.round = round_
         self.phase = "collecting"
         self.expected = set(self.sessions)
@@ -448,6 +461,7 @@ class RoundEngine:
             with self.cond:
                 self.phase = "finished"
                 self.finished_at = time.monotonic()
+                self.clock.close_run(self.finished_at)
                 self.cond.notify_all()
                 self.round_closed.notify_all()
             self._wait_for_reports()
@@ -471,6 +485,7 @@ class RoundEngine:
                     self.ledger.drop_open_round()
                 return
             contributions, stragglers = collected
+            aggregate_started = time.monotonic()
             if self.stop_requested.is_set():
                 self.finish_reason = "stopped (SIGTERM)"
                 with self.cond:
@@ -487,7 +502,9 @@ class RoundEngine:
             self.codec_state.observe(r, by_rank)
             train_loss = float(np.mean([c.train_loss for c in contributions.values()]))
             evaluated = (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds
+            eval_started = time.monotonic()
             test_loss, test_accuracy = self._evaluate() if evaluated else (None, None)
+            eval_s = time.monotonic() - eval_started if evaluated else 0.0
             with self.cond:
                 entry = self.ledger.close_round(
                     {w: (c.payload_bytes, c.message_bytes) for w, c in contributions.items()}, len(stragglers), train_loss
@@ -496,10 +513,12 @@ class RoundEngine:
                 entry.refused, entry.clipped, entry.suspects = step.refused, step.clipped, step.suspects
             model_sent = broadcast = None
             buffers_sent = buffer_state(self.model)
+            downlink_started = time.monotonic()
             if self.downlink is None:
                 model_sent = self._params_copy()
             elif r + 1 < self.config.rounds:  # after the last round the workers get Finished
                 broadcast = self.downlink.advance(self.broadcast, self._params(), r + 1)  # type: ignore[arg-type]
+            downlink_s = time.monotonic() - downlink_started
             if self.config.checkpoint_every and self.config.out and (r + 1) % self.config.checkpoint_every == 0:
                 self.save_checkpoint(Path(self.config.out) / CHECKPOINT_NAME)
             with self.cond:
@@ -509,6 +528,7 @@ class RoundEngine:
                     self.broadcast = broadcast
                 self.buffers_sent = buffers_sent
                 self.aggregated_last = set(contributions)
+                self._time_round(r, aggregate_started, eval_started, eval_s, downlink_s)
                 if r + 1 < self.config.rounds:
                     self._open_round(r + 1)
                 else:
@@ -521,6 +541,21 @@ class RoundEngine:
                 "round %d: %d workers, %d payload bytes, loss %.4f%s", r, entry.workers, entry.uplink_payload_bytes,
                 entry.train_loss, f", test accuracy {entry.test_accuracy:.4f}" if entry.test_accuracy is not None else "",
             )
+
+    def _time_round(self, round_: int, aggregate_started: float, eval_started: float, eval_s: float,
+                    downlink_s: float) -> None:
+        """Caller holds the lock. The PS's parts of round ``round_`` (server/timing.py)."""
+        timing = self.clock.rounds.get(round_)
+        if timing is None:
+            return
+        timing.eval_s = eval_s
+        timing.aggregate_s = eval_started - aggregate_started  # finalize, robust step, buffers
+        if self.downlink is not None:
+            timing.downlink_encode_s = downlink_s
+        else:
+            timing.aggregate_s += downlink_s  # the copy of the model that goes out
+        timing.stepped_at, timing.evals_before = eval_started, self.eval_seconds
+        self.eval_seconds += eval_s
 
     def _finalize(self, round_: int, by_rank: dict[int, dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
         """The codec's cross-worker decoding; anything non-finite is left out of the round."""

@@ -11,6 +11,12 @@ from typing import Any
 
 from gradwire.counters import LinkCounters, RoundCounters, total
 from gradwire.protocol import PROTOCOL
+from gradwire.server.timing import (
+    accuracy_vs_time,
+    time_to_accuracy,
+    time_to_each_accuracy,
+    wall_clock_totals,
+)
 
 
 def mean_stats(dicts: Iterable[Mapping[str, float]]) -> dict[str, float]:
@@ -69,6 +75,14 @@ def build_summary(engine) -> dict[str, Any]:
     elapsed = None
     if engine.started_at is not None:
         elapsed = (engine.finished_at or time.monotonic()) - engine.started_at
+    with engine.cond:
+        splits = engine.clock.rounds_split()
+        trained = engine.clock.training_seconds(engine.started_at)
+        startup = engine.clock.startup_s()
+    time_curve = accuracy_vs_time(engine.initial_accuracy,
+                                  [(trained[e.round], e.test_accuracy) for e in log
+                                   if e.test_accuracy is not None and trained.get(e.round) is not None])
+    target = cfg.target_accuracy or None
     return {
         "protocol": PROTOCOL,
         "codec": cfg.codec,  # as the user gave it; codec_spec drops options equal to their defaults
@@ -106,6 +120,14 @@ def build_summary(engine) -> dict[str, Any]:
         "clipped_updates": sum(len(e.clipped) for e in log),
         "rejected_messages": sum(r.counters.rejected_messages for r in records),
         "elapsed_s": elapsed,
+        # server/timing.py: per round (rounds_log[i]["timing"]) and in total, the wall-clock split of the
+        # round the PS waited for; training seconds exclude the PS's evaluations and the workers' start-up.
+        "wall_clock": {**wall_clock_totals([splits[e.round] for e in log if e.round in splits]),
+                       "startup_s": startup},
+        "accuracy_vs_training_seconds": time_curve,
+        "time_to_accuracy": time_to_each_accuracy(time_curve),
+        "target_accuracy": target,
+        "time_to_target_s": time_to_accuracy(time_curve, target) if target is not None else None,
         "finish_reason": engine.finish_reason,
         "config": json.loads(cfg.to_json()),
         "server_interface": {"start": engine.interface_start, "end": engine.interface_end},
@@ -118,7 +140,7 @@ def build_summary(engine) -> dict[str, Any]:
             }
             for r in records
         ],
-        "rounds_log": [e.to_dict() for e in log],
+        "rounds_log": [{**e.to_dict(), "timing": splits.get(e.round), "trained_s": trained.get(e.round)} for e in log],
         # Each worker's round trip as the PS measured it (compute as reported, transfer = the rest):
         # what bandwidth-adaptive codecs choose rates from (CrossWorkerState.observe_link).
         "link_samples": list(engine.link_samples),

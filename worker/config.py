@@ -24,6 +24,7 @@ class WorkerConfig:
     threads: int = 1
     link: str = ""  # link profile of every worker (gradwire/links.py), e.g. 10mbit or 10mbit/100mbit
     links: str = ""  # profiles by rank, comma-separated; overrides link
+    stale_updates: bool = False  # compute round r+1's gradient on round r's model while the update is in flight
     tls_ca: str = ""  # PEM CA of the PS's certificate: connect with TLS
     tls_cert: str = ""  # PEM client certificate and key, for a PS that requires mTLS
     tls_key: str = ""
@@ -62,6 +63,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
                    help="shape this worker's link (needs CAP_NET_ADMIN): RATE or UP/DOWN, e.g. 10mbit")
     p.add_argument("--links", default=env("LINKS", d.links),
                    help="profiles by rank, e.g. 10mbit,10mbit,100mbit (rank i takes entry i mod n)")
+    stale = str(env("STALE", "0")).strip().lower() not in ("0", "", "false", "no")
+    p.add_argument("--stale-updates", action="store_true", default=stale,
+                   help="overlap: compute the next gradient on the model at hand while the update is in flight; "
+                        "the PS then applies each gradient one round late (GRADWIRE_STALE=1)")
     add_client_security_flags(p)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -34,6 +35,7 @@ from gradwire.protocol import (
     Update,
     Welcome,
     WorkerReport,
+    WorkerTiming,
 )
 from gradwire.task import Task, load_task
 from gradwire.tasks import shard_indices
@@ -128,6 +130,7 @@ class Worker:
 
     def _session(self, channel, result: WorkerResult) -> None:
         stream = TrainStream(channel)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="stale-gradient") if self.config.stale_updates else None
         try:
             stream.send(Hello(
                 protocol=protocol.PROTOCOL, requested_worker_id=self.worker_id, codecs=tuple(available_codecs()),
@@ -162,26 +165,37 @@ class Worker:
                 except links.LinkError as exc:
                     raise WorkerFailed(str(exc)) from None
                 log.info("link of %s shaped to %s (up/down)", self.config.interface or "eth0", profile)
-            log.info("joined as %s rank %d, shard %d/%d, codec %s, round %d", welcome.worker_id, welcome.rank,
-                     welcome.task.shard_index, welcome.task.num_shards, codec.spec, round_)
+            log.info("joined as %s rank %d, shard %d/%d, codec %s, round %d%s", welcome.worker_id, welcome.rank,
+                     welcome.task.shard_index, welcome.task.num_shards, codec.spec, round_,
+                     ", stale updates" if self.config.stale_updates else "")
+            previous: WorkerTiming | None = None  # the worker's clock around its previous update
+            ahead: Future | None = None  # --stale-updates: the next gradient, computed while the update flies
             while True:
-                started = time.perf_counter()
-                grads, loss, n = trainer.update(round_)
+                trained = ahead.result() if ahead is not None else _train(trainer, round_)
+                grads, loss, n, buffers, compute_s = trained
                 ctx = RoundContext(round=round_, rank=welcome.rank, seed=int(welcome.task.seed),
                                    num_workers=max(1, workers))
+                encode_started = time.perf_counter()
                 encoded = encoder.encode(grads, ctx, directive)
-                buffers = buffer_state(trainer.model)
+                encode_s = time.perf_counter() - encode_started
                 result.last_buffers = buffers
+                sent_at = time.perf_counter()
                 stream.send(Update(
                     round=round_, tensors=tuple(encoded), train_loss=loss, num_examples=n,
-                    compute_seconds=time.perf_counter() - started, buffers=buffers or None,
+                    compute_seconds=compute_s, buffers=buffers or None, encode_seconds=encode_s,
+                    previous_round=previous,
                 ))
+                # One-round-stale updates: the gradient for the next round is computed on the model at
+                # hand while this update is in flight and the PS aggregates; the PS applies it one
+                # round late. The trainer's model is not touched again until it is done.
+                ahead = pool.submit(_train, trainer, round_ + 1) if pool is not None else None
                 try:
                     reply = stream.receive()
                 except MalformedMessage as exc:
                     # Never train on a model we could not read: a new session brings the full one.
                     log.warning("cannot read the PS's answer (%s); reconnecting for the full model", exc)
                     return
+                reply_wait_s = time.perf_counter() - sent_at
                 if reply is None:
                     raise WorkerFailed("the PS closed the stream without an answer")
                 if isinstance(reply, Finished):
@@ -189,6 +203,7 @@ class Worker:
                     return
                 if not isinstance(reply, RoundResult):
                     raise WorkerFailed(f"the PS answered an update with a {type(reply).__name__}")
+                decode_started = time.perf_counter()
                 if reply.model_delta is not None:
                     try:
                         # params is the reference of round_, the round this worker just trained in
@@ -206,12 +221,19 @@ class Worker:
                     self._end_session(stream)
                     return
                 usable_model(new_params, f"result of round {round_}")
+                decode_s = time.perf_counter() - decode_started
+                if ahead is not None:
+                    ahead.result()  # the trainer's model is free again (an error surfaces here)
+                    if reply.round != round_ + 1:
+                        ahead = None  # computed for a round the PS moved this worker past: recompute
+                load_started = time.perf_counter()
                 params = new_params
                 result.last_model = params
                 trainer.load(params)
                 if reply.buffers is not None:
                     load_buffers(trainer.model, reply.buffers)
                 encoder.model_received(params)
+                previous = WorkerTiming(reply_wait_s, decode_s + time.perf_counter() - load_started)
                 round_, directive, workers = reply.round, reply.directive, reply.workers
                 result.rounds += 1
         except SESSION_ERRORS:
@@ -219,6 +241,8 @@ class Worker:
             raise
         finally:
             stream.close()
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     @staticmethod
     def _end_session(stream: TrainStream) -> None:
@@ -247,6 +271,14 @@ class Worker:
         except grpc.RpcError as err:
             log.info("stream closed after the report: %s", err.code().name)
         log.info("finished: %s", finished.reason)
+
+
+def _train(trainer: Trainer, round_: int) -> tuple[dict[str, np.ndarray], float, int, dict | None, float]:
+    """The update for ``round_`` on the trainer's current model, its buffers and the compute seconds."""
+    started = time.perf_counter()
+    grads, loss, n = trainer.update(round_)
+    buffers = buffer_state(trainer.model)
+    return grads, loss, n, buffers, time.perf_counter() - started
 
 
 def run_worker(config: WorkerConfig) -> int:

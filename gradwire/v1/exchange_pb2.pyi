@@ -143,20 +143,32 @@ class EncodedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., codec_spec: _Optional[str] = ..., payload: _Optional[bytes] = ..., predictor_coefficients: _Optional[bytes] = ..., residual: _Optional[_Union[EncodedTensor, _Mapping]] = ...) -> None: ...
 
 class Update(_message.Message):
-    __slots__ = ("round", "tensors", "train_loss", "num_examples", "compute_seconds", "buffers")
+    __slots__ = ("round", "tensors", "train_loss", "num_examples", "compute_seconds", "buffers", "encode_seconds", "previous_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     tensors: _containers.RepeatedCompositeFieldContainer[EncodedTensor]
     train_loss: float
     num_examples: int
     compute_seconds: float
     buffers: Model
-    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[EncodedTensor, _Mapping]]] = ..., train_loss: _Optional[float] = ..., num_examples: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., buffers: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+    encode_seconds: float
+    previous_round: WorkerTiming
+    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[EncodedTensor, _Mapping]]] = ..., train_loss: _Optional[float] = ..., num_examples: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., buffers: _Optional[_Union[Model, _Mapping]] = ..., encode_seconds: _Optional[float] = ..., previous_round: _Optional[_Union[WorkerTiming, _Mapping]] = ...) -> None: ...
+
+class WorkerTiming(_message.Message):
+    __slots__ = ("reply_wait_seconds", "downlink_decode_seconds")
+    REPLY_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    reply_wait_seconds: float
+    downlink_decode_seconds: float
+    def __init__(self, reply_wait_seconds: _Optional[float] = ..., downlink_decode_seconds: _Optional[float] = ...) -> None: ...
 
 class CodecDirective(_message.Message):
     __slots__ = ("values", "blob")

@@ -93,6 +93,8 @@ def test_every_message_round_trips_through_its_serialized_form():
     worker_messages = [
         protocol.Hello("gradwire.v1", "w", ("dense", "lgc"), "host", counters),
         protocol.Update(5, (enc,), 1.25, 32, 0.5),
+        protocol.Update(6, (enc,), 1.25, 32, 0.5, encode_seconds=0.25,  # the wall-clock split's fields 7 and 8
+                        previous_round=protocol.WorkerTiming(reply_wait_seconds=0.75, downlink_decode_seconds=0.125)),
         protocol.WorkerReport({"bits_per_entry": 32.0}, counters, None),
     ]
     for m in worker_messages:

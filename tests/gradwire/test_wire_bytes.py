@@ -10,7 +10,7 @@ import pytest
 
 from gradwire import protocol
 from gradwire.compressors.base import Directive, Encoded, TensorSpec
-from gradwire.protocol import BroadcastSerializer, ModelDelta, RoundResult, Update
+from gradwire.protocol import BroadcastSerializer, ModelDelta, RoundResult, Update, WorkerTiming
 from gradwire.server.robust import clip_updates, update_norm
 
 rng = np.random.default_rng(7)
@@ -36,9 +36,15 @@ DIRECTIVE = Directive(values={"stage": 2.0}, blob=b"blob")
     Update(5, TENSORS, 1.5, 32, 0.25, PARAMS),
     Update(2**40, TENSORS, math.nan, 1, buffers={}),
     Update(1, TENSORS[:1], -3.0, 7, buffers=None),
+    # The wall-clock split's fields (7, 8) come after the buffers (6), in field order.
+    Update(4, TENSORS, 0.5, 8, 0.1, PARAMS, encode_seconds=0.02, previous_round=WorkerTiming(0.3, 0.04)),
+    Update(4, TENSORS[:1], 0.5, 8, encode_seconds=0.02, previous_round=WorkerTiming(0.0, 0.0)),
 ])
 def test_update_bytes_equal_protobuf(update):
-    assert protocol.worker_message_to_bytes(update) == protocol.worker_message_to_proto(update).SerializeToString()
+    data = protocol.worker_message_to_bytes(update)
+    assert data == protocol.worker_message_to_proto(update).SerializeToString()
+    back = protocol.worker_message_from_proto(type(protocol.worker_message_to_proto(update)).FromString(data))
+    assert (back.encode_seconds, back.previous_round) == (update.encode_seconds, update.previous_round)
 
 
 @pytest.mark.parametrize("result", [

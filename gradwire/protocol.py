@@ -35,6 +35,10 @@ DEFAULT_MAX_MESSAGE_MB = 64
 # Nested residuals (TPC around a codec) are one level deep in practice; a bound
 # keeps a hostile message from recursing without end.
 MAX_RESIDUAL_DEPTH = 4
+# What an EncodedTensor may carry besides its payload, predictor coefficients and residual: its
+# name, shape, dtype and codec spec. Honest ones are well under 1 KiB (a parameter name, a few
+# dimensions, a canonical spec of at most compressors.bounds.MAX_SPEC_CHARS characters).
+MAX_TENSOR_HEADER_BYTES = 8 * 1024
 
 Params = dict[str, np.ndarray]
 # A network interface's byte counters: {"interface", "tx_bytes", "rx_bytes"}, or None.
@@ -205,18 +209,24 @@ def encoded_to_proto(e: Encoded) -> pb.EncodedTensor:
 def encoded_from_proto(msg: pb.EncodedTensor, depth: int = 0) -> Encoded:
     if depth > MAX_RESIDUAL_DEPTH:
         raise MalformedMessage(f"residuals nested deeper than {MAX_RESIDUAL_DEPTH}")
+    # Each access to a field copies it out of the parsed message (a str for a string field): read
+    # each once, and refuse an oversized spec before any check copies it again (worker_message_
+    # header_error refuses one before parsing; this is for messages that did not go through it).
+    payload, coefficients, codec_spec = msg.payload, msg.predictor_coefficients, msg.codec_spec
+    if len(codec_spec) > MAX_TENSOR_HEADER_BYTES:
+        raise MalformedMessage(f"codec spec of {len(codec_spec)} characters (at most {MAX_TENSOR_HEADER_BYTES})")
     if not msg.name:
         raise MalformedMessage("an EncodedTensor has no name")
     if any(d < 0 for d in msg.shape):
         raise MalformedMessage(f"tensor {msg.name!r} has a negative dimension {list(msg.shape)}")
-    if not msg.codec_spec:
+    if not codec_spec:
         raise MalformedMessage(f"tensor {msg.name!r} names no codec")
     residual = encoded_from_proto(msg.residual, depth + 1) if msg.HasField("residual") else None
     return Encoded(
-        codec=msg.codec_spec,
+        codec=codec_spec,
         spec=TensorSpec(msg.name, tuple(int(d) for d in msg.shape), msg.dtype or "float32"),
-        payload=bytes(msg.payload),
-        coefficients=bytes(msg.predictor_coefficients),
+        payload=bytes(payload),
+        coefficients=bytes(coefficients),
         residual=residual,
     )
 
@@ -367,6 +377,92 @@ def worker_message_from_proto(msg: pb.WorkerMessage) -> WorkerMessage:
                             interface_start=counters_from_proto(r.interface_start),
                             interface_end=counters_from_proto(r.interface_end))
     raise MalformedMessage("expected an Update or a WorkerReport (a Hello to open a stream), got an empty message")
+
+
+# ---------------------------------------------------------------- tensor headers, before parsing
+#
+# protobuf's Python API gives no way to know a string field's length without converting it to a
+# str, and its ByteSize() serializes the message again: both copy what they measure. A hostile
+# Update's 800 KB codec spec therefore costs a str for the spec on top of gRPC's buffer, the
+# request bytes and the parsed message, and every check that looks at it copies it again. So the
+# PS reads the wire framing first (tag, varint length: what protobuf itself reads) and refuses a
+# tensor whose name, shape, dtype and codec spec exceed MAX_TENSOR_HEADER_BYTES before parsing.
+# Hand-written because no protobuf library exposes field offsets; it only walks lengths, never
+# copies, and leaves any framing error to protobuf's parser, which reports it.
+
+_WORKER_UPDATE, _UPDATE_TENSORS, _TENSOR_RESIDUAL = 2, 2, 7
+_TENSOR_HEADER_FIELDS = frozenset({1, 2, 3, 4})  # name, shape, dtype, codec_spec
+
+
+class _Framing(Exception):
+    """The bytes are not protobuf framing: the parser will say why."""
+
+
+def _read_varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while i < end and shift < 64:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+    raise _Framing
+
+
+def _fields(buf: memoryview, start: int, end: int):
+    """(field number, start, end) of each length-delimited field in buf[start:end]; others skipped."""
+    i = start
+    while i < end:
+        key, i = _read_varint(buf, i, end)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, i = _read_varint(buf, i, end)
+        elif wire_type == 1:
+            i += 8
+        elif wire_type == 5:
+            i += 4
+        elif wire_type == 2:
+            size, i = _read_varint(buf, i, end)
+            if i + size > end:
+                raise _Framing
+            yield key >> 3, i, i + size
+            i += size
+        else:  # groups: not in gradwire.v1
+            raise _Framing
+    if i > end:
+        raise _Framing
+
+
+def _tensor_header_bytes(buf: memoryview, start: int, end: int, depth: int) -> int:
+    """The largest header (name, shape, dtype, codec spec bytes) of the tensor or its residuals."""
+    header, nested = 0, 0
+    for number, a, b in _fields(buf, start, end):
+        if number in _TENSOR_HEADER_FIELDS:
+            header += b - a
+        elif number == _TENSOR_RESIDUAL and depth <= MAX_RESIDUAL_DEPTH:
+            nested = max(nested, _tensor_header_bytes(buf, a, b, depth + 1))
+    return max(header, nested)
+
+
+def update_header_error(data) -> str | None:
+    """Why a serialized WorkerMessage's Update is refused unparsed (a tensor header over
+    MAX_TENSOR_HEADER_BYTES), or None: it may be parsed (framing errors are the parser's to report)."""
+    buf = memoryview(data).cast("B")
+    try:
+        for number, a, b in _fields(buf, 0, len(buf)):
+            if number != _WORKER_UPDATE:
+                continue
+            for field_number, ta, tb in _fields(buf, a, b):
+                if field_number != _UPDATE_TENSORS:
+                    continue
+                header = _tensor_header_bytes(buf, ta, tb, 0)
+                if header > MAX_TENSOR_HEADER_BYTES:
+                    return (f"an encoded tensor's name, shape, dtype and codec spec take {header} bytes "
+                            f"(at most {MAX_TENSOR_HEADER_BYTES})")
+    except _Framing:
+        return None
+    return None
 
 
 # ---------------------------------------------------------------- serialized in pieces

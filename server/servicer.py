@@ -43,6 +43,9 @@ log = logging.getLogger("gradwire.server")
 def parse_worker_message(data: bytes) -> Received:
     # grpc's default deserializer turns a parse error into an opaque INTERNAL
     # status; parsing here lets the servicer answer INVALID_ARGUMENT with a reason.
+    oversized = protocol.update_header_error(data)  # before protobuf copies an oversized string
+    if oversized:
+        return Received(None, len(data), f"malformed gradwire.v1.WorkerMessage: {oversized}")
     try:
         message = pb.WorkerMessage.FromString(data)
     except DecodeError as exc:

@@ -63,6 +63,7 @@ MAX_SUPPORTED_CODE_LENGTH = 20  # multi-symbol decode table of 2^max(L,16) entri
 _WEIGHT_SCALE = float(2**40)  # integer weights: exact arithmetic, deterministic ties
 _PACKAGE_MERGE_MAX_ALPHABET = 4096
 _STEP_CHUNK = 16  # decode steps between checks whether every lane is done
+_TABLE_SLICE = 1 << 12  # windows per slice when building a decode table
 
 __all__ = [
     "DEFAULT_MAX_CODE_LENGTH",
@@ -317,25 +318,30 @@ class _Code:
             single_sym = np.concatenate([single_sym, np.zeros(missing, dtype=np.int64)])
             single_len = np.concatenate([single_len, np.zeros(missing, dtype=np.int64)])
             single_ok = np.concatenate([single_ok, np.zeros(missing, dtype=bool)])
-        v = np.arange(1 << window, dtype=np.int64)
+        # Built in slices of the window range: the finished table (2^W int64, 512 KiB at W = 16) is
+        # the only large array, so a payload with new code lengths costs the decoder that and a
+        # few slice-sized temporaries, not the ~10 full-size temporaries of one vectorized pass.
+        table = np.empty(1 << window, dtype=np.int64)
         wmask = np.int64((1 << window) - 1)
-        consumed = np.zeros(v.size, dtype=np.int64)
-        count = np.zeros(v.size, dtype=np.int64)
-        entry = np.zeros(v.size, dtype=np.int64)
-        active = np.ones(v.size, dtype=bool)
-        for j in range(kmax):
-            idx = ((v << consumed) & wmask) >> (window - max_len)
-            sym, length, valid = single_sym[idx], single_len[idx], single_ok[idx]
-            take = active & valid & (consumed + length <= window)
-            if j == 0:
-                bad = ~valid
-                entry |= bad.astype(np.int64) << 8
-                consumed = np.where(bad, window, consumed)
-            entry |= np.where(take, sym << (9 + s_bits * j), 0)
-            consumed = consumed + np.where(take, length, 0)
-            count += take
-            active &= take
-        table = entry | consumed | (count << 5)
+        for lo in range(0, 1 << window, _TABLE_SLICE):
+            v = np.arange(lo, min(lo + _TABLE_SLICE, 1 << window), dtype=np.int64)
+            consumed = np.zeros(v.size, dtype=np.int64)
+            count = np.zeros(v.size, dtype=np.int64)
+            entry = np.zeros(v.size, dtype=np.int64)
+            active = np.ones(v.size, dtype=bool)
+            for j in range(kmax):
+                idx = ((v << consumed) & wmask) >> (window - max_len)
+                sym, length, valid = single_sym[idx], single_len[idx], single_ok[idx]
+                take = active & valid & (consumed + length <= window)
+                if j == 0:
+                    bad = ~valid
+                    entry |= bad.astype(np.int64) << 8
+                    consumed = np.where(bad, window, consumed)
+                entry |= np.where(take, sym << (9 + s_bits * j), 0)
+                consumed = consumed + np.where(take, length, 0)
+                count += take
+                active &= take
+            table[lo:lo + v.size] = entry | consumed | (count << 5)
         table.setflags(write=False)
         return table
 

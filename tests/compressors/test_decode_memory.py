@@ -70,3 +70,19 @@ def codec_pmf(codec, payload: bytes) -> np.ndarray:
 def test_decode_table_cache_is_small():
     info = entropy.code_cache_info()
     assert info.maxsize is not None and info.maxsize <= 16
+
+
+def test_building_a_decode_table_costs_little_more_than_the_table():
+    """A payload with new code lengths makes the PS build a 2^16-entry decode table: that table
+    (512 KiB) may stay in the cache, but the build must not take ~10 full-size temporaries on
+    the way (5.3 MiB traced before it was built in slices), which set the PS's peak RSS when
+    hostile peers send ever-new parameters."""
+    lengths = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 15], dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        table = entropy._Code(lengths).table
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert table.nbytes == 8 << 16
+    assert peak <= 3 * table.nbytes, f"{peak / 2**20:.2f} MiB traced to build a {table.nbytes / 2**20:.2f} MiB table"

@@ -175,7 +175,14 @@ def design_quantizer(dist: str, shape: float, bits: int, M: float) -> tuple[np.n
     return _design_cached(*_clean_key(dist, shape, bits, M))
 
 
-@functools.lru_cache(maxsize=4096)
+# Cache sizes: the shape comes from each payload's side information (rounded to 1e-3 in [0.2, 8]),
+# so a hostile peer can ask for thousands of designs; 128 recent ones cover an honest model's
+# tensors over many rounds and keep the PS's cache memory under 2 MiB even at 8 bits
+# (tests/compressors/test_decode_memory.py).
+DESIGN_CACHE_SIZE = 128
+
+
+@functools.lru_cache(maxsize=DESIGN_CACHE_SIZE)
 def _design_cached(dist: str, shape: float, bits: int, M: float) -> tuple[np.ndarray, np.ndarray]:
     pos_t, pos_c = _design_half(dist, shape, bits, M)
     thresholds = np.concatenate([-pos_t[::-1], [0.0], pos_t])
@@ -188,6 +195,11 @@ def _design_cached(dist: str, shape: float, bits: int, M: float) -> tuple[np.nda
 def design_cache_info():
     """``functools`` cache statistics of the design (hits, misses, currsize)."""
     return _design_cached.cache_info()
+
+
+def tables_cache_info():
+    """``functools`` cache statistics of the tables derived from a design (pmf, code)."""
+    return _tables.cache_info()
 
 
 def _design_half(dist: str, shape: float, bits: int, M: float) -> tuple[np.ndarray, np.ndarray]:
@@ -381,7 +393,7 @@ def model_pmf(dist: str, shape: float, thresholds: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=DESIGN_CACHE_SIZE)
 def _tables(dist: str, shape: float, bits: int, M: float, coder: str):
     """Everything both ends derive from (dist, shape, bits, M): design, pmf, code."""
     thresholds, centers = design_quantizer(dist, shape, bits, M)

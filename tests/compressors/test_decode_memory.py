@@ -86,3 +86,18 @@ def test_building_a_decode_table_costs_little_more_than_the_table():
         tracemalloc.stop()
     assert table.nbytes == 8 << 16
     assert peak <= 3 * table.nbytes, f"{peak / 2**20:.2f} MiB traced to build a {table.nbytes / 2**20:.2f} MiB table"
+
+
+def test_m22_design_caches_stay_small_whatever_shapes_peers_send():
+    """m22 derives its quantizer from the shape in each payload: hostile peers can ask for
+    thousands of distinct designs, so what the PS caches is bounded by the cache sizes times the
+    largest entry (8 bits; the bit width is the session's, not the payload's). Was 4,096 designs
+    and 1,024 tables (~23 MiB at 8 bits); now under 2 MiB."""
+    from gradwire.compressors.quantization import m22
+
+    thresholds, centers, pmf, code, _ = m22._tables("gennorm", 0.777, m22.MAX_BITS, 0.0, "huffman")
+    overhead = 4 * 128  # numpy array headers and the tuple
+    entry = thresholds.nbytes + centers.nbytes + pmf.nbytes + (code.nbytes if code is not None else 0) + overhead
+    design = thresholds.nbytes + centers.nbytes + overhead
+    cached = m22.tables_cache_info().maxsize * entry + m22.design_cache_info().maxsize * design
+    assert cached <= 2 * 2**20, f"m22 caches may hold {cached / 2**20:.1f} MiB"

@@ -216,8 +216,10 @@ class AdaptiveEncoder(Encoder):
 
     def reset(self) -> None:
         self.residuals.clear()
-        for coder in (*self.inner, *self.mirrors):
-            coder.reset()
+        for encoder in self.inner:
+            encoder.reset()
+        for decoder in self.mirrors:
+            decoder.reset()
         self.level_rounds = [0] * len(self.inner)
         self.switches = 0
         self.last_level = None
@@ -233,10 +235,10 @@ class AdaptiveEncoder(Encoder):
         if len(state["inner"]) != len(self.inner) or len(state["mirrors"]) != len(self.mirrors):
             raise CodecError(f"adaptive: state has {len(state['inner'])} levels, this ladder {len(self.inner)}")
         self.residuals = {k: np.array(v, dtype=np.float32).reshape(-1) for k, v in state["residuals"].items()}
-        for coder, s in zip(self.inner, state["inner"], strict=True):
-            coder.load_state_dict(s)
-        for coder, s in zip(self.mirrors, state["mirrors"], strict=True):
-            coder.load_state_dict(s)
+        for encoder, s in zip(self.inner, state["inner"], strict=True):
+            encoder.load_state_dict(s)
+        for decoder, s in zip(self.mirrors, state["mirrors"], strict=True):
+            decoder.load_state_dict(s)
 
     def stats(self) -> dict[str, float]:
         used = sum(self.level_rounds)  # tensor encodings, by level

@@ -134,14 +134,13 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None, wide: bool 
         rt.add_row(str(r["round"]), str(r["workers"]), _si(r["uplink_payload_bytes"]), _si(r["downlink_payload_bytes"]),
                    _r(r["payload_bits_per_entry"], 2), _r(r["train_loss"], 4), _r(r["test_accuracy"], 4),
                    *((_rates(r.get("rates")),) if adaptive else ()))
-    if adaptive:
-        t = Group(t, _rate_table(report))
+    workers = [t, _rate_table(report)] if adaptive else [t]
     notes = Text(
         "payload = codec bytes the PS counted; wire = the worker's own interface (tx up, rx down) over the "
         "session, with all framing (green: within the allowance over the protobuf bytes); achieved = wire "
         f"bits / the PS's training time; {NA} = no counter for it. --wide: every count.",
         style="dim")
-    return Group(_header(report), t, rt, notes)
+    return Group(_header(report), *workers, rt, notes)
 
 
 def _g(x: float | None) -> str:

@@ -293,6 +293,16 @@ def test_compose_with_tls_trains_and_refuses_clients_without_credentials(image, 
     compose = ["docker", "compose", "-p", project, "-f", "docker-compose.yml", "-f", "docker-compose.tls.yml"]
     try:
         _run(compose + ["up", "-d", "--scale", f"worker={workers}"], env, timeout=TIMEOUT_S)
+        # `up -d` returns once the PS has started, not once it listens (depends_on is the list form a
+        # stack needs): before its health check passes, every probe would see "connection refused"
+        # (UNAVAILABLE), a refusal that proves nothing about credentials.
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            health = _run(compose + ["ps", "--format", "{{.Service}} {{.Health}}", "ps"], env, check=False).stdout
+            if "ps healthy" in health:
+                break
+            assert time.monotonic() < deadline, f"the PS never became healthy: {health!r}"
+            time.sleep(1)
         probe = _run(compose + ["run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "worker", "-c", _PROBE],
                      env, timeout=300)
         seen = json.loads(probe.stdout.strip().splitlines()[-1])

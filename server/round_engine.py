@@ -59,7 +59,7 @@ from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpo
 from gradwire.server.config import ServerConfig
 from gradwire.server.ledger import Ledger, LedgerSnapshot, WorkerRecord
 from gradwire.server.robust import robust_step, update_norm
-from gradwire.server.timing import RoundClock
+from gradwire.server.timing import RoundClock, WorkerRound
 from gradwire.task import Task
 from gradwire.tasks import BUILTIN_TASKS, shard_indices, tensor_specs
 
@@ -293,7 +293,7 @@ class RoundEngine:
 
     def submit(self, session: Session, update: Update, message_bytes: int) -> ServerMessage:
         """Validate, decode and file one update; block until the round closes."""
-        arrived = arrived_at = time.monotonic()
+        arrived_at = time.monotonic()
         record = session.record
         with self.cond:
             current, phase = self.round, self.phase
@@ -330,8 +330,8 @@ class RoundEngine:
                 decoded, float(update.train_loss), int(update.num_examples), payload, message_bytes, buffers, norm
             )
             self.ledger.count_update(record, payload, message_bytes)
-            self._observe_link(session, update, message_bytes, arrived)
             timed = self.clock.arrived(current, record.worker_id, update, arrived_at, decode_s)
+            self._observe_link(session, update.round, timed, message_bytes)
             self.cond.notify_all()
             while self.round == current and self.phase != "finished" and session.alive:
                 self.round_closed.wait(HANDLER_WAIT_S)
@@ -345,23 +345,22 @@ class RoundEngine:
             timed.answered_at = time.monotonic()
             return reply
 
-    def _observe_link(self, session: Session, update: Update, message_bytes: int, arrived: float) -> None:
+    def _observe_link(self, session: Session, round_: int, timed: WorkerRound, message_bytes: int) -> None:
         """The worker's round trip since its last model message, for the codec (caller holds the lock).
 
         Not after a Welcome: the first round of a session also loads the data, which the worker's
-        compute time does not cover. The compute time is the worker's word; a negative or non-finite
-        one counts as 0 (the transfer then includes it, which only makes the link look slower).
+        compute time does not cover. The worker's times are those the round clock checked
+        (``timing.reported``); one it could not use counts as 0 (the transfer then includes it,
+        which only makes the link look slower).
         """
-        if session.model_sent_at is None or update.round <= session.start_round:
+        if session.model_sent_at is None or round_ <= session.start_round:
             return
-        # The worker's own time: its training (compute_seconds) and its encoding (encode_seconds),
-        # which differs a lot by codec level; what is left of the round trip is the link.
-        compute = 0.0
-        for seconds in (float(update.compute_seconds), float(update.encode_seconds)):
-            compute += seconds if math.isfinite(seconds) and seconds >= 0 else 0.0
-        sample = LinkSample(round=update.round, downlink_bytes=session.model_sent_bytes, uplink_bytes=message_bytes,
-                            transfer_seconds=max(0.0, arrived - session.model_sent_at - compute),
-                            compute_seconds=min(compute, arrived - session.model_sent_at))
+        # The worker's own time: its training and its encoding, which differs a lot by codec
+        # level; what is left of the round trip is the link.
+        compute = (timed.compute_s or 0.0) + (timed.encode_s or 0.0)
+        elapsed = timed.arrived_at - session.model_sent_at
+        sample = LinkSample(round=round_, downlink_bytes=session.model_sent_bytes, uplink_bytes=message_bytes,
+                            transfer_seconds=max(0.0, elapsed - compute), compute_seconds=min(compute, elapsed))
         self.link_samples.append({"rank": session.record.rank, **vars(sample)})
         self.codec_state.observe_link(session.record.rank, sample)
 

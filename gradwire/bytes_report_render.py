@@ -134,13 +134,12 @@ def render(report: Mapping[str, Any], max_rounds: int | None = None, wide: bool 
         rt.add_row(str(r["round"]), str(r["workers"]), _si(r["uplink_payload_bytes"]), _si(r["downlink_payload_bytes"]),
                    _r(r["payload_bits_per_entry"], 2), _r(r["train_loss"], 4), _r(r["test_accuracy"], 4),
                    *((_rates(r.get("rates")),) if adaptive else ()))
-    workers = [t, _rate_table(report)] if adaptive else [t]
     notes = Text(
         "payload = codec bytes the PS counted; wire = the worker's own interface (tx up, rx down) over the "
         "session, with all framing (green: within the allowance over the protobuf bytes); achieved = wire "
         f"bits / the PS's training time; {NA} = no counter for it. --wide: every count.",
         style="dim")
-    return Group(_header(report), *workers, rt, notes)
+    return Group(_header(report), *_worker_tables(t, report, adaptive), rt, notes)
 
 
 def _g(x: float | None) -> str:
@@ -152,6 +151,11 @@ def _rates(rates: Mapping[str, float] | None) -> str:
     if not rates:
         return NA
     return "/".join(f"{v:g}" for _, v in sorted(rates.items(), key=lambda kv: int(kv[0])))
+
+
+def _worker_tables(workers: Any, report: Mapping[str, Any], adaptive: bool) -> list[Any]:
+    """The per-worker table, and beside it the adaptive codec's rates when the run used it."""
+    return [workers, _rate_table(report)] if adaptive else [workers]
 
 
 def _rate_table(report: Mapping[str, Any]):
@@ -243,6 +247,4 @@ def render_wide(report: Mapping[str, Any], max_rounds: int | None = None):
         notes.append("\nWhile training runs, the interface counters and the PS's counts are read up to about half "
                      "a second apart, so the ratios of fast rounds move by a few percent; they are exact once the "
                      "run has finished.", style="yellow")
-    if adaptive:
-        return Group(_header(report), t, _rate_table(report), rt, notes)
-    return Group(_header(report), t, rt, notes)
+    return Group(_header(report), *_worker_tables(t, report, adaptive), rt, notes)

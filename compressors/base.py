@@ -158,7 +158,7 @@ class Decoder(ABC):
         """As ``Encoder.set_layout``."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # the PS keeps one per worker and round: no __dict__ each
 class LinkSample:
     """One worker's link as the PS measured it for one round (``CrossWorkerState.observe_link``).
 

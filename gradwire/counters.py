@@ -22,7 +22,14 @@ def _counter(doc: str) -> Any:
 
 
 class Counters:
-    """Dict forms shared by the counter dataclasses below."""
+    """Dict forms shared by the counter dataclasses below.
+
+    The counter classes keep their fields in slots (no per-instance ``__dict__``): the PS keeps a
+    RoundCounters for every round of a run, and a dict per round was a third of its per-round
+    memory (`gradwire fuzz` runs thousands of rounds; docs/results/fuzz/).
+    """
+
+    __slots__ = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: one key per field, in declaration order."""
@@ -43,7 +50,7 @@ class Counters:
         return {f.name: f.metadata["doc"] for f in dataclasses.fields(cls) if "doc" in f.metadata}  # type: ignore[arg-type]
 
 
-@dataclass
+@dataclass(slots=True)
 class LinkCounters(Counters):
     """Bytes on the two links of a worker (or of all workers in a round)."""
 
@@ -78,7 +85,7 @@ def total(items: Iterable[LinkCounters]) -> LinkCounters:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class WorkerCounters(LinkCounters):
     """What the PS counts for one worker id, across its sessions."""
 
@@ -89,7 +96,7 @@ class WorkerCounters(LinkCounters):
     rounds_aggregated: int = _counter("Rounds in which the worker's update was aggregated")
 
 
-@dataclass
+@dataclass(slots=True)
 class RoundCounters(LinkCounters):
     """One round: bytes of every worker, who took part, and what the model did."""
 

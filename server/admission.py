@@ -11,6 +11,8 @@ life. So the PS
 * cancels a stream that has not sent its Hello within ``hello_timeout_s`` (an idle connection
   neither holds a thread nor a place in the rounds);
 * bounds the strings a worker sends (ids, hostnames) before they reach logs, Status or summaries;
+* receives no message larger than an honest worker can send for the run's model
+  (``receive_limit_bytes``), so gRPC refuses a larger one from its length prefix;
 * gives large message buffers back to the OS when they are freed (``return_large_buffers_to_the_os``).
 """
 
@@ -18,8 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Sequence
 
 import grpc
+
+from gradwire.compressors.base import TensorSpec
+from gradwire.compressors.bounds import max_payload_bytes
+from gradwire.protocol import MAX_TENSOR_HEADER_BYTES
 
 # Threads beyond the Train streams: Status, health checks and refusals always get one.
 RESERVED_THREADS = 16
@@ -27,6 +34,30 @@ MAX_WORKER_ID_CHARS = 128
 MAX_HOSTNAME_CHARS = 255
 # Reasons quoted back from attacker-chosen content (decoder messages) are cut to this length.
 MAX_REASON_CHARS = 1024
+
+
+# What a WorkerMessage carries beside its tensors: the Update's scalars and timing, a Hello's id,
+# hostname and codec spec, a Leave's reason (each bounded far below this; see the MAX_* above).
+MESSAGE_SLACK_BYTES = 64 * 1024
+# A buffer travels as float32 (gradwire.buffers); 8 bytes an entry leaves room to spare.
+BUFFER_BYTES_PER_ENTRY = 8
+
+
+def receive_limit_bytes(specs: Sequence[TensorSpec], buffer_specs: Sequence[TensorSpec],
+                        configured_bytes: int) -> int:
+    """The largest WorkerMessage the PS accepts: what an honest worker can send for this model, or
+    ``configured_bytes`` (``--max-message-mb``) when that is smaller.
+
+    gRPC checks a message's length prefix against ``grpc.max_receive_message_length`` and refuses
+    it (RESOURCE_EXHAUSTED) before buffering its body. A fixed 64 MiB limit let a peer of a small
+    model's run make the PS buffer, copy and frame-check megabytes it would refuse anyway
+    (`gradwire fuzz`: peak RSS +3.9 MiB for 0.8 MiB messages to a 650-parameter model). Each tensor
+    may carry ``max_payload_bytes`` (what the decoder's size check admits) plus a header of at most
+    ``MAX_TENSOR_HEADER_BYTES`` (what ``protocol.update_header_error`` admits).
+    """
+    tensors = sum(max_payload_bytes(s) + MAX_TENSOR_HEADER_BYTES for s in specs)
+    buffers = sum(BUFFER_BYTES_PER_ENTRY * s.numel + MAX_TENSOR_HEADER_BYTES for s in buffer_specs)
+    return min(configured_bytes, tensors + buffers + MESSAGE_SLACK_BYTES)
 
 
 def default_max_streams(workers: int) -> int:

@@ -20,6 +20,7 @@ from gradwire.server.admission import (
     StreamGate,
     default_max_streams,
     executor_threads,
+    receive_limit_bytes,
     return_large_buffers_to_the_os,
 )
 from gradwire.server.auth import Credentials, TokenInterceptor, server_credentials
@@ -44,6 +45,7 @@ class RunningServer:
     port: int
     thread: threading.Thread
     metrics_http: WSGIServer | None = None
+    receive_limit: int = 0  # grpc.max_receive_message_length: admission.receive_limit_bytes
 
     @property
     def metrics_port(self) -> int | None:
@@ -67,7 +69,8 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
     if task is None:
         task = load_task(config.task_ref, config.seed, config.data_dir or None, config.model or None)
     engine = RoundEngine(config, task)
-    limit = config.max_message_mb * 2**20
+    send_limit = config.max_message_mb * 2**20
+    receive_limit = receive_limit_bytes(engine.specs, engine.buffer_specs, send_limit)
     credentials = Credentials.load(config.token, config.token_file)
     gate = StreamGate(config.max_streams or default_max_streams(config.workers), config.hello_timeout_s)
     threads = executor_threads(gate.max_streams)
@@ -76,8 +79,8 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
         interceptors=[TokenInterceptor(credentials)] if credentials else [],
         maximum_concurrent_rpcs=threads,  # beyond: RESOURCE_EXHAUSTED at once, not an endless queue
         options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", receive_limit),
+            ("grpc.max_send_message_length", send_limit),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
         ],
@@ -97,7 +100,7 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
     metrics_http = serve_metrics(engine, config.metrics_address) if config.metrics_address else None
     thread = threading.Thread(target=engine.run, name="gradwire-rounds", daemon=True)
     thread.start()
-    return RunningServer(server, engine, health_servicer, port, thread, metrics_http)
+    return RunningServer(server, engine, health_servicer, port, thread, metrics_http, receive_limit)
 
 
 def serve(config: ServerConfig, task: Task | None = None) -> int:
@@ -108,6 +111,8 @@ def serve(config: ServerConfig, task: Task | None = None) -> int:
     running = start_server(config, task)
     host = config.address.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)
+    log.info("largest message received: %d bytes (an honest update for this model; --max-message-mb caps it)",
+             running.receive_limit)
     if running.metrics_port:
         log.info("Prometheus metrics on port %d", running.metrics_port)
     stop = threading.Event()

@@ -141,7 +141,8 @@ class RoundEngine:
         self.contributions: dict[str, Contribution] = {}
         self.aggregated_last: set[str] = set()
         self.directive_values: dict[str, float] = {}
-        self.link_samples: list[dict] = []  # every link measurement, for the summary
+        # every link measurement, for the summary: (rank, sample), made dicts only there (memory per round)
+        self.link_samples: list[tuple[int, LinkSample]] = []
         self.initial_loss: float | None = None
         self.initial_accuracy: float | None = None
         self.last_join = 0.0
@@ -361,7 +362,7 @@ class RoundEngine:
         elapsed = timed.arrived_at - session.model_sent_at
         sample = LinkSample(round=round_, downlink_bytes=session.model_sent_bytes, uplink_bytes=message_bytes,
                             transfer_seconds=max(0.0, elapsed - compute), compute_seconds=min(compute, elapsed))
-        self.link_samples.append({"rank": session.record.rank, **vars(sample)})
+        self.link_samples.append((session.record.rank, sample))
         self.codec_state.observe_link(session.record.rank, sample)
 
     def count_downlink(self, session: Session, nbytes: int, payload: int = 0, models: int = 0) -> None:

@@ -60,6 +60,28 @@ def _abort(context: grpc.ServicerContext, code: str, reason: str):
     context.abort(getattr(grpc.StatusCode, code), printable(reason, MAX_REASON_CHARS))
 
 
+def _drop_traceback(exc: BaseException) -> None:
+    """Break the reference cycle gRPC's request iterator makes when it raises.
+
+    On a cancelled or ended stream, ``grpc._server._raise_rpc_error`` raises an RpcError it keeps in
+    a local: exception → traceback → that frame → the exception. Caught in a handler, the cycle also
+    holds the handler's frames, the Train generator, its Session and the session's codec decoder,
+    which stayed allocated until Python's next full garbage collection. Under a stream of refused
+    sessions (`gradwire fuzz`: a refusal ends the session) that was a few MiB of peak RSS.
+    Without the traceback, the exception and the frames are freed by reference counting.
+    """
+    exc.__traceback__ = None
+    exc.__context__ = None
+
+
+def _until_cancelled(request_iterator):
+    """The stream's requests; ends (instead of raising) when gRPC reports the stream cancelled."""
+    try:
+        yield from request_iterator
+    except grpc.RpcError as exc:
+        _drop_traceback(exc)
+
+
 class GradientExchangeServicer:
     def __init__(self, engine: RoundEngine, credentials: Credentials | None = None,
                  gate: StreamGate | None = None):
@@ -83,7 +105,8 @@ class GradientExchangeServicer:
         deadline = self.gate.hello_deadline(context)  # an idle stream holds no thread for long
         try:
             first = next(request_iterator, None)
-        except Exception:  # noqa: BLE001 - cancelled at the Hello deadline, or the client went away
+        except Exception as exc:  # noqa: BLE001 - cancelled at the Hello deadline, or the client went away
+            _drop_traceback(exc)
             first = None
         finally:
             deadline.cancel()
@@ -107,7 +130,7 @@ class GradientExchangeServicer:
             yield self._send(session, opening)
             if not isinstance(opening, Welcome):
                 return
-            for item in request_iterator:
+            for item in _until_cancelled(request_iterator):
                 try:
                     reply = self._handle(session, item)
                 except Rejected as exc:

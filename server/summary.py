@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -143,7 +144,7 @@ def build_summary(engine) -> dict[str, Any]:
         "rounds_log": [{**e.to_dict(), "timing": splits.get(e.round), "trained_s": trained.get(e.round)} for e in log],
         # Each worker's round trip as the PS measured it (compute as reported, transfer = the rest):
         # what bandwidth-adaptive codecs choose rates from (CrossWorkerState.observe_link).
-        "link_samples": list(engine.link_samples),
+        "link_samples": [{"rank": rank, **dataclasses.asdict(sample)} for rank, sample in engine.link_samples],
     }
 
 

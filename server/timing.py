@@ -46,7 +46,7 @@ def reported(seconds: float | None) -> float | None:
     return min(float(seconds), MAX_REPORTED_SECONDS)
 
 
-@dataclass
+@dataclass(slots=True)
 class WorkerRound:
     """One worker's update in one round."""
 
@@ -70,7 +70,7 @@ class WorkerRound:
         return max(0.0, self.reply_wait_s - self.held_s)
 
 
-@dataclass
+@dataclass(slots=True)
 class RoundTiming:
     round: int
     opened_at: float

@@ -7,11 +7,13 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from gradwire import protocol
+from gradwire.compressors.bounds import max_payload_bytes
 from gradwire.protocol import SERVICE_NAME
-from gradwire.server.admission import printable
+from gradwire.server.admission import printable, receive_limit_bytes
 from gradwire.status import fetch_status
 from gradwire.v1 import exchange_pb2 as pb
 
@@ -164,3 +166,67 @@ def test_freed_message_sized_buffers_go_back_to_the_os():
     default, fixed = resident_mib("default"), resident_mib("fixed")
     assert fixed <= 40, (default, fixed)  # the 32 live buffers and little more
     assert default >= fixed + 16, (default, fixed)
+
+
+def test_the_receive_limit_is_what_an_honest_worker_can_send_for_the_model(make_server, manual_workers):
+    """A message larger than any honest Update for the run's model is refused by gRPC from its
+    length prefix (RESOURCE_EXHAUSTED), not buffered up to the fixed --max-message-mb (issue 13:
+    `gradwire fuzz`'s 0.8 MB messages to a small model's PS). Honest dense updates still pass."""
+    running = make_server(workers=1, rounds=2)
+    specs, buffers = running.engine.specs, running.engine.buffer_specs
+    limit = receive_limit_bytes(specs, buffers, running.engine.config.max_message_mb * 2**20)
+    assert running.receive_limit == limit
+    assert limit < running.engine.config.max_message_mb * 2**20  # the embedded task is small
+    assert limit >= sum(max_payload_bytes(s) for s in specs)
+
+    honest = manual_workers(f"127.0.0.1:{running.port}")
+    assert honest.hello("honest").WhichOneof("body") == "welcome"
+    grads = {name: np.zeros_like(a) for name, a in honest.model.items()}
+    honest.send(honest.dense_update(grads, round_=0))
+    assert honest.recv().WhichOneof("body") in ("round_result", "finished")
+
+    hostile = manual_workers(f"127.0.0.1:{running.port}", raw=True)
+    hostile.send(b"\x0a" + b"\x00" * (limit + 1))  # one byte over: gRPC refuses it before it is parsed
+    with pytest.raises(grpc.RpcError) as refused:
+        hostile.recv()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        assert fetch_status(channel, timeout=5).protocol == protocol.PROTOCOL
+
+
+def test_the_receive_limit_never_exceeds_the_configured_one():
+    from gradwire.compressors.base import TensorSpec
+
+    big = [TensorSpec("w", (4096, 4096))]
+    assert receive_limit_bytes(big, [], 64 * 2**20) == 64 * 2**20
+    small = [TensorSpec("w", (10, 64)), TensorSpec("b", (10,))]
+    assert receive_limit_bytes(small, [], 64 * 2**20) < 2**20
+
+
+def test_an_ended_session_is_freed_without_waiting_for_the_garbage_collector(make_server, manual_workers):
+    """A refused or cancelled stream leaves no reference cycle holding its Session (and the session's
+    codec decoder): gRPC's request iterator raises an RpcError that its own frame keeps, and caught in
+    the Train handler that cycle used to hold every session until a full collection (issue 13: peak
+    RSS growth under `gradwire fuzz`)."""
+    import gc
+
+    from gradwire.server.round_engine import Session
+
+    running = make_server(workers=1, rounds=50)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(5):
+            worker = manual_workers(f"127.0.0.1:{running.port}")
+            assert worker.hello(f"w{i}").WhichOneof("body") == "welcome"
+            worker.replies.cancel()  # the client goes away while the PS waits for its update
+            worker.close()
+        time.sleep(1.0)  # the handlers finish after the client has gone
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        leaked = [o for o in gc.garbage if isinstance(o, Session)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not leaked, f"{len(leaked)} sessions were only reachable through reference cycles"

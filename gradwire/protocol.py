@@ -272,7 +272,11 @@ def model_from_proto(msg: pb.Model) -> Params:
         arr = np.frombuffer(t.data, dtype="<f4")
         if arr.size != int(np.prod(t.shape, dtype=np.int64)):
             raise MalformedMessage(f"model tensor {t.name!r}: {arr.size} values for shape {list(t.shape)}")
-        out[t.name] = arr.reshape(tuple(t.shape)).astype(np.float32)
+        # No copy: ``t.data`` is a bytes object of its own (protobuf copies it out of the message),
+        # immutable, so the read-only view is the model's; whoever needs to write copies it
+        # (gradwire.local.load_parameters copies it into the model, as it must anyway).
+        arr = arr.reshape(tuple(t.shape))
+        out[t.name] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
     return out
 
 
@@ -537,32 +541,26 @@ def _update_chunks(m: Update) -> Chunks:
 
 
 class BroadcastSerializer:
-    """RoundResults to bytes, with each round's shared parts serialized once for all workers.
+    """RoundResults to bytes, each distinct message serialized once for all the workers it goes to.
 
     Every worker's RoundResult of a round carries the same model (or model delta) and buffers;
-    only the round, directive, ``update_aggregated`` and ``workers`` fields are the worker's own.
-    The shared parts are serialized on first use and kept (by identity of the model, delta and
-    buffers objects, which the round engine replaces, never mutates, when a round closes) for
-    the ``keep`` most recent ones (3: a round's full model, delta and buffers; older rounds' bytes
-    are let go, so the PS holds one serialized model); each worker's message is then one join: its small fields
-    around the shared bytes. Thread-safe: the handlers of a round ask at the same moment, and
-    the first one serializes while the others wait for it.
+    only the round, directive, ``update_aggregated`` and ``workers`` fields are the worker's own,
+    and with most codecs they are the same for every worker too. A message is one join of its
+    small fields around views of the model's arrays (one copy of the model, into the bytes gRPC
+    sends), and is kept, by identity of the model, delta and buffers objects (which the round
+    engine replaces, never mutates, when a round closes) and equality of the small fields: the
+    next worker with the same fields gets the same bytes, with no copy. Only the latest round's
+    messages are kept (at most ``keep`` of them), so the PS holds one round's bytes. Thread-safe:
+    the handlers of a round ask at the same moment, and the first one serializes while the others
+    wait for it.
     """
 
     def __init__(self, keep: int = 3):
         self.keep = keep
         self._lock = threading.Lock()
-        self._shared: list[tuple[object, bytes]] = []  # (object, its serialized field)
-
-    def _serialized(self, obj: object, build) -> bytes:
-        with self._lock:
-            for held, data in self._shared:
-                if held is obj:
-                    return data
-            data = b"".join(build())
-            self._shared.append((obj, data))  # holds obj, so its id cannot be reused while cached
-            del self._shared[: max(0, len(self._shared) - self.keep)]
-            return data
+        # ((model, delta, buffers), small fields' bytes, the message's bytes); holds the objects,
+        # so their ids cannot be reused while cached
+        self._messages: list[tuple[tuple[object, object, object], bytes, bytes]] = []
 
     def to_bytes(self, m: ServerMessage) -> bytes:
         """The serialized ServerMessage; equal to ``server_message_to_proto(m).SerializeToString()``."""
@@ -570,19 +568,30 @@ class BroadcastSerializer:
             return server_message_to_proto(m).SerializeToString()
         # RoundResult: round (1), model (2), directive (3), update_aggregated (4), workers (5),
         # model_delta (6), buffers (7)
-        chunks: Chunks = [pb.RoundResult(round=m.round).SerializeToString()]
-        delta = m.model_delta
-        if delta is None:
-            model = m.model if m.model is not None else {}
-            chunks.append(self._serialized(model, lambda: _field(2, _model_chunks(model))))
-        chunks.append(pb.RoundResult(directive=directive_to_proto(m.directive), update_aggregated=m.update_aggregated,
-                                     workers=m.workers).SerializeToString())
-        if delta is not None:
-            chunks.append(self._serialized(delta, lambda: _field(6, _model_delta_chunks(delta))))
-        if m.buffers is not None:
-            buffers = m.buffers
-            chunks.append(self._serialized(buffers, lambda: _field(7, _model_chunks(buffers))))
-        return b"".join(_field(2, chunks))
+        head = pb.RoundResult(round=m.round).SerializeToString()
+        middle = pb.RoundResult(directive=directive_to_proto(m.directive), update_aggregated=m.update_aggregated,
+                                workers=m.workers).SerializeToString()
+        shared = (m.model, m.model_delta, m.buffers)
+        small = _varint(len(head)) + head + middle  # unambiguous: the head's length first
+        with self._lock:
+            for held, fields, data in self._messages:
+                if fields == small and all(a is b for a, b in zip(held, shared, strict=True)):
+                    return data
+            chunks: Chunks = [head]
+            delta = m.model_delta
+            if delta is None:
+                chunks += _field(2, _model_chunks(m.model if m.model is not None else {}))
+            chunks.append(middle)
+            if delta is not None:
+                chunks += _field(6, _model_delta_chunks(delta))
+            if m.buffers is not None:
+                chunks += _field(7, _model_chunks(m.buffers))
+            data = b"".join(_field(2, chunks))
+            # another round's messages are let go: the engine has replaced its model
+            self._messages = [e for e in self._messages if all(a is b for a, b in zip(e[0], shared, strict=True))]
+            self._messages.append((shared, small, data))
+            del self._messages[: max(0, len(self._messages) - self.keep)]
+            return data
 
 
 def _model_delta_chunks(d: ModelDelta) -> Chunks:

@@ -61,23 +61,24 @@ def test_round_result_bytes_equal_protobuf(result):
     assert shared.to_bytes(result) == expected  # from the cache
 
 
-def test_broadcast_shares_the_model_and_keeps_each_workers_fields(monkeypatch):
-    calls = []
-    original = protocol._model_chunks
-    monkeypatch.setattr(protocol, "_model_chunks", lambda p: calls.append(1) or original(p))
+def test_broadcast_serializes_each_distinct_message_once_and_keeps_each_workers_fields():
     shared = BroadcastSerializer()
     model, buffers = dict(PARAMS), {"bn": np.ones(3, np.float32)}
-    for rank in range(8):
+    for rank in range(8):  # each worker's own fields: each message its own bytes, all correct
         result = RoundResult(4, Directive(values={"rank": float(rank)}), rank % 2 == 0, 8, model=model,
                              buffers=buffers)
         data = shared.to_bytes(result)
         assert data == protocol.server_message_to_proto(result).SerializeToString()
         back = protocol.server_message_from_bytes(data)
         assert back.directive.values == {"rank": float(rank)} and back.update_aggregated == (rank % 2 == 0)
-    assert len(calls) == 2  # the model and the buffers, once each for 8 workers
-    next_round = dict(PARAMS)  # the engine replaces the model each round: a new object, serialized anew
-    shared.to_bytes(RoundResult(5, Directive(), True, 8, model=next_round))
-    assert len(calls) == 3
+    # The same fields for every worker (most codecs): one bytes object for all, the model copied once.
+    same = [shared.to_bytes(RoundResult(4, Directive(), True, 8, model=model, buffers=buffers)) for _ in range(8)]
+    assert all(d is same[0] for d in same)
+    # The engine replaces the model each round: a new object is serialized anew, the old bytes let go.
+    next_round = dict(PARAMS)
+    later = shared.to_bytes(RoundResult(4, Directive(), True, 8, model=next_round, buffers=buffers))
+    assert later == same[0] and later is not same[0]
+    assert len(shared._messages) == 1
 
 
 def test_clipping_uses_norms_known_on_arrival():

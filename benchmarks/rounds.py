@@ -16,7 +16,9 @@ the warm-up, is left out) of each run, then the median over ``--repeats`` runs. 
    threads, framing, sockets, scheduling), decode, aggregate, broadcast; and the PS's peak RSS.
 2. **raw gRPC**: a bytes-in/bytes-out gRPC stream server and as many client processes, the same
    message sizes both ways as gradwire's Update and RoundResult, the same synchronous rounds.
-   Ratio: gradwire non-training CPU / raw gRPC CPU, per round.
+   Ratio: gradwire non-training CPU / raw gRPC CPU, per round. Its processes set glibc's
+   allocator as gradwire's server and worker do (``gradwire/memory.py``), so that the ratio
+   measures gradwire's own work, not an allocator setting.
 3. **PyTorch DDP** on gloo, ``--workers`` ranks, the same model and batch, with the allreduce,
    fp16 and PowerSGD (rank 2) comm hooks, and a no-DDP "local" step for the training CPU.
    Ratio: gradwire CPU per worker step (all processes' CPU per round / workers) / DDP's CPU per

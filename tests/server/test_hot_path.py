@@ -151,3 +151,24 @@ def test_a_received_model_is_read_only_and_loads_into_the_model():
         for p in model.parameters():
             p.add_(1.0)  # training writes the model's own memory, never the received bytes
     assert all(np.array_equal(received[n], params[n]) for n in params)
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.9, 0.0), (0.0, 0.0), (0.9, 5e-4)])
+def test_the_servers_sgd_steps_the_same_bits_as_torchs_default_sgd(momentum, weight_decay):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    twin.load_state_dict(model.state_dict())
+    ours = ServerOptimizer(model, 0.1, momentum, weight_decay, "cosine", 5)
+    reference = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    rng = np.random.default_rng(0)
+    for r in range(4):
+        grads = {n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters()}
+        ours.step(grads, r)
+        for group in reference.param_groups:
+            group["lr"] = ours.lr_at(r)
+        for n, p in twin.named_parameters():
+            p.grad = torch.from_numpy(grads[n])
+        reference.step()
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert torch.equal(a, b), n

@@ -4,8 +4,8 @@ Every round allocates and frees several blocks the size of the model: the serial
 and RoundResult, protobuf's parsed copy, a decoded payload, gRPC's send and receive buffers.
 glibc serves any block above its mmap threshold (at most 32 MiB, however it adapts) with a
 fresh ``mmap`` and returns it with ``munmap`` when freed, so each of them page-faults all of
-its pages in again: for a 34 MB model, 8,300 faults and about 15 ms of CPU per block, several
-times the copy itself (docs/results/perf/psfast-mlp8m.md). ``keep_large_blocks`` tells glibc to
+its pages in again: for a 34 MB model, 8,300 faults and about 17 ms of CPU per block, several
+times the copy itself (docs/results/perf/psfast.md). ``keep_large_blocks`` tells glibc to
 serve every block from the heap and not to trim it, so the next round reuses pages that are
 already mapped. The price: memory freed inside the heap is kept by the process (its peak RSS is
 what it was; it no longer drops between rounds). ``GRADWIRE_MALLOC=default`` leaves glibc's

@@ -16,7 +16,9 @@ the warm-up, is left out) of each run, then the median over ``--repeats`` runs. 
    threads, framing, sockets, scheduling), decode, aggregate, broadcast; and the PS's peak RSS.
 2. **raw gRPC**: a bytes-in/bytes-out gRPC stream server and as many client processes, the same
    message sizes both ways as gradwire's Update and RoundResult, the same synchronous rounds.
-   Ratio: gradwire non-training CPU / raw gRPC CPU, per round.
+   Ratio: gradwire non-training CPU / raw gRPC CPU, per round. Its processes set glibc's
+   allocator as gradwire's server and worker do (``gradwire/memory.py``), so that the ratio
+   measures gradwire's own work, not an allocator setting.
 3. **PyTorch DDP** on gloo, ``--workers`` ranks, the same model and batch, with the allreduce,
    fp16 and PowerSGD (rank 2) comm hooks, and a no-DDP "local" step for the training CPU.
    Ratio: gradwire CPU per worker step (all processes' CPU per round / workers) / DDP's CPU per
@@ -269,12 +271,30 @@ def measure_model(task: str, workers: int, rounds: int, repeats: int, ddp_steps:
     ddp = {m: med(("ddp", m)) for m in DDP_METHODS}
     per_step = g["cpu_per_round"] / workers
     return {
+        "transport_bound": transport_bound(raw, workers, ddp),
         "model": task, "workers": workers, "rounds": rounds, "repeats": repeats, "gradwire": g,
         "raw_grpc_cpu_per_round": raw, "ddp_cpu_per_step": ddp,
         "ratio_nontrain_vs_raw_grpc": g["nontrain_per_round"] / raw,
         "gradwire_cpu_per_worker_step": per_step,
         "ratio_vs_ddp": {m: per_step / ddp[m] for m in DDP_METHODS if m != "local"},
         "runs": runs,
+    }
+
+
+def transport_bound(raw_per_round: float, workers: int, ddp: dict[str, float]) -> dict[str, float]:
+    """What any gRPC parameter server could reach against DDP, from the same run's figures.
+
+    ``raw_per_worker_step``: raw gRPC's CPU for the same bytes, per worker and round (the least a
+    gRPC transport spends moving them); ``ddp_comm_per_step``: DDP allreduce's CPU above its local
+    (no-DDP) step, per rank. ``best_ratio_vs_ddp``: a PS whose non-training CPU were raw gRPC's
+    and whose training cost DDP's local step, against DDP allreduce: no gRPC transport of these
+    bytes goes below it."""
+    raw_step = raw_per_round / workers
+    comm = ddp["ddp:allreduce"] - ddp["local"]
+    return {
+        "raw_per_worker_step": raw_step, "ddp_comm_per_step": comm,
+        "raw_vs_ddp_comm": raw_step / comm if comm > 0 else float("nan"),
+        "best_ratio_vs_ddp": (ddp["local"] + raw_step) / ddp["ddp:allreduce"],
     }
 
 
@@ -301,6 +321,17 @@ def render(result: dict) -> str:
         for method, cpu in m["ddp_cpu_per_step"].items():
             ratio = f"{m['ratio_vs_ddp'][method]:.2f}x" if method in m["ratio_vs_ddp"] else "(training only, no DDP)"
             lines.append(f"| {method} (gloo, per rank) | {1e3 * cpu:.1f} | {ratio} |")
+        b = m.get("transport_bound")
+        if b:
+            comm = (f"{b['raw_vs_ddp_comm']:.1f}x" if b["ddp_comm_per_step"] > 0
+                    else "n/a (DDP's step not above its local step)")
+            lines += [
+                f"| bound: raw gRPC, same bytes, per worker step | {1e3 * b['raw_per_worker_step']:.1f} | |",
+                f"| bound: DDP allreduce communication (allreduce - local) | {1e3 * b['ddp_comm_per_step']:.1f} | |",
+                f"| bound: raw gRPC alone / DDP comm | | {comm} |",
+                f"| bound: best any gRPC PS could reach, (local + raw gRPC) / ddp:allreduce | | "
+                f"{b['best_ratio_vs_ddp']:.2f}x |",
+            ]
         lines += ["", "| gradwire stage (per round, all processes) | CPU ms |", "|---|---:|"]
         lines += [f"| {s} | {1e3 * g['stages'][s]:.1f} |" for s in STAGES]
         lines += [f"| PS peak RSS | {g['ps_maxrss_mb']:.0f} MB |", ""]

@@ -257,6 +257,12 @@ def main(argv: list[str]) -> int:
         from gradwire.cli import main as cli_main
 
         return cli_main(rest)
+    # The raw gRPC processes keep large blocks in the heap as gradwire's server and worker do
+    # (gradwire/memory.py, set by their CLI): gRPC's own buffers cost the same in both, and the
+    # ratio measures what gradwire adds.
+    from gradwire.memory import keep_large_blocks
+
+    keep_large_blocks()
     if role == "raw-server":
         raw_server(int(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))
     elif role == "raw-client":

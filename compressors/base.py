@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from gradwire.compressors.finite import all_finite
+
 FLOAT_DTYPE = "float32"
 
 
@@ -354,7 +356,7 @@ def check_input(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float32)
     if arr.size != spec.numel:
         raise CodecError(f"tensor {spec.name!r} has {arr.size} entries, spec says {spec.numel}")
-    if not np.isfinite(arr).all():
+    if not all_finite(arr):
         raise CodecError(f"tensor {spec.name!r} contains NaN or Inf; refusing to encode it")
     return arr.reshape(-1)
 

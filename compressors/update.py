@@ -28,6 +28,7 @@ from gradwire.compressors.base import (
     TensorSpec,
 )
 from gradwire.compressors.bounds import check_wire_fields
+from gradwire.compressors.finite import all_finite
 
 MODEL_TENSOR_NAME = "__model__"
 # Model moves remembered for LAG-style triggers (docs/algorithms.md §1 uses D = 10).
@@ -177,7 +178,7 @@ class UpdateDecoder:
             arr = np.asarray(arr, dtype=np.float32)
             if arr.size != m.spec.numel:
                 raise InvalidUpdate(f"payload of {m.spec.name!r} decodes to {arr.size} entries, expected {m.spec.numel}")
-            if not np.isfinite(arr).all():
+            if not all_finite(arr):
                 raise InvalidUpdate(f"tensor {m.spec.name!r} decodes to NaN or Inf values")
             decoded[m.spec.name] = arr.reshape(m.spec.shape)
         if self.codec.scope == "model":

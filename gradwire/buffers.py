@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gradwire.compressors.base import TensorSpec
+from gradwire.compressors.finite import all_finite
 
 
 class InvalidBuffers(ValueError):
@@ -44,7 +45,8 @@ def load_buffers(model: nn.Module, values: Mapping[str, np.ndarray]) -> None:
         for name, b in _persistent_buffers(model):
             if name not in values:
                 continue
-            v = torch.from_numpy(np.asarray(values[name], dtype=np.float32)).reshape(b.shape)
+            # a copy: the values may be read-only views of received bytes (gradwire.protocol)
+            v = torch.from_numpy(np.array(values[name], dtype=np.float32)).reshape(b.shape)
             if not b.is_floating_point():
                 v = torch.round(v)
             b.copy_(v.to(b.dtype))
@@ -59,7 +61,7 @@ def check_buffers(values: Mapping[str, np.ndarray], specs: Sequence[TensorSpec])
     for name, arr in values.items():
         if tuple(arr.shape) != tuple(expected[name]):
             raise InvalidBuffers(f"buffer {name!r} has shape {list(arr.shape)}, the model's is {list(expected[name])}")
-        if not np.isfinite(arr).all():
+        if not all_finite(arr):
             raise InvalidBuffers(f"buffer {name!r} holds non-finite values")
 
 

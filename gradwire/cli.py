@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         return bytes_main(argv[1:])
     args = build_parser().parse_args(argv)
     _logging(args.verbose, args.command)
+    if args.command in ("server", "worker"):
+        from gradwire.memory import keep_large_blocks
+
+        keep_large_blocks()  # model-sized blocks every round: reuse mapped pages (gradwire/memory.py)
     if args.command == "server":
         from gradwire.server.config import config_from_args
         from gradwire.taskref import resolve_factory

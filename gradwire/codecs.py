@@ -175,6 +175,10 @@ def to_numpy(x: Any) -> tuple[np.ndarray, bool, str]:
 
 
 def from_numpy(arr: np.ndarray, as_torch: bool, dtype: str) -> Any:
+    if not arr.flags.writeable:
+        # A zero-copy view of the frame's bytes (the dense codec's decoding): the caller gets an
+        # array of its own, which it may write to (a torch tensor would even write into the bytes).
+        arr = arr.copy()
     if as_torch:
         import torch
 

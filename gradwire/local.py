@@ -61,9 +61,7 @@ class LocalTrainer:
                             "run the PS and the workers with the same --task")
 
     def load(self, params: Mapping[str, np.ndarray]) -> None:
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(torch.from_numpy(params[name]).reshape(p.shape))
+        load_parameters(self.model, params)
 
     def _batch(self, round_: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.shard)
@@ -82,7 +80,9 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         loss = self.task.loss_fn(self.model(xb), yb)
         loss.backward()
-        grads = {name: p.grad.detach().numpy().copy() for name, p in self.model.named_parameters()}  # type: ignore[union-attr]
+        # Views, not copies: zero_grad(set_to_none=True) above makes backward allocate new gradient
+        # tensors every call, so nothing writes to these arrays once they are returned.
+        grads = {name: p.grad.detach().numpy() for name, p in self.model.named_parameters()}  # type: ignore[union-attr]
         return grads, float(loss.detach()), len(xb)
 
     def update(self, round_: int) -> tuple[dict[str, np.ndarray], float, int]:
@@ -104,3 +104,16 @@ class LocalTrainer:
         delta = {name: ((start[name] - p.detach()) * scale).numpy().astype(np.float32)
                  for name, p in self.model.named_parameters()}
         return delta, float(np.mean(losses)), examples
+
+
+def load_parameters(model: torch.nn.Module, params: Mapping[str, np.ndarray]) -> None:
+    """Copy ``params`` into the model's parameters (one copy each, through a numpy view of the
+    parameter: the arrays may be read-only views of received bytes, which torch.from_numpy warns
+    about and would let torch write to)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            value = np.asarray(params[name], dtype=np.float32).reshape(p.shape)
+            if p.device.type == "cpu":
+                np.copyto(p.detach().numpy(), value)
+            else:  # the values' own copy first: torch must not keep a view of read-only memory
+                p.copy_(torch.from_numpy(np.array(value)))

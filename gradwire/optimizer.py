@@ -41,6 +41,7 @@ from gradwire.compressors.base import RoundContext
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import UpdateEncoder
 from gradwire.downlink import DownlinkDecoder
+from gradwire.local import load_parameters
 from gradwire.protocol import Finished, Hello, RoundResult, Update, Welcome, WorkerReport
 from gradwire.taskref import TaskError
 from gradwire.tasks import tensor_specs
@@ -138,9 +139,7 @@ class DistributedOptimizer:
     # ------------------------------------------------------------ the exchange
 
     def _adopt(self, params: dict[str, np.ndarray], buffers: dict[str, np.ndarray] | None) -> None:
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(torch.from_numpy(params[name]).reshape(p.shape))
+        load_parameters(self.model, params)
         if buffers is not None:
             load_buffers(self.model, buffers)
         self._encoder.model_received(params)  # the model motion, for codecs that declare they need it

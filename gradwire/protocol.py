@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -264,15 +264,25 @@ def model_to_proto(params: Mapping[str, np.ndarray]) -> pb.Model:
     return msg
 
 
-def model_from_proto(msg: pb.Model) -> Params:
+def model_from_proto(msg: pb.Model, data: Sequence[tuple[bytes, int, int] | None] | None = None) -> Params:
+    """The model's arrays. ``data``: each tensor's data as (buffer, start, end) in a buffer of the
+    caller's (``server_message_from_wire``), in tensor order, when the parsed message carries none."""
     out = {}
-    for t in msg.tensors:
+    for k, t in enumerate(msg.tensors):
         if t.dtype != "float32":
             raise MalformedMessage(f"model tensor {t.name!r} has dtype {t.dtype!r}, expected float32")
-        arr = np.frombuffer(t.data, dtype="<f4")
+        span = data[k] if data is not None else None
+        buffer, start, end = span if span is not None else (t.data, 0, len(t.data))
+        if (end - start) % 4:
+            raise MalformedMessage(f"model tensor {t.name!r}: {end - start} bytes of data, not float32 values")
+        # No copy: the bytes are immutable (protobuf's copy in ``t.data``, or the received message),
+        # so the read-only view is the model's; whoever needs to write copies it
+        # (gradwire.local.load_parameters copies it into the model, as it must anyway).
+        arr = np.frombuffer(buffer, dtype="<f4", count=(end - start) // 4, offset=start)
         if arr.size != int(np.prod(t.shape, dtype=np.int64)):
             raise MalformedMessage(f"model tensor {t.name!r}: {arr.size} values for shape {list(t.shape)}")
-        out[t.name] = arr.reshape(tuple(t.shape)).astype(np.float32)
+        arr = arr.reshape(tuple(t.shape))
+        out[t.name] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
     return out
 
 
@@ -465,6 +475,113 @@ def update_header_error(data) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- a RoundResult's model as views
+#
+# A worker receives the whole model every round. protobuf's Python API copies each tensor's data
+# twice on the way (parsing into its own memory, then ``t.data`` into a new bytes object), 2 x 34
+# MB per round for an 8.5 M-parameter model. ``server_message_from_wire`` parses a RoundResult
+# without its tensors' data instead: the framing is walked (as ``update_header_error`` does; only
+# lengths, never a copy), the message is rebuilt without the Tensor.data fields (a few hundred
+# bytes) and parsed by protobuf, which still checks everything else, and each tensor's data is a
+# read-only view of the received bytes. Only the plain layout protobuf itself writes takes this
+# path (one round_result, at most one model and one buffers, one data field per tensor): anything
+# else, where protobuf would merge repeated fields, is left to protobuf's own parse.
+
+_SERVER_ROUND_RESULT, _RESULT_MODEL, _RESULT_BUFFERS, _MODEL_TENSORS, _TENSOR_DATA = 2, 2, 7, 1, 4
+
+
+def _spans(buf: memoryview, start: int, end: int):
+    """(field number, wire type, field start, value start, field end) of each field in buf[start:end]."""
+    i = start
+    while i < end:
+        field_start = i
+        key, i = _read_varint(buf, i, end)
+        wire_type = key & 7
+        value_start = i
+        if wire_type == 0:
+            _, i = _read_varint(buf, i, end)
+        elif wire_type == 1:
+            i += 8
+        elif wire_type == 5:
+            i += 4
+        elif wire_type == 2:
+            size, value_start = _read_varint(buf, i, end)
+            i = value_start + size
+        else:  # groups: not in gradwire.v1
+            raise _Framing
+        if i > end:
+            raise _Framing
+        yield key >> 3, wire_type, field_start, value_start, i
+
+
+def _model_without_data(buf: memoryview, start: int, end: int, spans: list) -> Chunks:
+    """A Model's fields with its tensors' data left out; each tensor's (start, end) of data, or
+    None, appended to ``spans`` in tensor order."""
+    chunks: Chunks = []
+    for number, wire_type, field_start, value_start, field_end in _spans(buf, start, end):
+        if number != _MODEL_TENSORS or wire_type != 2:
+            chunks.append(buf[field_start:field_end])
+            continue
+        inner: Chunks = []
+        data = None
+        for n, wt, fs, vs, fe in _spans(buf, value_start, field_end):
+            if n == _TENSOR_DATA and wt == 2:
+                if data is not None:
+                    raise _Framing  # twice: protobuf keeps the last; its own parse decides
+                data = (vs, fe)
+            else:
+                inner.append(buf[fs:fe])
+        spans.append(data)
+        chunks += _field(_MODEL_TENSORS, inner)
+    return chunks
+
+
+def server_message_from_wire(data: bytes) -> ServerMessage:
+    """A received ServerMessage; a RoundResult's model and buffers are read-only views of ``data``
+    (immutable bytes). ``MalformedMessage`` says why the bytes are not a usable message."""
+    fast = _round_result_with_views(data) if isinstance(data, bytes) else None
+    return fast if fast is not None else server_message_from_bytes(data)
+
+
+def _round_result_with_views(data: bytes) -> RoundResult | None:
+    buf = memoryview(data)
+    try:
+        top = list(_spans(buf, 0, len(buf)))
+        if len(top) != 1 or top[0][0] != _SERVER_ROUND_RESULT or top[0][1] != 2:
+            return None
+        chunks: Chunks = []
+        spans: dict[int, list] = {}
+        for number, wire_type, field_start, value_start, field_end in _spans(buf, top[0][3], top[0][4]):
+            if number in (_RESULT_MODEL, _RESULT_BUFFERS) and wire_type == 2:
+                if number in spans:
+                    return None  # twice: protobuf merges them; its own parse does
+                spans[number] = []
+                chunks += _field(number, _model_without_data(buf, value_start, field_end, spans[number]))
+            else:
+                chunks.append(buf[field_start:field_end])
+    except _Framing:
+        return None
+    msg = pb.ServerMessage()
+    try:
+        msg.ParseFromString(b"".join(_field(_SERVER_ROUND_RESULT, chunks)))
+    except (DecodeError, RecursionError):
+        return None  # protobuf's parse of the whole message says why
+    rr = msg.round_result
+
+    def views(number: int, model: pb.Model) -> Params:
+        return model_from_proto(model, [None if s is None else (data, s[0], s[1]) for s in spans[number]])
+
+    delta = model_delta_from_proto(rr.model_delta) if rr.HasField("model_delta") else None
+    return RoundResult(
+        round=int(rr.round), directive=directive_from_proto(rr.directive),
+        update_aggregated=bool(rr.update_aggregated), workers=int(rr.workers),
+        model=None if delta is not None else (views(_RESULT_MODEL, rr.model) if _RESULT_MODEL in spans
+                                              else model_from_proto(rr.model)),
+        model_delta=delta,
+        buffers=views(_RESULT_BUFFERS, rr.buffers) if _RESULT_BUFFERS in spans else None,
+    )
+
+
 # ---------------------------------------------------------------- serialized in pieces
 #
 # Large messages are serialized as a list of chunks joined once: the small fields by protobuf
@@ -537,32 +654,26 @@ def _update_chunks(m: Update) -> Chunks:
 
 
 class BroadcastSerializer:
-    """RoundResults to bytes, with each round's shared parts serialized once for all workers.
+    """RoundResults to bytes, each distinct message serialized once for all the workers it goes to.
 
     Every worker's RoundResult of a round carries the same model (or model delta) and buffers;
-    only the round, directive, ``update_aggregated`` and ``workers`` fields are the worker's own.
-    The shared parts are serialized on first use and kept (by identity of the model, delta and
-    buffers objects, which the round engine replaces, never mutates, when a round closes) for
-    the ``keep`` most recent ones (3: a round's full model, delta and buffers; older rounds' bytes
-    are let go, so the PS holds one serialized model); each worker's message is then one join: its small fields
-    around the shared bytes. Thread-safe: the handlers of a round ask at the same moment, and
-    the first one serializes while the others wait for it.
+    only the round, directive, ``update_aggregated`` and ``workers`` fields are the worker's own,
+    and with most codecs they are the same for every worker too. A message is one join of its
+    small fields around views of the model's arrays (one copy of the model, into the bytes gRPC
+    sends), and is kept, by identity of the model, delta and buffers objects (which the round
+    engine replaces, never mutates, when a round closes) and equality of the small fields: the
+    next worker with the same fields gets the same bytes, with no copy. Only the latest round's
+    messages are kept (at most ``keep`` of them), so the PS holds one round's bytes. Thread-safe:
+    the handlers of a round ask at the same moment, and the first one serializes while the others
+    wait for it.
     """
 
     def __init__(self, keep: int = 3):
         self.keep = keep
         self._lock = threading.Lock()
-        self._shared: list[tuple[object, bytes]] = []  # (object, its serialized field)
-
-    def _serialized(self, obj: object, build) -> bytes:
-        with self._lock:
-            for held, data in self._shared:
-                if held is obj:
-                    return data
-            data = b"".join(build())
-            self._shared.append((obj, data))  # holds obj, so its id cannot be reused while cached
-            del self._shared[: max(0, len(self._shared) - self.keep)]
-            return data
+        # ((model, delta, buffers), small fields' bytes, the message's bytes); holds the objects,
+        # so their ids cannot be reused while cached
+        self._messages: list[tuple[tuple[object, object, object], bytes, bytes]] = []
 
     def to_bytes(self, m: ServerMessage) -> bytes:
         """The serialized ServerMessage; equal to ``server_message_to_proto(m).SerializeToString()``."""
@@ -570,19 +681,30 @@ class BroadcastSerializer:
             return server_message_to_proto(m).SerializeToString()
         # RoundResult: round (1), model (2), directive (3), update_aggregated (4), workers (5),
         # model_delta (6), buffers (7)
-        chunks: Chunks = [pb.RoundResult(round=m.round).SerializeToString()]
-        delta = m.model_delta
-        if delta is None:
-            model = m.model if m.model is not None else {}
-            chunks.append(self._serialized(model, lambda: _field(2, _model_chunks(model))))
-        chunks.append(pb.RoundResult(directive=directive_to_proto(m.directive), update_aggregated=m.update_aggregated,
-                                     workers=m.workers).SerializeToString())
-        if delta is not None:
-            chunks.append(self._serialized(delta, lambda: _field(6, _model_delta_chunks(delta))))
-        if m.buffers is not None:
-            buffers = m.buffers
-            chunks.append(self._serialized(buffers, lambda: _field(7, _model_chunks(buffers))))
-        return b"".join(_field(2, chunks))
+        head = pb.RoundResult(round=m.round).SerializeToString()
+        middle = pb.RoundResult(directive=directive_to_proto(m.directive), update_aggregated=m.update_aggregated,
+                                workers=m.workers).SerializeToString()
+        shared = (m.model, m.model_delta, m.buffers)
+        small = _varint(len(head)) + head + middle  # unambiguous: the head's length first
+        with self._lock:
+            for held, fields, data in self._messages:
+                if fields == small and all(a is b for a, b in zip(held, shared, strict=True)):
+                    return data
+            chunks: Chunks = [head]
+            delta = m.model_delta
+            if delta is None:
+                chunks += _field(2, _model_chunks(m.model if m.model is not None else {}))
+            chunks.append(middle)
+            if delta is not None:
+                chunks += _field(6, _model_delta_chunks(delta))
+            if m.buffers is not None:
+                chunks += _field(7, _model_chunks(m.buffers))
+            data = b"".join(_field(2, chunks))
+            # another round's messages are let go: the engine has replaced its model
+            self._messages = [e for e in self._messages if all(a is b for a, b in zip(e[0], shared, strict=True))]
+            self._messages.append((shared, small, data))
+            del self._messages[: max(0, len(self._messages) - self.keep)]
+            return data
 
 
 def _model_delta_chunks(d: ModelDelta) -> Chunks:

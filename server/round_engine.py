@@ -40,6 +40,7 @@ from gradwire.buffers import (
     mean_buffers,
 )
 from gradwire.compressors.base import CrossWorkerState, Directive, LinkSample, RoundContext
+from gradwire.compressors.finite import all_finite
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.update import InvalidUpdate, UpdateDecoder
 from gradwire.downlink import DENSE, Broadcast, DownlinkEncoder, check_downlink_codec
@@ -131,7 +132,8 @@ class RoundEngine:
         self.round_closed = threading.Condition(lock)
         # Norms for clipping are computed as updates arrive, in parallel on the handlers' threads,
         # when the codec's cross-worker finalize is the identity (it cannot change the updates).
-        self.norms_on_arrival = type(self.codec_state).finalize is CrossWorkerState.finalize
+        self.finalize_is_identity = type(self.codec_state).finalize is CrossWorkerState.finalize
+        self.norms_on_arrival = self.finalize_is_identity
         self.phase = "waiting"  # waiting -> collecting <-> aggregating -> finished
         self.round = 0
         self.num_shards = 0
@@ -560,9 +562,11 @@ class RoundEngine:
     def _finalize(self, round_: int, by_rank: dict[int, dict[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
         """The codec's cross-worker decoding; anything non-finite is left out of the round."""
         out = self.codec_state.finalize(round_, by_rank)
+        if self.finalize_is_identity:
+            return out  # the updates as decoded: UpdateDecoder refused any non-finite one already
         clean = {}
         for rank, update in out.items():
-            if all(np.isfinite(a).all() for a in update.values()):
+            if all(all_finite(a) for a in update.values()):
                 clean[rank] = update
             else:
                 log.error("round %d: rank %d decodes to non-finite values after finalize; left out", round_, rank)

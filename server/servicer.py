@@ -1,6 +1,6 @@
 """The gRPC face of the round engine: one bidirectional stream per worker.
 
-With the worker's client, the only PS code that touches generated protobuf code: requests are
+Besides ``gradwire.protocol``, the only code that touches generated protobuf code: requests are
 parsed and converted to typed messages (``gradwire.protocol``) here, replies converted back, and
 every message's serialized size goes to the ledger.
 """

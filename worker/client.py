@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradwire import protocol
 from gradwire.channel import client_channel
 from gradwire.protocol import SERVICE_NAME, TRAIN_METHOD
-from gradwire.v1 import exchange_pb2 as pb
 
 log = logging.getLogger("gradwire.worker")
 _CLOSE = object()
@@ -76,7 +75,7 @@ class TrainStream:
         method = channel.stream_stream(
             TRAIN_METHOD,
             request_serializer=None,  # send() serializes: the bytes it counts are the bytes sent
-            response_deserializer=pb.ServerMessage.FromString,
+            response_deserializer=None,  # receive() parses: a model as views of the bytes (protocol)
         )
         self._call = method(self._requests())
         self.sent_bytes = 0
@@ -97,9 +96,11 @@ class TrainStream:
         return len(data)
 
     def receive(self) -> protocol.ServerMessage | None:
-        """The next reply; None when the PS closed the stream."""
-        proto = next(self._call, None)
-        return protocol.server_message_from_proto(proto) if proto is not None else None
+        """The next reply; None when the PS closed the stream. A RoundResult's model is read-only
+        views of the received bytes (``protocol.server_message_from_wire``): no copy until the
+        trainer loads it."""
+        data = next(self._call, None)
+        return protocol.server_message_from_wire(data) if data is not None else None
 
     def close(self) -> None:
         self._outbox.put(_CLOSE)

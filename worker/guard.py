@@ -13,6 +13,7 @@ from typing import TypeVar
 import numpy as np
 
 from gradwire.compressors.base import CodecError
+from gradwire.compressors.finite import all_finite
 from gradwire.compressors.update import InvalidUpdate
 from gradwire.protocol import MalformedMessage
 
@@ -29,7 +30,7 @@ ParamsT = TypeVar("ParamsT", bound=Mapping[str, np.ndarray])
 
 
 def usable_model(params: ParamsT, where: str) -> ParamsT:
-    bad = [name for name, a in params.items() if not np.isfinite(a).all()]
+    bad = [name for name, a in params.items() if not all_finite(a)]
     if bad:
         raise UnusableDownlink(f"the model in the {where} has NaN or Inf entries in {bad[:3]}")
     return params

@@ -37,7 +37,13 @@ class DenseCodec(TensorCodec):
 
     def decode_array(self, payload: bytes, spec: TensorSpec, ctx: RoundContext) -> np.ndarray:
         expect_payload_size(payload, 4 * spec.numel, spec, self.name)
-        return np.frombuffer(payload, dtype="<f4").astype(np.float32)
+        values = np.frombuffer(payload, dtype="<f4")
+        # A read-only view of immutable bytes needs no copy: nobody can change it, nor write
+        # through it. A mutable buffer (bytearray, memoryview) is copied, so that the decoded
+        # tensor does not change when its owner reuses it.
+        if isinstance(payload, bytes) and values.dtype == np.float32:
+            return values
+        return values.astype(np.float32)
 
 
 @register

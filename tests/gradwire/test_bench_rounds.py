@@ -35,5 +35,24 @@ def test_rounds_benchmark_quick(tmp_path):
     assert set(model["ratio_vs_ddp"]) == {"ddp:allreduce", "ddp:fp16", "ddp:powersgd"}
     assert [s["workers"] for s in result["scaling"]] == [2, 3]
     assert all(s["ps_cpu_per_message"] > 0 for s in result["scaling"])
-    for heading in ("raw gRPC, same bytes and rounds", "ddp:powersgd", "| transfer |", "PS CPU per worker message"):
+    b = model["transport_bound"]
+    assert b["raw_per_worker_step"] == pytest.approx(model["raw_grpc_cpu_per_round"] / 2)
+    assert b["best_ratio_vs_ddp"] > 0
+    for heading in ("raw gRPC, same bytes and rounds", "ddp:powersgd", "| transfer |", "PS CPU per worker message",
+                    "raw gRPC alone / DDP comm", "best any gRPC PS could reach"):
         assert heading in proc.stdout
+
+
+def test_transport_bound_is_computed_from_the_runs_figures():
+    from benchmarks.rounds import transport_bound
+
+    ddp = {"local": 1.2, "ddp:allreduce": 1.25, "ddp:fp16": 1.1, "ddp:powersgd": 1.3}
+    b = transport_bound(0.5, 2, ddp)
+    assert b["raw_per_worker_step"] == pytest.approx(0.25)
+    assert b["ddp_comm_per_step"] == pytest.approx(0.05)
+    assert b["raw_vs_ddp_comm"] == pytest.approx(5.0)
+    assert b["best_ratio_vs_ddp"] == pytest.approx((1.2 + 0.25) / 1.25)
+    # DDP's step measured below its local step (noise): no ratio to its communication, the bound still holds
+    noisy = transport_bound(0.5, 2, {**ddp, "ddp:allreduce": 1.19})
+    assert noisy["raw_vs_ddp_comm"] != noisy["raw_vs_ddp_comm"]  # nan
+    assert noisy["best_ratio_vs_ddp"] == pytest.approx(1.45 / 1.19)

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import gradwire
 from gradwire.buffers import buffer_state, load_buffers, mean_buffers
-from gradwire.local import LocalTrainer
+from gradwire.local import LocalTrainer, load_parameters
 from gradwire.server.aggregation import ServerOptimizer, mean_update
 from gradwire.task import Task, TaskError, load_task
 
@@ -38,9 +38,7 @@ def examples_on_path(monkeypatch):
 
 def _accuracy(task: Task, params: dict, buffers: dict) -> float:
     model = task.build_model(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.from_numpy(params[name]))
+    load_parameters(model, params)  # the received arrays are read-only views of the message's bytes
     load_buffers(model, buffers)
     return task.evaluate(model)[1]
 

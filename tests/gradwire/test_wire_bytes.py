@@ -61,23 +61,24 @@ def test_round_result_bytes_equal_protobuf(result):
     assert shared.to_bytes(result) == expected  # from the cache
 
 
-def test_broadcast_shares_the_model_and_keeps_each_workers_fields(monkeypatch):
-    calls = []
-    original = protocol._model_chunks
-    monkeypatch.setattr(protocol, "_model_chunks", lambda p: calls.append(1) or original(p))
+def test_broadcast_serializes_each_distinct_message_once_and_keeps_each_workers_fields():
     shared = BroadcastSerializer()
     model, buffers = dict(PARAMS), {"bn": np.ones(3, np.float32)}
-    for rank in range(8):
+    for rank in range(8):  # each worker's own fields: each message its own bytes, all correct
         result = RoundResult(4, Directive(values={"rank": float(rank)}), rank % 2 == 0, 8, model=model,
                              buffers=buffers)
         data = shared.to_bytes(result)
         assert data == protocol.server_message_to_proto(result).SerializeToString()
         back = protocol.server_message_from_bytes(data)
         assert back.directive.values == {"rank": float(rank)} and back.update_aggregated == (rank % 2 == 0)
-    assert len(calls) == 2  # the model and the buffers, once each for 8 workers
-    next_round = dict(PARAMS)  # the engine replaces the model each round: a new object, serialized anew
-    shared.to_bytes(RoundResult(5, Directive(), True, 8, model=next_round))
-    assert len(calls) == 3
+    # The same fields for every worker (most codecs): one bytes object for all, the model copied once.
+    same = [shared.to_bytes(RoundResult(4, Directive(), True, 8, model=model, buffers=buffers)) for _ in range(8)]
+    assert all(d is same[0] for d in same)
+    # The engine replaces the model each round: a new object is serialized anew, the old bytes let go.
+    next_round = dict(PARAMS)
+    later = shared.to_bytes(RoundResult(4, Directive(), True, 8, model=next_round, buffers=buffers))
+    assert later == same[0] and later is not same[0]
+    assert len(shared._messages) == 1
 
 
 def test_clipping_uses_norms_known_on_arrival():
@@ -94,3 +95,67 @@ def test_clipping_uses_norms_known_on_arrival():
 def test_update_norm_does_not_overflow_float32():
     huge = {"a": np.full(1000, 3e38, np.float32)}
     assert update_norm(huge) == pytest.approx(3e38 * math.sqrt(1000), rel=1e-6)
+
+
+def _same_message(a, b) -> bool:
+    if type(a) is not type(b) or a.directive != b.directive:
+        return False
+    if (a.round, a.update_aggregated, a.workers, a.model_delta) != (b.round, b.update_aggregated, b.workers,
+                                                                    b.model_delta):
+        return False
+    for x, y in ((a.model, b.model), (a.buffers, b.buffers)):
+        if (x is None) != (y is None):
+            return False
+        if x is not None and (list(x) != list(y) or not all(
+                x[k].shape == y[k].shape and np.array_equal(x[k], y[k], equal_nan=True) for k in x)):
+            return False
+    return True
+
+
+def _outcome(parse, data):
+    try:
+        return "ok", parse(data)
+    except protocol.MalformedMessage:
+        return "malformed", None
+
+
+WIRE_RESULTS = [
+    RoundResult(0, Directive(), False, 0),
+    RoundResult(3, DIRECTIVE, True, 2, model=PARAMS, buffers={"bn": np.ones(3, np.float32)}),
+    RoundResult(3, DIRECTIVE, True, 2, model_delta=ModelDelta(2, TENSORS), buffers={}),
+    RoundResult(1, DIRECTIVE, False, 300, model={}),
+]
+
+
+@pytest.mark.parametrize("result", WIRE_RESULTS)
+def test_a_received_round_result_is_protobufs_with_the_model_as_views_of_the_bytes(result):
+    data = protocol.server_message_to_bytes(result)
+    fast = protocol.server_message_from_wire(data)
+    assert _same_message(fast, protocol.server_message_from_bytes(data))
+    for arrays in (fast.model or {}, fast.buffers or {}):
+        assert all(not a.flags.writeable for a in arrays.values())  # views of the immutable bytes
+    if result.model:
+        assert protocol._round_result_with_views(data) is not None  # the views path, not the fallback
+
+
+def test_the_views_path_agrees_with_protobuf_on_every_truncation_and_corrupted_byte():
+    small = {"w": PARAMS["w"], "empty": PARAMS["empty"], "v": np.arange(5, dtype=np.float32)}
+    data = protocol.server_message_to_bytes(RoundResult(3, DIRECTIVE, True, 2, model=small,
+                                                        buffers={"bn": np.ones(3, np.float32)}))
+    cases = [data[:cut] for cut in range(len(data))]
+    cases += [data[:i] + bytes([v]) + data[i + 1:] for i in range(len(data)) for v in (0, 0x7F, 0x80, 0xFF)]
+    for corrupted in cases:
+        fast, slow = _outcome(protocol.server_message_from_wire, corrupted), _outcome(
+            protocol.server_message_from_bytes, corrupted)
+        assert fast[0] == slow[0], corrupted
+        assert fast[0] != "ok" or _same_message(fast[1], slow[1]), corrupted
+
+
+def test_fields_protobuf_would_merge_are_left_to_protobuf():
+    one = protocol.server_message_to_bytes(RoundResult(3, Directive(), True, 2, model={"a": np.ones(2, np.float32)}))
+    two = protocol.server_message_to_bytes(RoundResult(4, Directive(), True, 2, model={"b": np.zeros(3, np.float32)}))
+    merged = one + two  # two round_result fields: protobuf merges them (both models' tensors, the last round)
+    assert protocol._round_result_with_views(merged) is None
+    got = protocol.server_message_from_wire(merged)
+    assert got.round == 4 and set(got.model) == {"a", "b"}
+    assert _same_message(got, protocol.server_message_from_bytes(merged))

@@ -1,0 +1,174 @@
+"""The PS's and worker's per-round work without extra copies: the same results as before.
+
+Kept buffers (the mean, the rollback guard) must give the same numbers as fresh ones, round
+after round; zero-copy views of received bytes must never alias memory that changes later.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradwire import codecs, protocol
+from gradwire.compressors.base import RoundContext, TensorSpec
+from gradwire.compressors.registry import create_codec
+from gradwire.compressors.update import UpdateDecoder, UpdateEncoder
+from gradwire.local import load_parameters
+from gradwire.server.aggregation import ServerOptimizer, mean_update
+from gradwire.server.robust import ModelGuard, robust_step
+
+
+def _reference_mean(updates):
+    """The mean as it was computed before buffers were kept: copy the first, add the others, scale."""
+    ranks = sorted(updates)
+    out = {n: np.array(a, dtype=np.float32, copy=True) for n, a in updates[ranks[0]].items()}
+    for r in ranks[1:]:
+        for n, a in updates[r].items():
+            out[n] += a
+    for n in out:
+        out[n] *= np.float32(1.0 / len(ranks))
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5])
+def test_mean_into_kept_buffers_is_bitwise_the_old_mean_round_after_round(workers):
+    rng = np.random.default_rng(workers)
+    kept: dict[str, np.ndarray] = {}
+    first_buffers = None
+    for _ in range(3):
+        updates = {r: {"a": rng.standard_normal((7, 5)).astype(np.float32),
+                       "b": rng.standard_normal(11).astype(np.float32)} for r in range(workers)}
+        before = {r: {n: a.copy() for n, a in u.items()} for r, u in updates.items()}
+        got = mean_update(updates, kept)
+        want = _reference_mean(updates)
+        for n in want:
+            assert got[n].dtype == np.float32 and np.array_equal(got[n], want[n])  # bitwise
+        assert all(np.array_equal(updates[r][n], before[r][n]) for r in updates for n in updates[r])  # inputs untouched
+        if first_buffers is None:
+            first_buffers = {n: kept[n] for n in kept}
+        assert all(kept[n] is first_buffers[n] for n in kept)  # no new allocation after the first round
+    assert mean_update({0: {"a": np.ones(3, np.float32)}})["a"].flags.writeable
+
+
+def test_mean_reads_read_only_updates():
+    a = np.frombuffer(np.arange(4, dtype=np.float32).tobytes(), dtype=np.float32)
+    assert not a.flags.writeable
+    out = mean_update({0: {"w": a}, 1: {"w": a}}, {})
+    assert np.array_equal(out["w"], np.arange(4, dtype=np.float32))
+
+
+def _momentum(opt: ServerOptimizer) -> list[torch.Tensor]:
+    return [s["momentum_buffer"].clone() for s in opt.opt.state.values()]
+
+
+def test_rollback_restores_the_last_good_step_with_kept_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = ServerOptimizer(model, lr=10.0, momentum=0.9, weight_decay=0.0, schedule="cosine", total_rounds=10)
+    grads = [{n: np.full(tuple(p.shape), 0.01 * (k + 1), np.float32) for n, p in model.named_parameters()}
+             for k in range(3)]
+    for r in range(3):
+        assert not robust_step({0: grads[r]}, {0: "w0"}, opt, model, r, "mean", 0.0, 0.2).refused
+    guard = opt.guard
+    assert isinstance(guard, ModelGuard)
+    kept = dict(guard.params)
+    good = {n: p.detach().clone() for n, p in model.named_parameters()}
+    momentum = _momentum(opt)
+    huge = {n: np.full(tuple(p.shape), 3e38, np.float32) for n, p in model.named_parameters()}
+    step = robust_step({0: huge}, {0: "w0"}, opt, model, 3, "mean", 0.0, 0.2)
+    assert step.refused
+    assert opt.guard is guard and all(guard.params[n] is kept[n] for n in kept)  # the same buffers each round
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), good[n])
+    assert all(torch.equal(a, b) for a, b in zip(_momentum(opt), momentum, strict=True))
+    # the restored momentum is the optimizer's own: the next save must not write into it
+    restored = [s["momentum_buffer"] for s in opt.opt.state.values()]
+    assert not any(t.data_ptr() == k.data_ptr() for t in restored for k in guard.params.values())
+    assert not robust_step({0: grads[0]}, {0: "w0"}, opt, model, 4, "mean", 0.0, 0.2).refused
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_guard_saved_twice_restores_the_second_state():
+    model = torch.nn.Linear(2, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    sgd.step()
+    guard = ModelGuard()
+    guard.save(model, sgd.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    sgd.step()
+    second = {n: p.detach().clone() for n, p in model.named_parameters()}
+    second_momentum = [s["momentum_buffer"].clone() for s in sgd.state.values()]
+    guard.save(model, sgd.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3.0)
+    sgd.step()
+    guard.restore(model, sgd)
+    assert all(torch.equal(p.detach(), second[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(s["momentum_buffer"], m) for s, m in zip(sgd.state.values(), second_momentum, strict=True))
+
+
+def test_dense_decoding_is_a_read_only_view_of_immutable_bytes_and_copies_mutable_ones():
+    codec = create_codec("dense")
+    spec = TensorSpec("w", (6,))
+    ctx = RoundContext(round=0, rank=0, seed=0, num_workers=1)
+    x = np.arange(6, dtype=np.float32)
+    (encoded,) = UpdateEncoder(codec, [spec]).encode({"w": x}, ctx)
+    out = UpdateDecoder(codec, [spec]).decode([encoded], ctx)["w"]
+    assert np.array_equal(out, x) and not out.flags.writeable  # no copy; nobody can write through it
+    with pytest.raises(ValueError):
+        out[0] = 1.0
+    mutable = bytearray(encoded.payload)
+    decoded = codec.make_decoder().decode(type(encoded)(encoded.codec, spec, mutable), ctx)  # type: ignore[arg-type]
+    mutable[:4] = np.float32(99.0).tobytes()  # the owner reuses its buffer: the decoded tensor must not change
+    assert np.array_equal(decoded, x)
+
+
+def test_the_public_decode_returns_arrays_the_caller_may_write():
+    x = np.arange(5, dtype=np.float32)
+    out = codecs.decode(codecs.encode(x, "dense"))
+    out += 1  # its own memory, not a view of the frame
+    assert np.array_equal(out, x + 1)
+    t = codecs.decode(codecs.encode(torch.from_numpy(x.copy()), "dense"))
+    t.add_(1)
+    assert torch.equal(t, torch.from_numpy(x + 1))
+
+
+def test_a_received_model_is_read_only_and_loads_into_the_model():
+    model = torch.nn.Linear(3, 2)
+    params = {n: np.full(tuple(p.shape), 0.25 * (i + 1), np.float32) for i, (n, p) in enumerate(model.named_parameters())}
+    data = protocol.server_message_to_bytes(protocol.RoundResult(1, protocol.Directive(), True, 1, model=params))
+    received = protocol.server_message_from_bytes(data).model
+    assert received is not None and all(not a.flags.writeable for a in received.values())
+    load_parameters(model, received)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), torch.from_numpy(params[n]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training writes the model's own memory, never the received bytes
+    assert all(np.array_equal(received[n], params[n]) for n in params)
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.9, 0.0), (0.0, 0.0), (0.9, 5e-4)])
+def test_the_servers_sgd_steps_the_same_bits_as_torchs_default_sgd(momentum, weight_decay):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    twin.load_state_dict(model.state_dict())
+    ours = ServerOptimizer(model, 0.1, momentum, weight_decay, "cosine", 5)
+    reference = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    rng = np.random.default_rng(0)
+    for r in range(4):
+        grads = {n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters()}
+        ours.step(grads, r)
+        for group in reference.param_groups:
+            group["lr"] = ours.lr_at(r)
+        for n, p in twin.named_parameters():
+            p.grad = torch.from_numpy(grads[n])
+        reference.step()
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert torch.equal(a, b), n

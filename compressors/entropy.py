@@ -399,6 +399,8 @@ def varint_encode(values: np.ndarray | list[int]) -> bytes:
     v = np.asarray(values, dtype=np.uint64).reshape(-1)
     if v.size == 0:
         return b""
+    if v.size <= _VARINT_SMALL:
+        return _varint_encode_small(v.tolist())
     shifts = np.uint64(7) * np.arange(VARINT_MAX_BYTES, dtype=np.uint64)
     groups = (v[:, None] >> shifts) & np.uint64(0x7F)
     nbytes = 1 + np.sum((v[:, None] >> shifts[1:]) > 0, axis=1)
@@ -406,6 +408,46 @@ def varint_encode(values: np.ndarray | list[int]) -> bytes:
     cont = cols[None, :] < (nbytes[:, None] - 1)
     out = (groups | np.where(cont, np.uint64(0x80), np.uint64(0))).astype(np.uint8)
     return out[cols[None, :] < nbytes[:, None]].tobytes()
+
+
+# Up to this many integers (a codec's histogram: 16–256 counts) a plain loop is ~10× faster than the
+# vectorized form, whose dozen numpy calls cost ~50–75 µs each time: per tensor, per update.
+_VARINT_SMALL = 64
+
+
+def _varint_encode_small(values: list[int]) -> bytes:
+    out = bytearray()
+    for x in values:
+        while x >= 0x80:
+            out.append((x & 0x7F) | 0x80)
+            x >>= 7
+        out.append(x)
+    return bytes(out)
+
+
+def _varint_decode_small(window: bytes, count: int, where: str, table: str) -> tuple[list[int], int]:
+    """(values, bytes used) of ``count`` integers in ``window``, with the vectorized form's errors in its
+    order: too few terminators first, then an entry longer than 9 bytes."""
+    values: list[int] = []
+    pos = 0
+    too_long = False
+    for _ in range(count):
+        x = shift = 0
+        start = pos
+        while True:
+            if pos >= len(window):
+                raise CodecError(f"{where}: payload ends inside the {table}")
+            b = window[pos]
+            pos += 1
+            x |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        too_long = too_long or pos - start > 9
+        values.append(x)
+    if too_long:
+        raise CodecError(f"{where}: {table} entry too long")
+    return values, pos
 
 
 def varint_decode(payload: bytes, offset: int, count: int, where: str,
@@ -418,6 +460,10 @@ def varint_decode(payload: bytes, offset: int, count: int, where: str,
         return np.zeros(0, dtype=np.int64), offset
     if offset > len(payload):
         raise CodecError(f"{where}: payload ends inside the {table}")
+    if count <= _VARINT_SMALL:
+        small, used_bytes = _varint_decode_small(bytes(payload[offset : offset + count * VARINT_MAX_BYTES]), count,
+                                                 where, table)
+        return np.array(small, dtype=np.int64), offset + used_bytes
     window = np.frombuffer(payload, dtype=np.uint8, offset=offset)[: count * VARINT_MAX_BYTES]
     ends = np.flatnonzero((window & 0x80) == 0)
     if ends.size < count:

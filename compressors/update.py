@@ -88,6 +88,21 @@ class UpdateEncoder:
         self, grads: Mapping[str, np.ndarray], ctx: RoundContext, directive: Directive | None = None
     ) -> list[Encoded]:
         """Encode one round's gradients; ``directive``: what the PS's codec state sent for the round."""
+        return self._encode(grads, ctx, directive, None)
+
+    def encode_with_reconstructions(
+        self, grads: Mapping[str, np.ndarray], ctx: RoundContext
+    ) -> tuple[list[Encoded], list[np.ndarray | None]]:
+        """``encode``, and per message what the decoder will return for it (flat float32) when the
+        codec's encoder knows that without decoding (``Encoder.reconstruction``), else None. The PS's
+        downlink uses it to move its reference without decoding its own broadcast."""
+        known: list[np.ndarray | None] = []
+        return self._encode(grads, ctx, None, known), known
+
+    def _encode(
+        self, grads: Mapping[str, np.ndarray], ctx: RoundContext, directive: Directive | None,
+        known: list[np.ndarray | None] | None,
+    ) -> list[Encoded]:
         if directive is not None:
             ctx = dataclasses.replace(ctx, directive=dict(directive.values), directive_blob=directive.blob)
         if self.codec.needs_model_motion:
@@ -97,8 +112,14 @@ class UpdateEncoder:
                 [np.asarray(grads[s.name], dtype=np.float32).reshape(-1) for s in self.specs]
             )
             out = [self.encoder.encode(flat, _model_spec(self.specs), ctx)]
+            if known is not None:
+                known.append(None)  # one flat message: not split back into tensors here
         else:
-            out = [self.encoder.encode(grads[s.name], s, ctx) for s in self.specs]
+            out = []
+            for s in self.specs:
+                out.append(self.encoder.encode(grads[s.name], s, ctx))
+                if known is not None:  # asked at once: an encoder knows only its last message
+                    known.append(self.encoder.reconstruction(out[-1]))
         self.payload_bytes += sum(m.payload_bytes for m in out)
         self.entries += sum(s.numel for s in self.specs)
         self.rounds += 1

@@ -57,6 +57,11 @@ METHODS = {
     "ans4": Method("ans4", "ans:bits=4", DOWN, note="4-bit ANS up, 6-bit ANS deltas down"),
     "ans4_densedown": Method("ans4_densedown", "ans:bits=4", note="4-bit ANS up, float32 models down"),
     "qsgd16": Method("qsgd16", "qsgd:levels=16", DOWN, note="QSGD up, 6-bit ANS deltas down"),
+    # A few ms of codec CPU per LeNet-5 update each way (no model fit, unlike ans), and as accurate per round as
+    # dense on the reference workload; 512-entry buckets keep the downlink's variance low (a whole-tensor norm
+    # on the deltas diverged).
+    "qsgd16_q512": Method("qsgd16_q512", "qsgd:levels=16", ("--downlink-codec", "qsgd:levels=16,bucket=512"),
+                          note="QSGD up, QSGD deltas down (512-entry buckets)"),
     "tpc": Method("tpc", "tpc", ("--downlink-codec", "fp16"), note="TPC up, fp16 deltas down"),
     "topk1_mc": Method("topk1_mc", "topk:ratio=0.01,momentum=0.9", DOWN, note="top-1 % with DGC momentum"),
     "dense_stale": Method("dense_stale", "dense", ("--stale-updates",), note="dense, one-round-stale updates"),
@@ -81,7 +86,7 @@ def full_plan() -> list[Cell]:
     more: a 100-round run takes 2–5 minutes there, much of it the processes' start and the evaluations)."""
     m = METHODS
     return [
-        *(Cell("10mbit", m[k], (0, 1, 2)) for k in ("dense", "fp16", "ans4")),
+        *(Cell("10mbit", m[k], (0, 1, 2)) for k in ("dense", "fp16", "ans4", "qsgd16_q512")),
         Cell("10mbit", m["dense_stale"], (0, 1, 2)),
         *(Cell(link, m[k], (0,)) for link in ("unshaped", "100mbit") for k in ("dense", "ans4")),
         *(Cell("10mbit", m[k], (0,)) for k in ("qsgd16", "ans4_stale", "ans4_densedown")),
@@ -91,11 +96,11 @@ def full_plan() -> list[Cell]:
 # The order the full plan runs in, so that a run stopped early has what matters: seed 0 of the 10 Mbit/s
 # headline cells and the overlap row, the unshaped reference, then the other seeds, then the rest.
 FULL_ORDER = (
-    ("10mbit/dense", 0), ("10mbit/ans4", 0), ("10mbit/fp16", 0), ("10mbit/dense_stale", 0),
-    ("unshaped/dense", 0), ("unshaped/ans4", 0),
-    ("10mbit/dense", 1), ("10mbit/ans4", 1), ("10mbit/fp16", 1),
+    ("10mbit/dense", 0), ("10mbit/qsgd16_q512", 0), ("10mbit/ans4", 0), ("10mbit/fp16", 0),
+    ("10mbit/dense_stale", 0), ("unshaped/dense", 0), ("unshaped/ans4", 0),
+    ("10mbit/dense", 1), ("10mbit/qsgd16_q512", 1), ("10mbit/ans4", 1), ("10mbit/fp16", 1),
     ("100mbit/dense", 0), ("100mbit/ans4", 0),
-    ("10mbit/dense", 2), ("10mbit/ans4", 2), ("10mbit/fp16", 2),
+    ("10mbit/dense", 2), ("10mbit/qsgd16_q512", 2), ("10mbit/ans4", 2), ("10mbit/fp16", 2),
     ("10mbit/dense_stale", 1), ("10mbit/dense_stale", 2),
     ("10mbit/qsgd16", 0), ("10mbit/ans4_stale", 0), ("10mbit/ans4_densedown", 0),
 )
@@ -116,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: digits MLP, 1 worker × 4 rounds, dense and ans4, unshaped and 10 Mbit/s")
     p.add_argument("--links", default="", help=f"comma-separated subset of {', '.join(LINKS)}")
+    p.add_argument("--only", default="", help="comma-separated method labels (dense is always included), "
+                   f"of {', '.join(METHODS)}")
     p.add_argument("--force", action="store_true", help="rerun runs whose summary exists")
     p.add_argument("--aggregate-only", action="store_true", help="build the table from existing summaries")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per-run time limit (seconds)")
@@ -128,6 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             p.error(f"unknown link(s) {', '.join(sorted(unknown))}; known: {', '.join(LINKS)}")
         plan = [c for c in plan if c.link in wanted]
+    if args.only:
+        labels = {x.strip() for x in args.only.split(",") if x.strip()} | {"dense"}
+        unknown = labels - set(METHODS)
+        if unknown:
+            p.error(f"unknown method(s) {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")
+        plan = [c for c in plan if c.method.label in labels]
     args.plan = plan
     return args
 
@@ -164,7 +177,8 @@ def run_one(cell: Cell, seed: int, args: argparse.Namespace, run_dir: Path) -> t
         return None, f"skipped: {why_no_shaping()}"
     out.unlink(missing_ok=True)
     started = time.perf_counter()
-    print(f"[links] {name}: gradwire {stamp}", flush=True)
+    load_start = os.getloadavg()
+    print(f"[links] {name}: gradwire {stamp} (load average {load_start[0]:.2f})", flush=True)
     status, tail = run_simulation(cmd, log, args.timeout_s)
     if status.startswith("exit") or (status == "ok" and not out.exists()):
         # On a machine shared with other jobs a run can fail to start (a worker that cannot reach the PS
@@ -177,6 +191,8 @@ def run_one(cell: Cell, seed: int, args: argparse.Namespace, run_dir: Path) -> t
         return None, status if status != "ok" else "no summary"
     summary = json.loads(out.read_text())
     summary["links_command"] = stamp
+    # The machine's load around the run (1, 5, 15 min): the wall clock means little on a busy machine.
+    summary["links_load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
     out.write_text(json.dumps(summary) + "\n")
     log.unlink(missing_ok=True)  # the summary holds the rounds; the processes' log is large
     log.with_suffix(".out").unlink(missing_ok=True)
@@ -225,6 +241,7 @@ def run_figures(summary: dict, target: float, looser: float) -> dict:
         "downlink_bits_per_entry": summary.get("downlink_bits_per_entry"),
         "split_ms": round_split(summary),
         "wall_clock": summary.get("wall_clock"),
+        "load_average": summary.get("links_load_average"),
     }
 
 
@@ -355,6 +372,12 @@ def table(agg: dict, preset, plan: Sequence[Cell]) -> str:
         "clock attributed (negative when compute overlaps the transfer, with stale updates). Evaluation is "
         "excluded. Runs that never reached a target are counted as not reached (k of n), never dropped.",
     ]
+    loads = [v for fig in agg["runs"].values() if fig.get("load_average")
+             for v in (fig["load_average"]["start"][0], fig["load_average"]["end"][0])]
+    if loads:
+        lines += ["", f"Machine load: the 1-minute load average at the start and end of each of the "
+                  f"{len(loads) // 2} runs above was {min(loads):.2f}–{max(loads):.2f} (median "
+                  f"{float(np.median(loads)):.2f}) on {os.cpu_count()} cores."]
     return "\n".join(lines) + "\n"
 
 

@@ -89,8 +89,14 @@ class DownlinkEncoder:
         """Encode θ − θ̂ for ``round_``; returns the next broadcast (the caller swaps it in)."""
         ctx = downlink_context(round_, self.seed)
         delta = {n: np.asarray(params[n], dtype=np.float32) - current.reference[n] for n in current.reference}
-        encoded = self.encoder.encode(delta, ctx)
-        reference = advance_reference(current.reference, self.decoder.decode(encoded, ctx))
+        # Where the encoder knows what every worker will decode (bit-identical, ``Encoder.reconstruction``)
+        # the PS does not decode its own broadcast; it decodes the rest (a raw fallback, a codec without it).
+        encoded, known = self.encoder.encode_with_reconstructions(delta, ctx)
+        decoded = {}
+        for spec, msg, k in zip(self.specs, encoded, known, strict=True):
+            arr = k if k is not None else np.asarray(self.decoder.decoder.decode(msg, ctx), dtype=np.float32)
+            decoded[spec.name] = arr.reshape(spec.shape)
+        reference = advance_reference(current.reference, decoded)
         return Broadcast(round_, reference, ModelDelta(base_round=current.round, tensors=tuple(encoded)))
 
     def stats(self) -> dict[str, float]:

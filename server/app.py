@@ -12,7 +12,6 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradwire.protocol import SERVICE_NAME
@@ -30,6 +29,7 @@ from gradwire.server.round_engine import RoundEngine
 from gradwire.server.servicer import GradientExchangeServicer, generic_handler
 from gradwire.server.summary import build_summary, write_summary
 from gradwire.task import Task, load_task
+from gradwire.threads import limit_cpu_threads
 
 log = logging.getLogger("gradwire.server")
 # gRPC answers keepalive pings so that a worker behind NAT (compose bridge) keeps
@@ -105,7 +105,7 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
 
 def serve(config: ServerConfig, task: Task | None = None) -> int:
     """`gradwire server`: run until the rounds are done (or SIGTERM), write the summary."""
-    torch.set_num_threads(1)
+    limit_cpu_threads(1)
     return_large_buffers_to_the_os()  # a hostile message's buffers do not stay resident after it is refused
     log.info("config %s", config.to_json())
     running = start_server(config, task)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-import torch
 
 from gradwire import links, protocol
 from gradwire.buffers import buffer_state, load_buffers
@@ -39,6 +38,7 @@ from gradwire.protocol import (
 )
 from gradwire.task import Task, load_task
 from gradwire.tasks import shard_indices
+from gradwire.threads import limit_cpu_threads
 from gradwire.worker.client import TrainStream, open_channel, wait_for_server
 from gradwire.worker.config import WorkerConfig
 from gradwire.worker.guard import SESSION_ERRORS, usable_model
@@ -282,6 +282,6 @@ def _train(trainer: Trainer, round_: int) -> tuple[dict[str, np.ndarray], float,
 
 
 def run_worker(config: WorkerConfig) -> int:
-    torch.set_num_threads(max(1, config.threads))
+    limit_cpu_threads(config.threads)
     result = Worker(config).run()
     return 0 if result.finished else 1

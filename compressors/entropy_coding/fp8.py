@@ -34,6 +34,7 @@ Biased (round to nearest). ``ef=1`` adds error feedback. Statistics as for
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -68,7 +69,7 @@ from gradwire.compressors.entropy_coding.symbols import (
     SymbolStats,
     begin_decode,
     fit_model,
-    normal_fit_pmf,
+    normal_fit,
     read_header_float,
     read_model_pmf,
     smallest_payload,
@@ -188,7 +189,7 @@ class _FP8Encoder(Encoder):
         if payload[0] in (KIND_RAW16, KIND_RAW32):
             self.acc.add_raw(flat.size, len(payload))
         else:
-            normal = _code_pmf(c.format, s, lambda e: normal_fit_pmf(sample, e))
+            normal = functools.partial(_code_pmf, c.format, s, normal_fit(sample))
             self.acc.add_coded(counts, pmf, normal, len(stream), len(payload), beta, lengths)
         return Encoded(c.spec, spec, payload)
 

@@ -75,6 +75,7 @@ all entries), ``raw_fraction`` (share of entries sent raw) and ``beta_mean``.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ from gradwire.compressors.entropy_coding.symbols import (
     begin_decode,
     f32,
     fit_model,
-    normal_fit_pmf,
+    normal_fit,
     read_header_float,
     read_model_pmf,
     smallest_payload,
@@ -332,7 +333,7 @@ class _Encoder(Encoder):
             self.acc.add_raw(flat.size, len(payload))
         else:
             self.acc.add_coded(
-                counts, pmf, normal_fit_pmf(sample, quantizer.edges()), len(stream), len(payload),
+                counts, pmf, functools.partial(normal_fit(sample), quantizer.edges()), len(stream), len(payload),
                 gparams[0] if c.model in ("gennorm", "zgennorm") else None,
                 lengths if lengths is not None and lengths.size == counts.size else None,
             )

@@ -294,9 +294,11 @@ class QSGDEncoder(Encoder):
         self._entropy_bits = 0.0
         self._tensors = 0
         self._ans_tensors = 0
+        self._last: tuple[Encoded, np.ndarray, np.ndarray, np.ndarray] | None = None  # msg, norms, mags, negative
 
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
         flat = check_input(x, spec)
+        self._last = None
         if flat.size == 0:
             return Encoded(self.codec.spec, spec, b"")
         c = self.codec
@@ -314,7 +316,26 @@ class QSGDEncoder(Encoder):
         self._entropy_bits += flat.size * entropy_from_counts(signed_counts)
         self._tensors += 1
         self._ans_tensors += int(mode == MODE_ANS)
-        return Encoded(c.spec, spec, payload)
+        msg = Encoded(c.spec, spec, payload)
+        self._last = (msg, norms, mags, negative)
+        return msg
+
+    def reconstruction(self, msg: Encoded) -> np.ndarray | None:
+        """The decoder's output for the last message, from the levels the encoder chose (same arithmetic)."""
+        last, self._last = self._last, None
+        if last is None or last[0] is not msg:
+            return None
+        _, norms, mags, negative = last
+        levels = self.codec.levels
+        negative_at = np.flatnonzero(negative & (mags != 0))  # the decoder's sign bits: nonzero levels only
+        if norms.size == 1:
+            step = (norms.astype(np.float64) / levels).astype(np.float32)
+            out = lookup(np.arange(levels + 1, dtype=np.float32) * step, mags)
+            out[negative_at] = -out[negative_at]
+            return out
+        signed = mags.astype(np.int64)
+        signed[negative_at] *= -1
+        return dequantize(norms, signed, levels, self.codec.bucket)
 
     def stats(self) -> dict[str, float]:
         if not self._entries:

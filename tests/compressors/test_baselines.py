@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
@@ -398,6 +398,46 @@ def test_varint_roundtrip():
     got, end = varint_decode(data + b"\x05", 0, v.size, "t")
     assert end == len(data)
     np.testing.assert_array_equal(got, v.astype(np.int64))
+
+
+def _varint_both_ways(monkeypatch, fn):
+    """fn() with the small-count loop, then with the vectorized form only."""
+    from gradwire.compressors import entropy
+
+    def run():
+        try:
+            return fn()
+        except CodecError as exc:
+            return ("error", str(exc))
+
+    small = run()
+    monkeypatch.setattr(entropy, "_VARINT_SMALL", -1)
+    vectorized = run()
+    monkeypatch.undo()
+    return small, vectorized
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(0, 2**63 - 1) | st.integers(0, 300), max_size=64))
+def test_varint_small_count_loop_writes_the_vectorized_bytes(monkeypatch, values):
+    small, vectorized = _varint_both_ways(monkeypatch, lambda: varint_encode(np.array(values, dtype=np.uint64)))
+    assert small == vectorized
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=80) | st.lists(st.sampled_from([0x00, 0x05, 0x7F, 0x80, 0xFF]), max_size=80).map(bytes),
+       st.integers(0, 64), st.integers(0, 4))
+@example(b"\x80" * 10 + b"\x01", 2, 0)  # an over-long entry, then the payload ends: "ends inside" wins
+@example(b"\x80" * 10 + b"\x01\x02", 2, 0)  # an over-long entry: "too long"
+@example(b"\x01\x02", 1, 3)  # offset past the end
+def test_varint_small_count_loop_reads_like_the_vectorized_form(monkeypatch, payload, count, offset):
+    """Values, end offset and, for a malformed table, the same error (hostile payloads included)."""
+    def decode():
+        values, end = varint_decode(payload, offset, count, "t")
+        return values.dtype.str, values.tolist(), end
+
+    small, vectorized = _varint_both_ways(monkeypatch, decode)
+    assert small == vectorized
 
 
 def test_sign_payload_is_one_bit_per_entry_plus_scale():

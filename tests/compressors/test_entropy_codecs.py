@@ -420,3 +420,44 @@ def test_golden_bytes(codec):
             pytest.skip(f"wrote new golden file {path}")
     want = json.loads(path.read_text())["sha256:len"]
     assert want == got, f"{codec} wire bytes changed; if deliberate, regenerate with GRADWIRE_UPDATE_GOLDEN=1"
+
+
+@pytest.mark.parametrize("spec_text", ["ans:bits=6", "huffman:bits=4", "fp8", "fp8:coder=huffman"])
+def test_huffman_statistics_wait_for_stats_and_match_eager(spec_text, monkeypatch):
+    """Encoding builds no Huffman code for the statistics (the codec's own code for ``huffman`` is
+    built elsewhere and not counted): ``stats()`` does, with the figures an eager count gives."""
+    from gradwire.compressors.entropy_coding import symbols
+
+    built = {"n": 0}
+    real = symbols.huffman_code_lengths
+
+    def counting(pmf, *args):
+        built["n"] += 1
+        return real(pmf, *args)
+
+    monkeypatch.setattr(symbols, "huffman_code_lengths", counting)
+    codec = create_codec(spec_text)
+    lazy, eager = codec.make_encoder(), codec.make_encoder()
+    eager.acc.PENDING_LIMIT = 1  # settles every tensor as it is added: the figures as computed before
+    specs = [TensorSpec("w", (3000,)), TensorSpec("v", (40, 50))]
+    for r in range(3):
+        for i, spec in enumerate(specs):
+            x = gradient_like(spec.shape, seed=10 * r + i, beta=1.0, zeros=0.1)
+            before = built["n"]
+            lazy.encode(x, spec, RoundContext(r, 0))
+            assert built["n"] == before, "the lazy encoder built a Huffman code while encoding"
+            eager.encode(x, spec, RoundContext(r, 0))
+    assert built["n"] > 0
+    lazy_stats, eager_stats = lazy.stats(), eager.stats()
+    assert lazy_stats["huffman_normal_bits_per_symbol"] > 0
+    assert lazy_stats == eager_stats
+    assert lazy.acc._pending == []
+
+
+def test_pending_huffman_statistics_are_bounded():
+    enc = create_codec("ans:bits=4").make_encoder()
+    enc.acc.PENDING_LIMIT = 4
+    spec = TensorSpec("w", (500,))
+    for r in range(9):
+        enc.encode(gradient_like(spec.shape, seed=r), spec, RoundContext(r, 0))
+        assert len(enc.acc._pending) < 4

@@ -15,6 +15,9 @@ from gradwire.compressors.feedback import ErrorFeedbackEncoder
 from gradwire.compressors.registry import create_codec
 
 RECONSTRUCTING = [
+    "qsgd:levels=16",
+    "qsgd:levels=4,bucket=64",
+    "qsgd:levels=300,coder=fixed",
     "m22:bits=2,M=2",
     "m22:bits=3,M=0,coder=huffman",
     "m22:bits=1,M=2,dist=dweibull",

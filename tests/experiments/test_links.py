@@ -27,6 +27,14 @@ def test_speedup_is_the_geometric_mean_of_paired_ratios_and_an_interval_through_
     assert one["mean"] == pytest.approx(3.0) and one["low"] is None and one["verdict"] == "one seed: no interval"
 
 
+def test_only_keeps_dense_and_the_named_methods():
+    args = links.parse_args(["--links", "10mbit", "--only", "qsgd16_q512"])
+    assert [(c.link, c.method.label, c.seeds) for c in args.plan] == [
+        ("10mbit", "dense", (0, 1, 2)), ("10mbit", "qsgd16_q512", (0, 1, 2))]
+    with pytest.raises(SystemExit):
+        links.parse_args(["--only", "no_such_method"])
+
+
 def test_quick_run_writes_the_table_the_plot_and_times_the_link(tmp_path):
     shaped = not why_unavailable()
     argv = ["--quick", "--out", str(tmp_path)] + ([] if shaped else ["--links", "unshaped"])
@@ -36,6 +44,9 @@ def test_quick_run_writes_the_table_the_plot_and_times_the_link(tmp_path):
     assert {("unshaped", "dense"), ("unshaped", "ans4")} <= set(cells)
     assert (tmp_path / "table.md").read_text().count("| unshaped |") == 2
     assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 10_000
+    assert "Machine load: the 1-minute load average" in (tmp_path / "table.md").read_text()
+    for run in res["runs"].values():  # the load around each run, as its summary recorded it
+        assert len(run["load_average"]["start"]) == 3 and len(run["load_average"]["end"]) == 3
     for c in cells.values():
         assert c["seeds_ok"] == [0] and 0.0 < c["final_accuracy"]["mean"] <= 1.0
         assert c["seconds_per_round"]["mean"] > 0

@@ -19,7 +19,8 @@ def _params(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in SPECS}
 
 
-@pytest.mark.parametrize("spec", ["fp16", "topk:ratio=0.1", "qsgd:levels=4", "huffman:bits=6", "randk:ratio=0.2"])
+@pytest.mark.parametrize("spec", ["fp16", "topk:ratio=0.1", "qsgd:levels=4", "huffman:bits=6", "randk:ratio=0.2",
+                                  "ans:bits=6", "qsgd:levels=16,bucket=16"])
 def test_worker_and_ps_references_stay_bitwise_equal(spec):
     rng = np.random.default_rng(5)
     theta = _params(rng)
@@ -41,6 +42,27 @@ def test_worker_and_ps_references_stay_bitwise_equal(spec):
         assert protocol.server_message_payload_bytes(sent) == sum(
             len(t.payload) for t in pb.ServerMessage.FromString(wire_form.SerializeToString()).round_result.model_delta.tensors
         )
+
+
+@pytest.mark.parametrize("spec", ["qsgd:levels=16", "ans:bits=6"])
+def test_the_ps_does_not_decode_a_broadcast_its_encoder_can_reconstruct(spec, monkeypatch):
+    """qsgd and ans know their decoded values from the levels they chose: the PS moves its reference
+    with those, decoding only what the encoder cannot reconstruct (ans's raw fallback for the bias)."""
+    rng = np.random.default_rng(2)
+    theta = _params(rng)
+    ps = DownlinkEncoder(check_downlink_codec(spec), SPECS, seed=1)
+    decoded: list[str] = []
+    real = ps.decoder.decoder.decode
+    monkeypatch.setattr(ps.decoder.decoder, "decode", lambda msg, ctx: decoded.append(msg.spec.name) or real(msg, ctx))
+    broadcast = ps.start(theta, 0)
+    worker = DownlinkDecoder(spec, SPECS, seed=1)
+    held = broadcast.reference
+    for round_ in range(1, 4):
+        theta = {n: v - 0.05 * rng.standard_normal(v.shape).astype(np.float32) for n, v in theta.items()}
+        broadcast = ps.advance(broadcast, theta, round_)
+        held = worker.apply(held, round_ - 1, broadcast.delta, round_)
+        assert model_digest(held) == model_digest(broadcast.reference)
+    assert "layer.weight" not in decoded
 
 
 def test_the_reference_catches_up_with_a_model_that_stops_moving():

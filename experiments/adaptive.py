@@ -171,6 +171,8 @@ def run_one(method: Method, seed: int, args: argparse.Namespace, run_dir: Path) 
         return None
     summary = json.loads(out.read_text())
     summary["experiment_command"] = stamp
+    # Round times are wall clock: other work on the machine shows in them, so each run says how busy it was.
+    summary["load_average_at_end"] = list(os.getloadavg())
     out.write_text(json.dumps(summary) + "\n")
     print(f"[adaptive] {method.label} seed {seed}: accuracy {summary['final_accuracy']:.4f}, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
@@ -227,6 +229,7 @@ def run_figures(summary: dict, target: float) -> dict:
         "mean_rate_by_rank": {k: float(np.mean(v)) for k, v in sorted(rates.items())},
         "last_rate_by_rank": {k: v[-1] for k, v in sorted(rates.items())},
         "switches_after_warmup_by_rank": level_switches(rounds, WARMUP),
+        "load_average_at_end": summary.get("load_average_at_end"),
     }
 
 
@@ -290,6 +293,10 @@ def table(agg: dict, args: argparse.Namespace, per_run: dict) -> str:
                       f"{'within' if cmp_['within_1_point'] else 'NOT within'} 1 point; the whole interval "
                       f"{'is' if cmp_.get('within_1_point_at_95') else 'is not'} above −1 point; "
                       f"{stats.verdict(d, what='adaptive more accurate')})."]
+    loads = [r["load_average_at_end"][0] for r in per_run.values() if r.get("load_average_at_end")]
+    if loads:
+        lines += ["", f"Load average (1 min) at the end of each run: {min(loads):.2f}–{max(loads):.2f} "
+                      f"(median {np.median(loads):.2f}, {len(loads)} runs)."]
     chosen = [per_run[("adaptive", s)] for s in args.seed_list if ("adaptive", s) in per_run]
     if chosen:
         ranks = sorted(chosen[0]["mean_rate_by_rank"])

@@ -266,12 +266,13 @@ def table(agg: dict, args: argparse.Namespace, per_run: dict) -> str:
         f"measured rounds; seeds {', '.join(map(str, args.seed_list))}; mean ± 95 % CI over seeds.",
         "",
         "| method | codec | final accuracy | rounds within target (all) | after warm-up | rounds over target "
-        "per seed (all / after warm-up) | p95 round (s) | mean round (s) | uplink MB |",
+        "by seed (all, after warm-up) | p95 round (s) | mean round (s) | uplink MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in args.methods:
         a = agg[m.label]
-        over = ", ".join(f"{r['rounds_over_target']}/{r['measured_rounds']} / {r['rounds_over_target_after_warmup']}"
+        over = "; ".join(f"{r['rounds_over_target']}/{r['measured_rounds']}, "
+                         f"{r['rounds_over_target_after_warmup']}/{max(0, r['measured_rounds'] - WARMUP)}"
                          for r in (per_run.get((m.label, s)) for s in args.seed_list) if r is not None)
         lines.append(
             f"| {m.label} | `{m.spec}` | {stats.fmt_interval(stats.Interval(**_iv(a['final_accuracy'])))} | "
@@ -288,11 +289,12 @@ def table(agg: dict, args: argparse.Namespace, per_run: dict) -> str:
         per_seed = ", ".join(
             f"{per_run[('adaptive', s)]['final_accuracy'] - per_run[(cmp_['best_fixed'], s)]['final_accuracy']:+.4f}"
             for s in args.seed_list if ("adaptive", s) in per_run and (cmp_["best_fixed"], s) in per_run)
+        more_accurate = "adaptive more accurate" if d.mean > 0 else f"{cmp_['best_fixed']} more accurate"
         lines += ["", f"Adaptive − best fixed (`{cmp_['best_fixed']}`) final accuracy, paired by seed: "
                       f"{stats.fmt_interval(d, '.4f', signed=True)}{bounds}; per seed {per_seed} (mean "
                       f"{'within' if cmp_['within_1_point'] else 'NOT within'} 1 point; the whole interval "
                       f"{'is' if cmp_.get('within_1_point_at_95') else 'is not'} above −1 point; "
-                      f"{stats.verdict(d, what='adaptive more accurate')})."]
+                      f"{stats.verdict(d, what=more_accurate)})."]
     loads = [r["load_average_at_end"][0] for r in per_run.values() if r.get("load_average_at_end")]
     if loads:
         lines += ["", f"Load average (1 min) at the end of each run: {min(loads):.2f}–{max(loads):.2f} "

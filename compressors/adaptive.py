@@ -31,6 +31,22 @@ costs tens of milliseconds per update on a loaded machine, more than it saves on
 c(ℓ) is the worker's own average plus the difference between the levels' average compute times
 over all workers (a level not used yet: that of the nearest used level). The link model lumps the fixed per-message costs
 (parsing, the worker loading the model) into B; that is what the target is measured against.
+Once the worker has used ℓ in ``MEASURED_MIN`` rounds or more, the prediction is at least the median
+of its own measured round trips at ℓ over the last ``MEASURED_AGE`` rounds (the model misjudges fixed costs when it scales B).
+
+**Staying within the target** (three rules on top of the prediction):
+
+* *climb one level at a time into the unknown*: a level above the worker's current one whose bytes
+  and compute time nobody has measured yet may only be the next level up (its bytes are scaled
+  from a neighbour's, and an entropy coder's bytes do not grow in proportion to the bits); levels
+  already measured (by any worker) and every lower level may be chosen directly;
+* *react to a miss*: a round whose measured round trip exceeds the target at level ℓ bars ℓ and
+  every level above it for that worker for ``COOLDOWN`` rounds, doubled for each further miss at
+  ℓ (at most ``MAX_COOLDOWN``), so the worker does not oscillate between a level that misses and
+  one below. A miss that no cheaper level would have avoided under that round's own measured
+  throughput and compute time (the machine stalled the worker's training) bars nothing: the
+  median estimates already ignore such a round, and dropping the rate would not help;
+* *headroom*: levels are planned against ``headroom · target``.
 
 **Error feedback** (``ef=1``, the default) is kept by the wrapper, not the inner codecs (which run
 with ``ef=0``): one memory per tensor, ``v = x + e; send C_ℓ(v); e ← v − C_ℓ⁻¹(C_ℓ(v))``, whatever
@@ -82,6 +98,14 @@ WINDOW = 9
 MIN_TRANSFER_S = 1e-3
 # Rounds of choices kept for the summary and the checkpoint (a bound on memory for long runs).
 MAX_HISTORY = 100_000
+# A worker's own measured round trips at a level count for the prediction this many rounds long: long
+# enough to span a stay at a level, short enough that a link that got faster is tried again.
+MEASURED_AGE = 50
+MEASURED_MIN = 3  # fewer samples: one stalled round would be the median
+# After a round over the target at a level, the level (and those above) is barred for the worker for
+# this many rounds, doubled at each further miss there, at most MAX_COOLDOWN.
+COOLDOWN = 8
+MAX_COOLDOWN = 64
 
 
 def level_key(rank: int) -> str:
@@ -363,6 +387,10 @@ class AdaptiveState(CrossWorkerState):
         self.level_compute: dict[int, list[float]] = {}  # the last compute times (training + encoding) at each level
         self.history: list[RoundChoice] = []
         self.open: RoundChoice | None = None
+        self.current: dict[int, int] = {}  # each worker's level in its last chosen round
+        self.measured: dict[int, dict[int, list[tuple[int, float]]]] = {}  # rank -> level -> (round, seconds)
+        self.misses: dict[int, dict[int, int]] = {}  # rank -> level -> rounds over the target there
+        self.barred: dict[int, dict[int, int]] = {}  # rank -> level -> round from which it may be used again
 
     # -------------------------------------------------------------- the choice
 
@@ -395,35 +423,76 @@ class AdaptiveState(CrossWorkerState):
             return est.compute_s
         return max(0.0, est.compute_s + here - there)
 
-    def predicted_seconds(self, rank: int, level: int) -> float | None:
+    def measured_seconds(self, rank: int, level: int, round_: int) -> float | None:
+        """The median of the worker's own round trips at ``level`` in the last ``MEASURED_AGE`` rounds."""
+        recent = [s for r, s in self.measured.get(rank, {}).get(level, []) if round_ - r <= MEASURED_AGE]
+        return float(np.median(recent)) if len(recent) >= MEASURED_MIN else None
+
+    def predicted_seconds(self, rank: int, level: int, round_: int | None = None) -> float | None:
         est, up = self.links.get(rank), self.predicted_bytes(level)
         if est is None or up is None:
             return None
-        return self.predicted_compute(est, level) + (est.downlink_bytes + up) / max(est.throughput, 1.0)
+        model = self.predicted_compute(est, level) + (est.downlink_bytes + up) / max(est.throughput, 1.0)
+        seen = None if round_ is None else self.measured_seconds(rank, level, round_)
+        return model if seen is None else max(model, seen)
 
-    def choose(self, rank: int) -> int:
+    def allowed(self, rank: int, level: int, round_: int) -> bool:
+        """Whether the climbing and miss rules let the worker use ``level`` in round ``round_``."""
+        if any(lv <= level and round_ < until for lv, until in self.barred.get(rank, {}).items()):
+            return False
+        current = self.current.get(rank, self.codec.start)
+        known = level in self.level_bytes and level in self.level_compute
+        return level <= current + 1 or known
+
+    def choose(self, rank: int, round_: int) -> int:
         c = self.codec
         if rank not in self.links or not self.level_bytes:
             return c.start
-        best, fastest, fastest_s = None, 0, math.inf
+        best, fastest, fastest_s = None, None, math.inf
         for level in range(len(c.rate_values)):
             up = self.predicted_bytes(level)
-            seconds = self.predicted_seconds(rank, level)
-            if up is None or seconds is None or (c.budget and up > c.budget):
+            seconds = self.predicted_seconds(rank, level, round_)
+            if up is None or seconds is None or (c.budget and up > c.budget) or not self.allowed(rank, level, round_):
                 continue
             if seconds < fastest_s:
                 fastest, fastest_s = level, seconds
             if not c.target or seconds <= c.headroom * c.target:
                 best = level
-        return best if best is not None else fastest
+        if best is not None:
+            return best
+        return fastest if fastest is not None else 0  # level 0 is never barred
+
+    def react_to_miss(self, rank: int, level: int, sample: LinkSample) -> None:
+        """A round over the target at ``level``: bar it and the levels above for a while, unless no
+        cheaper level would have made the target under this round's own throughput and compute time."""
+        c = self.codec
+        seconds = sample.compute_seconds + sample.transfer_seconds
+        if not c.target or seconds <= c.target or level == 0:
+            return
+        throughput = max(sample_throughput(sample), 1.0)
+        known = self.level_compute_estimate(level)
+        here = sample.compute_seconds if known is None else known
+
+        def then(j: int) -> float:  # this round's conditions at level j
+            estimate = self.level_compute_estimate(j)
+            compute = sample.compute_seconds + (here if estimate is None else estimate) - here
+            return max(0.0, compute) + (sample.downlink_bytes + (self.predicted_bytes(j) or 0.0)) / throughput
+
+        if not any(then(j) <= c.target for j in range(level)):
+            return
+        misses = self.misses.setdefault(rank, {})
+        misses[level] = misses.get(level, 0) + 1
+        cooldown = min(MAX_COOLDOWN, COOLDOWN * 2 ** (misses[level] - 1))
+        self.barred.setdefault(rank, {})[level] = sample.round + 1 + cooldown
 
     # -------------------------------------------------------------- the hooks
 
     def open_round(self, round_: int, ranks: list[int]) -> Mapping[str, float]:
-        levels = {rank: self.choose(rank) for rank in ranks}
+        levels = {rank: self.choose(rank, round_) for rank in ranks}
+        self.current.update(levels)
         choice = RoundChoice(round_, levels)
         for rank, level in levels.items():
-            seconds = self.predicted_seconds(rank, level)
+            seconds = self.predicted_seconds(rank, level, round_)
             if seconds is not None:
                 choice.predicted_s[rank] = seconds
         self.open = choice
@@ -446,18 +515,26 @@ class AdaptiveState(CrossWorkerState):
         choice = self.open if self.open is not None and self.open.round == sample.round else None
         level = choice.levels.get(rank, self.codec.start) if choice is not None else None
         if level is not None and choice is not None:
+            self.react_to_miss(rank, level, sample)  # with the estimates from before this round
             old = self.level_bytes.get(level)
             up = float(sample.uplink_bytes)
             self.level_bytes[level] = up if old is None else SMOOTHING * up + (1 - SMOOTHING) * old
             self.level_compute[level] = [*self.level_compute.get(level, []), sample.compute_seconds][-WINDOW:]
             self.links[rank].level = level
-            choice.measured_s[rank] = sample.compute_seconds + sample.transfer_seconds
+            seconds = sample.compute_seconds + sample.transfer_seconds
+            seen = self.measured.setdefault(rank, {})
+            seen[level] = [*seen.get(level, []), (sample.round, seconds)][-WINDOW:]
+            choice.measured_s[rank] = seconds
             choice.throughput[rank] = sample_throughput(sample)
             choice.uplink_bytes[rank] = int(sample.uplink_bytes)
 
     def forget_worker(self, rank: int) -> None:
         # A reconnecting worker may be on another link: measure it afresh.
         self.links.pop(rank, None)
+        self.current.pop(rank, None)
+        self.measured.pop(rank, None)
+        self.misses.pop(rank, None)
+        self.barred.pop(rank, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -466,6 +543,11 @@ class AdaptiveState(CrossWorkerState):
             "level_bytes": {str(k): v for k, v in self.level_bytes.items()},
             "level_compute": {str(k): list(v) for k, v in self.level_compute.items()},
             "history": [h.to_dict(self.codec.rate_values) for h in self.history],
+            "current": {str(r): lv for r, lv in self.current.items()},
+            "measured": {str(r): {str(lv): [list(x) for x in v] for lv, v in m.items()}
+                         for r, m in self.measured.items()},
+            "misses": {str(r): {str(lv): n for lv, n in m.items()} for r, m in self.misses.items()},
+            "barred": {str(r): {str(lv): u for lv, u in m.items()} for r, m in self.barred.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -481,6 +563,19 @@ class AdaptiveState(CrossWorkerState):
                               for k, v in state["level_compute"].items() if 0 <= int(k) < levels}
         self.history = [RoundChoice.from_dict(h) for h in state["history"]]
         self.open = None
+
+        def by_level(m: Mapping[str, Any]) -> dict[int, Any]:  # levels outside this ladder are dropped
+            return {int(lv): v for lv, v in m.items() if 0 <= int(lv) < levels}
+
+        # Absent from checkpoints written before the climbing and miss rules: start without them.
+        self.current = {int(r): int(lv) for r, lv in state.get("current", {}).items() if 0 <= int(lv) < levels}
+        self.measured = {int(r): {lv: [(int(x[0]), float(x[1])) for x in v][-WINDOW:]
+                                  for lv, v in by_level(m).items()}
+                         for r, m in state.get("measured", {}).items()}
+        self.misses = {int(r): {lv: int(n) for lv, n in by_level(m).items()}
+                       for r, m in state.get("misses", {}).items()}
+        self.barred = {int(r): {lv: int(u) for lv, u in by_level(m).items()}
+                       for r, m in state.get("barred", {}).items()}
 
     def stats(self) -> dict[str, Any]:
         rates = self.codec.rate_values

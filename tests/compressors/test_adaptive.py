@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradwire.compressors.adaptive import DEFAULT_KEY, AdaptiveState, level_key
+from gradwire.compressors.adaptive import COOLDOWN, DEFAULT_KEY, AdaptiveState, level_key
 from gradwire.compressors.base import CodecError, LinkSample, RoundContext, TensorSpec
 from gradwire.compressors.registry import create_codec
 from gradwire.compressors.spec import SpecError
@@ -210,7 +210,8 @@ def test_hostile_or_empty_samples_are_ignored_and_a_departed_worker_is_measured_
     assert state.open_round(1, [0])[level_key(0)] == 1.0
     state.observe_link(0, sample(1, 31_000, 1e-9))  # a zero transfer (loopback): clamped, not infinite
     assert math.isfinite(state.links[0].throughput)
-    assert state.open_round(2, [0])[level_key(0)] == 3.0
+    # the fastest link there is, but levels 2 and 3 were never measured: one level up at a time
+    assert state.open_round(2, [0])[level_key(0)] == 2.0
     state.forget_worker(0)
     assert state.open_round(3, [0])[level_key(0)] == 1.0
 
@@ -262,5 +263,60 @@ def test_a_round_slowed_by_the_machine_does_not_swing_the_choice():
         chosen.append(level)
         compute = 0.6 if r % 4 == 3 else 0.02
         state.observe_link(0, LinkSample(r, DOWN, sizes[level], (DOWN + sizes[level]) * 8 / 10e6, compute))
-    # 10 Mbit/s: fp16 takes 0.02 + 0.30 s and fits 0.8 x 0.45 s; dense (0.42 s) does not
-    assert chosen[2:] == [3] * 14, chosen
+    # 10 Mbit/s: fp16 takes 0.02 + 0.30 s and fits 0.8 x 0.45 s; dense (0.42 s) does not. The
+    # stalled rounds (0.6 s of training) miss the target at any level, so they bar nothing.
+    assert chosen[:3] == [0, 1, 2] and chosen[3:] == [3] * 13, chosen  # climbing one level per round
+
+
+def test_the_rate_climbs_one_level_at_a_time_into_levels_nobody_measured():
+    """An entropy coder's bytes do not grow in proportion to its bits: scaled from 2 bits (1 kB),
+    dense would look like 16 kB and fit a 5 Mbit/s link's 0.2 s target; it is 247 kB (0.42 s)."""
+    state = create_codec("adaptive:rates=(2,4,8,16,32),target=0.2,headroom=0.8").make_cross_worker_state()
+    down, sizes = 16_000, {0: 1_000, 1: 10_000, 2: 27_000, 3: 124_000, 4: 247_000}
+    compute = {0: 0.04, 1: 0.04, 2: 0.04, 3: 0.01, 4: 0.01}  # the entropy coder's encoding, or a cast
+    chosen, measured = [], []
+    for r in range(30):
+        level = int(state.open_round(r, [0])[level_key(0)])
+        chosen.append(level)
+        sample = LinkSample(r, down, sizes[level], (down + sizes[level]) * 8 / 5e6, compute[level])
+        measured.append(sample.transfer_seconds + sample.compute_seconds)
+        state.observe_link(0, sample)
+    assert all(b - a <= 1 for a, b in zip(chosen, chosen[1:], strict=False)), chosen
+    assert 4 not in chosen, chosen  # dense (0.42 s) never tried
+    # fp16 is tried once (0.234 s, its scaled bytes said 0.15 s), then barred: 8 bits (0.11 s) fits
+    assert sum(m > 0.2 for m in measured) == 1 and chosen[-1] == 2, (chosen, measured)
+
+
+def test_a_round_over_the_target_bars_the_level_for_a_while_and_longer_after_each_miss():
+    """A link hiccup (1.5 x the transfer time) makes fp16 miss the 0.45 s target where 8 bits would
+    have made it: the worker drops below fp16 for COOLDOWN rounds, then for twice as long after a
+    second miss, instead of returning at once (its median throughput ignores one slow round)."""
+    codec = create_codec("adaptive:rates=(2,4,8,16,32),target=0.45,headroom=0.8")
+    state = codec.make_cross_worker_state()
+    sizes = {0: 16_000, 1: 31_000, 2: 62_000, 3: 124_000, 4: 247_000}
+    chosen = []
+    for r in range(40):
+        if r == 10:  # the bars survive a checkpoint
+            restored = codec.make_cross_worker_state()
+            restored.load_state_dict(state.state_dict())
+            state = restored
+        level = int(state.open_round(r, [0])[level_key(0)])
+        chosen.append(level)
+        hiccup = 1.5 if r in (6, 16) else 1.0
+        state.observe_link(0, LinkSample(r, DOWN, sizes[level], hiccup * (DOWN + sizes[level]) * 8 / 10e6, 0.02))
+    first_bar, second_bar = range(7, 7 + COOLDOWN), range(17, 17 + 2 * COOLDOWN)
+    assert chosen[:4] == [0, 1, 2, 3] and chosen[6] == chosen[16] == 3, chosen
+    assert all(chosen[r] == 2 for r in (*first_bar, *second_bar)), chosen
+    assert chosen[7 + COOLDOWN] == 3 and chosen[17 + 2 * COOLDOWN:] == [3] * (40 - 17 - 2 * COOLDOWN), chosen
+
+
+def test_the_prediction_is_at_least_the_workers_own_measured_round_trips_at_the_level():
+    state = create_codec("adaptive:rates=(2,4,8,16,32),target=0.45").make_cross_worker_state()
+    drive(state, 3, {0: 8 / 10e6})
+    model = state.predicted_seconds(0, 1)
+    assert model is not None and model < 0.3
+    state.measured[0] = {1: [(1, 0.5), (2, 0.6)]}
+    assert state.predicted_seconds(0, 1, 3) == model  # two rounds: one stalled round would be the median
+    state.measured[0][1].append((3, 0.55))
+    assert state.predicted_seconds(0, 1, 4) == pytest.approx(0.55)
+    assert state.predicted_seconds(0, 1, 60) == model  # older than MEASURED_AGE rounds: the link may have changed

@@ -67,3 +67,15 @@ def test_quick_preset_runs_end_to_end(tmp_path, capsys):
     table = (out / "table.md").read_text()
     assert "| adaptive |" in table and "| dense |" in table and "unshaped" in table
     assert "rounds within target" in capsys.readouterr().out
+
+
+def test_rounds_over_target_are_counted_with_and_without_the_warm_up_and_rate_changes_after_it():
+    warm = adaptive.WARMUP
+    trips = [0.9] * warm + [0.3, 0.5, 0.3, 0.3]  # every warm-up round over 0.45 s, one round after it
+    rates = [{"0": 2.0}] * warm + [{"0": 8.0}, {"0": 16.0}, {"0": 8.0}, {"0": 8.0}]
+    f = adaptive.run_figures(summary(0.8, {0: trips}, rates), target=0.45)
+    assert f["rounds_over_target"] == warm + 1 and f["rounds_over_target_after_warmup"] == 1
+    assert f["within_target"] == pytest.approx(3 / (warm + 4)) and f["within_target_after_warmup"] == 0.75
+    # rounds are numbered from 0 here: the changes into rounds warm+1 (16) and warm+2 (8) count, the
+    # one into round warm (8, the warm-up's end) does not
+    assert f["switches_after_warmup_by_rank"] == {"0": 2}

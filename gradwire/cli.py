@@ -102,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         return bytes_main(argv[1:])
     args = build_parser().parse_args(argv)
     _logging(args.verbose, args.command)
-    if args.command in ("server", "worker"):
+    if args.command == "worker":
         from gradwire.memory import keep_large_blocks
 
-        keep_large_blocks()  # model-sized blocks every round: reuse mapped pages (gradwire/memory.py)
+        # model-sized blocks every round: reuse mapped pages (gradwire/memory.py); the PS decides
+        # from its model's size (server/app.py serve)
+        keep_large_blocks()
     if args.command == "server":
         from gradwire.server.config import config_from_args
         from gradwire.taskref import resolve_factory

@@ -14,6 +14,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gradwire.memory import keep_large_blocks
 from gradwire.protocol import SERVICE_NAME
 from gradwire.server.admission import (
     StreamGate,
@@ -35,6 +36,10 @@ log = logging.getLogger("gradwire.server")
 # gRPC answers keepalive pings so that a worker behind NAT (compose bridge) keeps
 # its long-lived stream open through idle seconds of aggregation and evaluation.
 KEEPALIVE_MS = 20_000
+
+
+MODEL_BYTES_PER_PARAM = 4  # float32
+KEEP_BLOCKS_FROM_MODEL_BYTES = 8 * 2**20  # see serve(): from here on the page faults of mmap'd blocks count
 
 
 @dataclass
@@ -106,9 +111,17 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
 def serve(config: ServerConfig, task: Task | None = None) -> int:
     """`gradwire server`: run until the rounds are done (or SIGTERM), write the summary."""
     limit_cpu_threads(1)
-    return_large_buffers_to_the_os()  # a hostile message's buffers do not stay resident after it is refused
     log.info("config %s", config.to_json())
     running = start_server(config, task)
+    # Two glibc policies, by model size. A large model's blocks (updates, broadcasts) are freed and
+    # allocated again every round: kept in the heap, their pages stay mapped (gradwire/memory.py; a
+    # fresh mmap costs ~0.5 ms of page faults per MB). A small model's blocks cost little either
+    # way, and there a hostile peer's refused messages are the largest blocks the PS sees: served
+    # by mmap, their memory goes back to the OS when they are freed (admission.py; `gradwire fuzz`).
+    if MODEL_BYTES_PER_PARAM * running.engine.params >= KEEP_BLOCKS_FROM_MODEL_BYTES:
+        keep_large_blocks()
+    else:
+        return_large_buffers_to_the_os()
     host = config.address.rsplit(":", 1)[0]
     print(f"listening on {host}:{running.port}", flush=True)
     log.info("largest message received: %d bytes (an honest update for this model; --max-message-mb caps it)",

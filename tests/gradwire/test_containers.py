@@ -182,7 +182,14 @@ def test_compose_cluster_trains_and_interface_bytes_match_protobuf(cluster):
               file=sys.stderr)
 
     # 2. The compose `report` service printed the table from the run's summary.
-    report_log = _run(["docker", "compose", "-p", project, "logs", "--no-color", "report"], env).stdout
+    # It prints once the PS has written the summary, which may be a moment after Status says the
+    # rounds are done: poll its log (a race that failed CI once).
+    deadline = time.monotonic() + 120
+    while True:
+        report_log = _run(["docker", "compose", "-p", project, "logs", "--no-color", "report"], env).stdout
+        if ("gradwire bytes" in report_log and "(PS)" in report_log) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     assert "gradwire bytes" in report_log and "(PS)" in report_log, report_log[-2000:]
 
     # 3. After the PS stopped: the summary copied out of the stopped container, recorded counters.

@@ -422,26 +422,9 @@ def _read_varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
 
 def _fields(buf: memoryview, start: int, end: int):
     """(field number, start, end) of each length-delimited field in buf[start:end]; others skipped."""
-    i = start
-    while i < end:
-        key, i = _read_varint(buf, i, end)
-        wire_type = key & 7
-        if wire_type == 0:
-            _, i = _read_varint(buf, i, end)
-        elif wire_type == 1:
-            i += 8
-        elif wire_type == 5:
-            i += 4
-        elif wire_type == 2:
-            size, i = _read_varint(buf, i, end)
-            if i + size > end:
-                raise _Framing
-            yield key >> 3, i, i + size
-            i += size
-        else:  # groups: not in gradwire.v1
-            raise _Framing
-    if i > end:
-        raise _Framing
+    for number, wire_type, _, value_start, field_end in _spans(buf, start, end):
+        if wire_type == 2:
+            yield number, value_start, field_end
 
 
 def _tensor_header_bytes(buf: memoryview, start: int, end: int, depth: int) -> int:

@@ -124,6 +124,8 @@ def raw_server(port: int, workers: int, rounds: int, down_bytes: int) -> None:
     ``workers`` messages of a round are in, every stream gets ``down_bytes`` back."""
     import grpc
 
+    from gradwire.channel import flow_control_options
+
     reply = os.urandom(down_bytes)
     cond = threading.Condition()
     state = {"round": 0, "arrived": 0, "ended": 0}
@@ -150,7 +152,10 @@ def raw_server(port: int, workers: int, rounds: int, down_bytes: int) -> None:
                     done.set()
 
     limit = 2 * max(down_bytes, 1) + 2**20
-    opts = [("grpc.max_receive_message_length", 64 * 2**20 * 4), ("grpc.max_send_message_length", limit)]
+    # The same HTTP/2 flow control as gradwire's server and worker (gradwire.channel), so the
+    # ratio measures gradwire's own work, not a transport setting.
+    opts = [("grpc.max_receive_message_length", 64 * 2**20 * 4), ("grpc.max_send_message_length", limit),
+            *flow_control_options(64 * 2**20 * 4)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers + 4), options=opts)
     handler = grpc.stream_stream_rpc_method_handler(exchange)  # no (de)serializer: bytes as they are
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("rawbench.Bytes", {"Exchange": handler}),))
@@ -164,10 +169,13 @@ def raw_server(port: int, workers: int, rounds: int, down_bytes: int) -> None:
 def raw_client(port: int, rounds: int, up_bytes: int) -> None:
     import grpc
 
+    from gradwire.channel import flow_control_options
+
     payload = os.urandom(up_bytes)
     limit = 64 * 2**20 * 4
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
-        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+        *flow_control_options(limit)])
     grpc.channel_ready_future(channel).result(timeout=60)
     outbox: queue.Queue = queue.Queue()
 
@@ -197,6 +205,7 @@ def emulated_workers(port: int, workers: int, rounds: int, task_ref: str) -> Non
     import numpy as np
 
     from gradwire import protocol
+    from gradwire.channel import flow_control_options
     from gradwire.compressors.base import RoundContext
     from gradwire.compressors.registry import create_codec
     from gradwire.compressors.update import UpdateEncoder
@@ -211,7 +220,8 @@ def emulated_workers(port: int, workers: int, rounds: int, task_ref: str) -> Non
     tensors = tuple(UpdateEncoder(create_codec("dense"), specs).encode(grads, RoundContext(0, 0, 0, 1), None))
     limit = 64 * 2**20
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
-        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+        *flow_control_options(limit)])
     grpc.channel_ready_future(channel).result(timeout=60)
 
     def one(rank: int) -> None:

@@ -14,6 +14,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gradwire.channel import flow_control_options
 from gradwire.memory import keep_large_blocks
 from gradwire.protocol import SERVICE_NAME
 from gradwire.server.admission import (
@@ -88,6 +89,7 @@ def start_server(config: ServerConfig, task: Task | None = None) -> RunningServe
             ("grpc.max_send_message_length", send_limit),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+            *flow_control_options(receive_limit),
         ],
     )
     server.add_generic_rpc_handlers((generic_handler(GradientExchangeServicer(engine, credentials, gate)),))

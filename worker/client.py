@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import protocol
-from gradwire.channel import client_channel
+from gradwire.channel import client_channel, flow_control_options
 from gradwire.protocol import SERVICE_NAME, TRAIN_METHOD
 
 log = logging.getLogger("gradwire.worker")
@@ -30,6 +30,7 @@ def open_channel(target: str, max_message_mb: int, **security: str) -> grpc.Chan
             ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.enable_retries", 0),
+            *flow_control_options(limit),
         ],
     )
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -38,10 +37,11 @@ from gradwire.tasks import make_task, shard_indices
 WORLD_SIZE = 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(out_dir: str) -> str:
+    # A file store in the run's own directory, not a TCP store on a port found free a moment
+    # before: another process can take such a port before rank 0 binds it (a race seen once
+    # in a loaded test run). gloo's own rank-to-rank connections bind port 0 and are unaffected.
+    return "file://" + str(Path(out_dir, "rendezvous"))
 
 
 def train_one(rank: int, codec: str, steps: int, lr: float = 0.1, batch: int = 32) -> dict:
@@ -73,10 +73,10 @@ def train_one(rank: int, codec: str, steps: int, lr: float = 0.1, batch: int = 3
     return report
 
 
-def train(rank: int, codecs: list[str], steps: int, port: int, out_dir: str) -> None:
+def train(rank: int, codecs: list[str], steps: int, out_dir: str) -> None:
     """One spawned rank: every codec in turn, in one process group (start-up is the slow part)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=rendezvous(out_dir), rank=rank, world_size=WORLD_SIZE)
     try:
         reports = [train_one(rank, codec, steps) for codec in codecs]
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(reports))
@@ -87,7 +87,7 @@ def train(rank: int, codecs: list[str], steps: int, port: int, out_dir: str) -> 
 def run(codecs: list[str], steps: int) -> list[list[dict]]:
     """Train on 2 spawned processes; per codec, each rank's report."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(train, args=(codecs, steps, free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
+        mp.spawn(train, args=(codecs, steps, out_dir), nprocs=WORLD_SIZE, join=True)
         by_rank = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
     return [[by_rank[r][i] for r in range(WORLD_SIZE)] for i in range(len(codecs))]
 

@@ -77,7 +77,7 @@ def test_refusals_before_any_communication():
     assert not dist.is_initialized()
 
 
-def test_hook_state_checkpoint_resumes_bit_for_bit(example):
+def test_hook_state_checkpoint_resumes_bit_for_bit(example, tmp_path):
     """A one-rank gloo group in this process: train, checkpoint the hook state and the model,
     continue; a fresh model and hook restored from the checkpoint continue identically."""
     import copy
@@ -88,7 +88,7 @@ def test_hook_state_checkpoint_resumes_bit_for_bit(example):
 
     from gradwire.tasks import make_task
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{example.free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=example.rendezvous(str(tmp_path)), rank=0, world_size=1)
     try:
         task = make_task("digits", seed=0)
         batches = [(torch.from_numpy(task.dataset.train_x[i * 32:(i + 1) * 32]),

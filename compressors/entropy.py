@@ -265,9 +265,9 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
 class _Code:
     """Everything derived from one length vector: encoder tables and the multi-symbol decode table.
 
-    The encoder's pair tables and the decoder's window table are built on first use, so a
-    decoder (the PS) never pays for the encoder's ((n+1)^2 entries, ~1 MB at 8 bits) and an
-    encoder never builds the 2^W-entry decode table (512 KiB at W = 16).
+    The encoder's pair tables are built on first use and kept with the code, so a decoder (the PS)
+    never pays for them ((n+1)^2 entries, ~1 MB at 8 bits). The decoder's window table (2^W
+    entries, 512 KiB at W = 16) is not kept here but in ``_decode_table``'s cache of two.
     """
 
     def __init__(self, lengths: np.ndarray):
@@ -301,8 +301,7 @@ class _Code:
         pair_lengths = (l1[:, None] + l1[None, :]).reshape(-1)
         return pair_codes, pair_lengths
 
-    @functools.cached_property
-    def table(self) -> np.ndarray:
+    def build_table(self) -> np.ndarray:
         """Multi-symbol table over W-bit windows (decoder only). Entry layout (int64):
         bits 0-4 bits consumed, 5-7 symbols decoded k, 8 invalid, 9+ k symbols of S bits."""
         ln, n, max_len = self.lengths_i64, self.alphabet, self.max_len
@@ -346,10 +345,17 @@ class _Code:
         return table
 
 
-# Small and shared by every encoder and decoder in the process: an entry holds at most one
-# 2^W-entry decode table (512 KiB at W = 16) and the encoder's pair tables, so payloads with
-# ever-new model parameters (hostile fuzzing) cannot grow memory beyond ~16 x 1.5 MB.
+# Shared by every encoder and decoder in the process. An entry is the code itself (a few arrays of
+# one entry per symbol) and, once an encoder used it, the encoder's pair tables (~1 MB at 8 bits;
+# an encoder's codes come from its own statistics, not from a peer).
 CODE_CACHE_SIZE = 16
+# Decode tables are kept for the last two codes only: a decoder's code comes from each payload
+# (Huffman's model parameters, fp8's histogram), so a hostile peer sending ever-new parameters made
+# the PS build and keep a 512 KiB table per distinct code, 16 of them (8.1 MiB traced after 46
+# distinct codes; tests/compressors/test_decode_memory.py). Honest sessions reuse a code within a
+# tensor and from round to round while the statistics hold; a miss rebuilds the table, measured at
+# 6-10 ms for a 2^16-entry table (256- and 16-symbol codes, `_Code(lengths).build_table()`).
+DECODE_TABLE_CACHE_SIZE = 2
 
 
 @functools.lru_cache(maxsize=CODE_CACHE_SIZE)
@@ -357,9 +363,19 @@ def _code(lengths_key: bytes) -> _Code:
     return _Code(np.frombuffer(lengths_key, dtype=np.uint8))
 
 
+@functools.lru_cache(maxsize=DECODE_TABLE_CACHE_SIZE)
+def _decode_table(lengths_key: bytes) -> np.ndarray:
+    return _code(lengths_key).build_table()
+
+
 def code_cache_info():
     """``functools`` statistics of the shared code cache (hits, misses, maxsize, currsize)."""
     return _code.cache_info()
+
+
+def decode_table_cache_info():
+    """``functools`` statistics of the decode table cache (hits, misses, maxsize, currsize)."""
+    return _decode_table.cache_info()
 
 
 def _lengths_key(lengths: np.ndarray) -> bytes:
@@ -595,7 +611,8 @@ def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
 
     The symbols come back as the smallest unsigned dtype holding the alphabet (uint8 up to 256).
     """
-    code = _code(_lengths_key(lengths))
+    key = _lengths_key(lengths)
+    code = _code(key)
     data = _check_count(bytes(data), count, "Huffman")
     count = int(count)
     if count == 0:
@@ -625,7 +642,7 @@ def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     need = np.full(nblocks, block, dtype=np.int64)
     need[-1] = count - (nblocks - 1) * block
     words = _words(stream, (block + _STEP_CHUNK) * code.window)  # room for overrun
-    symbols = _decode_lanes(code, words, starts, need)
+    symbols = _decode_lanes(code, _decode_table(key), words, starts, need)
     # Every lane must end exactly where the next begins; the last one in the last byte.
     lane_first = np.arange(nblocks, dtype=np.int64) * block
     ends = starts + np.add.reduceat(code.lengths_u8[symbols], lane_first, dtype=np.int64)
@@ -639,7 +656,8 @@ def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     return symbols
 
 
-def _decode_lanes(code: _Code, words: np.ndarray, starts: np.ndarray, need: np.ndarray) -> np.ndarray:
+def _decode_lanes(code: _Code, table: np.ndarray, words: np.ndarray, starts: np.ndarray,
+                  need: np.ndarray) -> np.ndarray:
     """Decode ``need[i]`` symbols from lane i (starting at bit ``starts[i]``), all lanes at once.
 
     One step looks up a W-bit window per lane in the multi-symbol table (up to
@@ -656,7 +674,6 @@ def _decode_lanes(code: _Code, words: np.ndarray, starts: np.ndarray, need: np.n
     off = np.empty(nlanes, dtype=np.uint64)
     w0 = np.empty(nlanes, dtype=np.uint64)
     w1 = np.empty(nlanes, dtype=np.uint64)
-    table = code.table
     got = np.zeros(nlanes, dtype=np.int64)
     chunk = _STEP_CHUNK
     t = 0

@@ -13,6 +13,7 @@ from typing import Any
 
 from gradwire.counters import RoundCounters, WorkerCounters
 from gradwire.server.admission import next_rank, prune_records
+from gradwire.server.history import RoundLog
 
 
 @dataclass
@@ -54,10 +55,24 @@ class LedgerSnapshot:
     rounds: tuple[RoundCounters, ...]
 
 
+# Rounds kept as RoundCounters objects: the open round and the one before (the engine fills in a
+# round's results after closing it); older rounds are rows of the compact history.
+RECENT_ROUNDS = 2
+
+
 class Ledger:
     def __init__(self) -> None:
         self.records: dict[str, WorkerRecord] = {}
-        self.rounds: list[RoundCounters] = []
+        self.history = RoundLog()  # rounds before the recent ones, in order (server/history.py)
+        self.recent: list[RoundCounters] = []
+
+    def round_count(self) -> int:
+        """Rounds opened and kept (after a resume: the checkpoint's closed rounds, then the new ones)."""
+        return len(self.history) + len(self.recent)
+
+    def all_rounds(self) -> list[RoundCounters]:
+        """Every round in order, as new RoundCounters objects (a copy: O(rounds) objects)."""
+        return [*self.history, *(copy.copy(e) for e in self.recent)]
 
     # ---------------------------------------------------------------- workers
 
@@ -91,26 +106,28 @@ class Ledger:
         record.counters.downlink_message_bytes += message_bytes
         record.counters.downlink_payload_bytes += payload_bytes
         record.counters.downlink_models += models
-        if in_round and self.rounds:
-            entry = self.rounds[-1]
+        if in_round and self.recent:
+            entry = self.recent[-1]
             entry.downlink_message_bytes += message_bytes
             entry.downlink_payload_bytes += payload_bytes
 
     # ---------------------------------------------------------------- rounds
 
     def open_round(self, round_: int, lr: float) -> None:
-        self.rounds.append(RoundCounters(round=round_, lr=lr))
+        self.recent.append(RoundCounters(round=round_, lr=lr))
+        while len(self.recent) > RECENT_ROUNDS:
+            self.history.append(self.recent.pop(0))
 
     def current_round(self) -> RoundCounters:
-        return self.rounds[-1]
+        return self.recent[-1]
 
     def drop_open_round(self) -> None:
         """The run ended before the open round closed."""
-        self.rounds.pop()
+        self.recent.pop()
 
     def close_round(self, updates: Mapping[str, tuple[int, int]], stragglers: int, train_loss: float) -> RoundCounters:
         """``updates``: worker id -> (payload bytes, message bytes) of each aggregated update."""
-        entry = self.rounds[-1]
+        entry = self.recent[-1]
         entry.uplink_payload_bytes = sum(p for p, _ in updates.values())
         entry.uplink_message_bytes = sum(m for _, m in updates.values())
         entry.workers = len(updates)
@@ -122,7 +139,7 @@ class Ledger:
 
     def closed_rounds(self) -> list[RoundCounters]:
         """Rounds in which some update was aggregated."""
-        return [e for e in self.rounds if e.workers > 0]
+        return [e for e in self.all_rounds() if e.workers > 0]
 
     # ---------------------------------------------------------------- copies
 
@@ -130,18 +147,21 @@ class Ledger:
         return LedgerSnapshot(
             round=round_, phase=phase,
             records=tuple(copy.deepcopy(r) for r in sorted(self.records.values(), key=lambda r: r.rank)),
-            rounds=tuple(copy.copy(e) for e in self.rounds),
+            rounds=tuple(self.all_rounds()),
         )
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "records": {w: r.to_dict() for w, r in self.records.items()},
-            "rounds": [e.to_dict() for e in self.rounds],
+            "rounds": [e.to_dict() for e in self.all_rounds()],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Back to a checkpoint's ledger; every worker is disconnected until it reconnects."""
-        self.rounds = [e for e in (RoundCounters.from_dict(d) for d in state["rounds"]) if e.workers > 0]
+        self.history, self.recent = RoundLog(), []
+        for e in (RoundCounters.from_dict(d) for d in state["rounds"]):
+            if e.workers > 0:
+                self.history.append(e)
         self.records = {}
         for w, d in state["records"].items():
             record = WorkerRecord.from_dict(d)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 
@@ -34,6 +34,12 @@ MAX_WORKER_ID_CHARS = 128
 MAX_HOSTNAME_CHARS = 255
 # Reasons quoted back from attacker-chosen content (decoder messages) are cut to this length.
 MAX_REASON_CHARS = 1024
+# A WorkerReport's codec statistics are kept in the worker's ledger record until the run ends (for the
+# summary): at most this many, with names of at most this many characters. Honest workers send up to
+# 17 (m22), none longer than 33 characters; without a bound a report as large as the message limit
+# was kept whole, for each of up to MAX_RECORDS worker ids.
+MAX_CODEC_STATS = 64
+MAX_CODEC_STAT_CHARS = 64
 
 
 # What a WorkerMessage carries beside its tensors: the Update's scalars and timing, a Hello's id,
@@ -82,6 +88,16 @@ def check_worker_id(worker_id: str) -> str | None:
         return f"worker id of {len(worker_id)} characters (at most {MAX_WORKER_ID_CHARS})"
     if not worker_id.isprintable() or any(c.isspace() for c in worker_id):
         return f"worker id {printable(worker_id, 40)!r} has control or space characters"
+    return None
+
+
+def check_codec_stats(stats: Mapping[str, float]) -> str | None:
+    """Why a WorkerReport's codec statistics are refused, or None."""
+    if len(stats) > MAX_CODEC_STATS:
+        return f"{len(stats)} codec statistics in a report (at most {MAX_CODEC_STATS})"
+    longest = max(map(len, stats), default=0)
+    if longest > MAX_CODEC_STAT_CHARS:
+        return f"a codec statistic named with {longest} characters (at most {MAX_CODEC_STAT_CHARS})"
     return None
 
 

@@ -55,6 +55,7 @@ from gradwire.protocol import (
     Welcome,
     WorkerReport,
 )
+from gradwire.server.admission import check_codec_stats
 from gradwire.server.aggregation import ServerOptimizer
 from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from gradwire.server.config import ServerConfig
@@ -377,6 +378,9 @@ class RoundEngine:
             self.ledger.count_downlink(session.record, nbytes, payload, models, in_round=self.phase != "waiting")
 
     def report(self, session: Session, report: WorkerReport, message_bytes: int) -> None:
+        refusal = check_codec_stats(report.codec_stats)
+        if refusal:
+            raise Rejected("INVALID_ARGUMENT", refusal)
         with self.cond:
             rec = session.record
             self.ledger.count_control(rec, message_bytes)

@@ -13,7 +13,7 @@ import pytest
 from gradwire import protocol
 from gradwire.compressors.bounds import max_payload_bytes
 from gradwire.protocol import SERVICE_NAME
-from gradwire.server.admission import printable, receive_limit_bytes
+from gradwire.server.admission import MAX_CODEC_STAT_CHARS, MAX_CODEC_STATS, printable, receive_limit_bytes
 from gradwire.status import fetch_status
 from gradwire.v1 import exchange_pb2 as pb
 
@@ -90,6 +90,35 @@ def test_a_long_hostname_is_cut_and_escaped_before_the_ledger_keeps_it(make_serv
     assert worker.recv().WhichOneof("body") == "welcome"
     hostname = running.engine.records["w0"].hostname
     assert len(hostname) <= 256 and "\x1b" not in hostname
+
+
+def test_a_report_with_more_or_longer_codec_stats_than_any_codec_sends_is_refused(make_server, manual_workers):
+    """The ledger keeps a worker's last WorkerReport statistics until the run ends (for the summary),
+    per worker id: a report as large as the message limit allowed used to be kept whole."""
+    running = make_server(workers=1, rounds=1)
+    target = f"127.0.0.1:{running.port}"
+    for stats in ({f"s{i}": 1.0 for i in range(MAX_CODEC_STATS + 1)}, {"s" * (MAX_CODEC_STAT_CHARS + 1): 1.0}):
+        worker = manual_workers(target)
+        assert worker.hello("w0").WhichOneof("body") == "welcome"
+        worker.send(pb.WorkerMessage(report=pb.WorkerReport(codec_stats=stats)))
+        with pytest.raises(grpc.RpcError) as err:
+            worker.recv()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert running.engine.records["w0"].codec_stats == {}
+        _wait_until(lambda: "w0" not in running.engine.sessions)
+    # what an honest worker sends (m22 sends the most: 17, none longer than 33 characters) is kept
+    honest = {f"stat_{i}_" + "x" * 40: float(i) for i in range(MAX_CODEC_STATS)}
+    worker = manual_workers(target)
+    assert worker.hello("w0").WhichOneof("body") == "welcome"
+    worker.send(pb.WorkerMessage(report=pb.WorkerReport(codec_stats=honest)))
+    _wait_until(lambda: running.engine.records["w0"].codec_stats == honest)
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_printable_cuts_and_escapes():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import grpc
 
@@ -133,22 +133,28 @@ class StreamGate:
 
 
 # Ledger records the PS keeps at most; beyond, departed workers that never had an update
-# aggregated are forgotten first (an attacker cycling worker ids must not grow the PS's memory).
+# aggregated are forgotten first, then departed workers that had (the ledger sums their counters
+# into one record): an attacker cycling worker ids must not grow the PS's memory.
 MAX_RECORDS = 1024
 
 
-def prune_records(records: dict, limit: int = MAX_RECORDS) -> int:
-    """Drop the oldest disconnected records with no aggregated update until ``len(records) < limit``;
-    returns how many were dropped. ``records`` maps worker id -> record (insertion order = age)."""
-    dropped = 0
-    for worker_id in list(records):
-        if len(records) < limit:
-            break
-        record = records[worker_id]
-        if not record.connected and record.counters.rounds_aggregated == 0:
+def prune_records(records: dict, limit: int = MAX_RECORDS, *, keep: Collection[str] = ()) -> list:
+    """Drop the oldest disconnected records until ``len(records) < limit``: those with no aggregated
+    update first, then those with one. A record in ``keep`` stays (its update waits in the open round,
+    which needs the record when it closes). ``records`` maps worker id -> record (insertion order =
+    age); returns the dropped records that had an update aggregated, for the caller to keep their sums."""
+    contributors: list = []
+    for contributed in (False, True):
+        for worker_id in list(records):
+            if len(records) < limit:
+                return contributors
+            record = records[worker_id]
+            if record.connected or worker_id in keep or (record.counters.rounds_aggregated > 0) != contributed:
+                continue
             del records[worker_id]
-            dropped += 1
-    return dropped
+            if contributed:
+                contributors.append(record)
+    return contributors
 
 
 def next_rank(records: dict) -> int:

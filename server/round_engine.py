@@ -242,7 +242,7 @@ class RoundEngine:
             worker_id = hello.requested_worker_id or f"worker-{len(self.records)}"
             if worker_id in self.sessions:
                 raise Rejected("ALREADY_EXISTS", f"worker id {worker_id!r} is already connected")
-            record = self.ledger.record_for(worker_id)
+            record = self.ledger.record_for(worker_id, keep=self.contributions)  # their round needs them
             record.hostname = hello.hostname
             record.connected = True
             record.sessions += 1

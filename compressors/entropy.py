@@ -309,14 +309,16 @@ class _Code:
         # Single-symbol table over L-bit windows.
         order = np.lexsort((np.arange(n), ln))
         sizes = np.left_shift(np.int64(1), max_len - ln[order])
-        single_sym = np.repeat(order.astype(np.int64), sizes)
-        single_len = np.repeat(ln[order], sizes)
-        single_ok = np.ones(single_sym.size, dtype=bool)
-        missing = (1 << max_len) - single_sym.size
-        if missing:  # incomplete code: windows that start no codeword
-            single_sym = np.concatenate([single_sym, np.zeros(missing, dtype=np.int64)])
-            single_len = np.concatenate([single_len, np.zeros(missing, dtype=np.int64)])
-            single_ok = np.concatenate([single_ok, np.zeros(missing, dtype=bool)])
+        # In the symbols' own dtype and uint8 lengths, widened slice by slice below: at L = 16 these are
+        # 2^16 entries each, and as int64 they took 1 MiB beside the 512 KiB table (a payload with new
+        # parameters peaked at 1.9 MiB traced with 225 symbols; docs/results/fuzz/).
+        single_sym = np.zeros(1 << max_len, dtype=self.sym_dtype)
+        single_len = np.zeros(1 << max_len, dtype=np.uint8)
+        filled = int(sizes.sum())  # the rest (an incomplete code): windows that start no codeword
+        single_sym[:filled] = np.repeat(order.astype(self.sym_dtype), sizes)
+        single_len[:filled] = np.repeat(ln[order].astype(np.uint8), sizes)
+        single_ok = np.zeros(1 << max_len, dtype=bool)
+        single_ok[:filled] = True
         # Built in slices of the window range: the finished table (2^W int64, 512 KiB at W = 16) is
         # the only large array, so a payload with new code lengths costs the decoder that and a
         # few slice-sized temporaries, not the ~10 full-size temporaries of one vectorized pass.
@@ -330,7 +332,7 @@ class _Code:
             active = np.ones(v.size, dtype=bool)
             for j in range(kmax):
                 idx = ((v << consumed) & wmask) >> (window - max_len)
-                sym, length, valid = single_sym[idx], single_len[idx], single_ok[idx]
+                sym, length, valid = single_sym[idx].astype(np.int64), single_len[idx].astype(np.int64), single_ok[idx]
                 take = active & valid & (consumed + length <= window)
                 if j == 0:
                     bad = ~valid

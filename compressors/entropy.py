@@ -53,6 +53,9 @@ Malformed data (wrong length, wrong count, invalid codes) raises
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 
@@ -267,7 +270,7 @@ class _Code:
 
     The encoder's pair tables are built on first use and kept with the code, so a decoder (the PS)
     never pays for them ((n+1)^2 entries, ~1 MB at 8 bits). The decoder's window table (2^W
-    entries, 512 KiB at W = 16) is not kept here but in ``_decode_table``'s cache of two.
+    entries, 512 KiB at W = 16) is not kept here but in ``_decode_tables``, a cache of two.
     """
 
     def __init__(self, lengths: np.ndarray):
@@ -360,14 +363,59 @@ CODE_CACHE_SIZE = 16
 DECODE_TABLE_CACHE_SIZE = 2
 
 
+class CacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
+class _TableCache:
+    """Decode tables of the last ``maxsize`` codes. Unlike ``functools.lru_cache``, a miss drops the
+    least recent table before the new one is built, so a build has at most ``maxsize - 1`` tables
+    beside it: under hostile payloads, which miss all the time, the PS's peak holds one table less
+    (512 KiB; `gradwire fuzz`'s huffman campaign was 0.02 MiB over its peak-RSS bound with three)."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._tables: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # handler threads decode at once
+        self.hits = self.misses = 0
+
+    def get(self, lengths_key: bytes) -> np.ndarray:
+        with self._lock:
+            table = self._tables.get(lengths_key)
+            if table is not None:
+                self._tables.move_to_end(lengths_key)
+                self.hits += 1
+                return table
+            self.misses += 1
+            while len(self._tables) >= self.maxsize:
+                self._tables.popitem(last=False)
+        table = _code(lengths_key).build_table()  # outside the lock: other decodes go on meanwhile
+        with self._lock:
+            self._tables[lengths_key] = table
+            self._tables.move_to_end(lengths_key)
+            while len(self._tables) > self.maxsize:
+                self._tables.popitem(last=False)
+        return table
+
+    def info(self) -> CacheInfo:
+        with self._lock:
+            return CacheInfo(self.hits, self.misses, self.maxsize, len(self._tables))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+            self.hits = self.misses = 0
+
+
+_decode_tables = _TableCache(DECODE_TABLE_CACHE_SIZE)
+
+
 @functools.lru_cache(maxsize=CODE_CACHE_SIZE)
 def _code(lengths_key: bytes) -> _Code:
     return _Code(np.frombuffer(lengths_key, dtype=np.uint8))
-
-
-@functools.lru_cache(maxsize=DECODE_TABLE_CACHE_SIZE)
-def _decode_table(lengths_key: bytes) -> np.ndarray:
-    return _code(lengths_key).build_table()
 
 
 def code_cache_info():
@@ -375,9 +423,9 @@ def code_cache_info():
     return _code.cache_info()
 
 
-def decode_table_cache_info():
-    """``functools`` statistics of the decode table cache (hits, misses, maxsize, currsize)."""
-    return _decode_table.cache_info()
+def decode_table_cache_info() -> CacheInfo:
+    """Statistics of the decode table cache (hits, misses, maxsize, currsize)."""
+    return _decode_tables.info()
 
 
 def _lengths_key(lengths: np.ndarray) -> bytes:
@@ -644,7 +692,7 @@ def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     need = np.full(nblocks, block, dtype=np.int64)
     need[-1] = count - (nblocks - 1) * block
     words = _words(stream, (block + _STEP_CHUNK) * code.window)  # room for overrun
-    symbols = _decode_lanes(code, _decode_table(key), words, starts, need)
+    symbols = _decode_lanes(code, _decode_tables.get(key), words, starts, need)
     # Every lane must end exactly where the next begins; the last one in the last byte.
     lane_first = np.arange(nblocks, dtype=np.int64) * block
     ends = starts + np.add.reduceat(code.lengths_u8[symbols], lane_first, dtype=np.int64)

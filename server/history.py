@@ -2,10 +2,11 @@
 
 The PS keeps numbers for every round of a run, for the summary, ``Status`` and the metrics: the
 byte ledger's counters (``gradwire.counters.RoundCounters``), the round clock's wall-clock split
-(``server/timing.py``) and the link samples of adaptive codecs. Kept as a dataclass, a dict and a
-few lists per round, with boxed floats, that was ~1.25 KB of heap per round (tracemalloc over 2,000
-rounds of a 1-worker run); a `gradwire fuzz` campaign closes thousands of rounds and a long run
-more. Here a finished round is one row of a :class:`Table`: one slot per number in an
+(``server/timing.py``) and the link sample of each update (``CrossWorkerState.observe_link``).
+Kept as a dataclass, a dict and a few lists per round, with boxed floats, that was ~1.25 KB of
+heap per round (tracemalloc over 1,500 rounds of a 1-worker run; 227 B now,
+tests/server/test_round_history.py); a `gradwire fuzz` campaign closes thousands of rounds and a
+long run more. Here a finished round is one row of a :class:`Table`: one slot per number in an
 ``array.array`` column (8 bytes for an int64 or a float64; the array grows its capacity
 geometrically, so an append is amortized O(1)), and the rare per-round lists (updates clipped, the
 suspects of a refused round) are kept only for the rounds that have them. The owners keep their last
@@ -96,13 +97,6 @@ class Table:
     def rows(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self)):
             yield self.row(i)
-
-    def first(self) -> dict[str, Any] | None:
-        return self.row(0) if len(self) else None
-
-    def nbytes(self) -> int:
-        """The arrays' payload (without their spare capacity)."""
-        return sum(a.itemsize * len(a) for a in (*self._arrays, *((self._mask,) if self._mask is not None else ())))
 
 
 # ------------------------------------------------------------------------- the ledger's rounds

@@ -53,6 +53,9 @@ Malformed data (wrong length, wrong count, invalid codes) raises
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 
@@ -265,9 +268,9 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
 class _Code:
     """Everything derived from one length vector: encoder tables and the multi-symbol decode table.
 
-    The encoder's pair tables and the decoder's window table are built on first use, so a
-    decoder (the PS) never pays for the encoder's ((n+1)^2 entries, ~1 MB at 8 bits) and an
-    encoder never builds the 2^W-entry decode table (512 KiB at W = 16).
+    The encoder's pair tables are built on first use and kept with the code, so a decoder (the PS)
+    never pays for them ((n+1)^2 entries, ~1 MB at 8 bits). The decoder's window table (2^W
+    entries, 512 KiB at W = 16) is not kept here but in ``_decode_tables``, a cache of two.
     """
 
     def __init__(self, lengths: np.ndarray):
@@ -301,8 +304,7 @@ class _Code:
         pair_lengths = (l1[:, None] + l1[None, :]).reshape(-1)
         return pair_codes, pair_lengths
 
-    @functools.cached_property
-    def table(self) -> np.ndarray:
+    def build_table(self) -> np.ndarray:
         """Multi-symbol table over W-bit windows (decoder only). Entry layout (int64):
         bits 0-4 bits consumed, 5-7 symbols decoded k, 8 invalid, 9+ k symbols of S bits."""
         ln, n, max_len = self.lengths_i64, self.alphabet, self.max_len
@@ -310,14 +312,16 @@ class _Code:
         # Single-symbol table over L-bit windows.
         order = np.lexsort((np.arange(n), ln))
         sizes = np.left_shift(np.int64(1), max_len - ln[order])
-        single_sym = np.repeat(order.astype(np.int64), sizes)
-        single_len = np.repeat(ln[order], sizes)
-        single_ok = np.ones(single_sym.size, dtype=bool)
-        missing = (1 << max_len) - single_sym.size
-        if missing:  # incomplete code: windows that start no codeword
-            single_sym = np.concatenate([single_sym, np.zeros(missing, dtype=np.int64)])
-            single_len = np.concatenate([single_len, np.zeros(missing, dtype=np.int64)])
-            single_ok = np.concatenate([single_ok, np.zeros(missing, dtype=bool)])
+        # In the symbols' own dtype and uint8 lengths, widened slice by slice below: at L = 16 these are
+        # 2^16 entries each, and as int64 they took 1 MiB beside the 512 KiB table (a payload with new
+        # parameters peaked at 1.9 MiB traced with 225 symbols; docs/results/fuzz/).
+        single_sym = np.zeros(1 << max_len, dtype=self.sym_dtype)
+        single_len = np.zeros(1 << max_len, dtype=np.uint8)
+        filled = int(sizes.sum())  # the rest (an incomplete code): windows that start no codeword
+        single_sym[:filled] = np.repeat(order.astype(self.sym_dtype), sizes)
+        single_len[:filled] = np.repeat(ln[order].astype(np.uint8), sizes)
+        single_ok = np.zeros(1 << max_len, dtype=bool)
+        single_ok[:filled] = True
         # Built in slices of the window range: the finished table (2^W int64, 512 KiB at W = 16) is
         # the only large array, so a payload with new code lengths costs the decoder that and a
         # few slice-sized temporaries, not the ~10 full-size temporaries of one vectorized pass.
@@ -331,7 +335,7 @@ class _Code:
             active = np.ones(v.size, dtype=bool)
             for j in range(kmax):
                 idx = ((v << consumed) & wmask) >> (window - max_len)
-                sym, length, valid = single_sym[idx], single_len[idx], single_ok[idx]
+                sym, length, valid = single_sym[idx].astype(np.int64), single_len[idx].astype(np.int64), single_ok[idx]
                 take = active & valid & (consumed + length <= window)
                 if j == 0:
                     bad = ~valid
@@ -346,10 +350,67 @@ class _Code:
         return table
 
 
-# Small and shared by every encoder and decoder in the process: an entry holds at most one
-# 2^W-entry decode table (512 KiB at W = 16) and the encoder's pair tables, so payloads with
-# ever-new model parameters (hostile fuzzing) cannot grow memory beyond ~16 x 1.5 MB.
+# Shared by every encoder and decoder in the process. An entry is the code itself (a few arrays of
+# one entry per symbol) and, once an encoder used it, the encoder's pair tables (~1 MB at 8 bits;
+# an encoder's codes come from its own statistics, not from a peer).
 CODE_CACHE_SIZE = 16
+# Decode tables are kept for the last two codes only: a decoder's code comes from each payload
+# (Huffman's model parameters, fp8's histogram), so a hostile peer sending ever-new parameters made
+# the PS build and keep a 512 KiB table per distinct code, 16 of them (8.1 MiB traced after 46
+# distinct codes; tests/compressors/test_decode_memory.py). Honest sessions reuse a code within a
+# tensor and from round to round while the statistics hold; a miss rebuilds the table, measured at
+# 6-10 ms for a 2^16-entry table (256- and 16-symbol codes, `_Code(lengths).build_table()`).
+DECODE_TABLE_CACHE_SIZE = 2
+
+
+class CacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
+class _TableCache:
+    """Decode tables of the last ``maxsize`` codes. Unlike ``functools.lru_cache``, a miss drops the
+    least recent table before the new one is built, so a build has at most ``maxsize - 1`` tables
+    beside it: under hostile payloads, which miss all the time, the PS's peak holds one table less
+    (512 KiB; `gradwire fuzz`'s huffman campaign was 0.02 MiB over its peak-RSS bound with three)."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._tables: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # handler threads decode at once
+        self.hits = self.misses = 0
+
+    def get(self, lengths_key: bytes) -> np.ndarray:
+        with self._lock:
+            table = self._tables.get(lengths_key)
+            if table is not None:
+                self._tables.move_to_end(lengths_key)
+                self.hits += 1
+                return table
+            self.misses += 1
+            while len(self._tables) >= self.maxsize:
+                self._tables.popitem(last=False)
+        table = _code(lengths_key).build_table()  # outside the lock: other decodes go on meanwhile
+        with self._lock:
+            self._tables[lengths_key] = table
+            self._tables.move_to_end(lengths_key)
+            while len(self._tables) > self.maxsize:
+                self._tables.popitem(last=False)
+        return table
+
+    def info(self) -> CacheInfo:
+        with self._lock:
+            return CacheInfo(self.hits, self.misses, self.maxsize, len(self._tables))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+            self.hits = self.misses = 0
+
+
+_decode_tables = _TableCache(DECODE_TABLE_CACHE_SIZE)
 
 
 @functools.lru_cache(maxsize=CODE_CACHE_SIZE)
@@ -360,6 +421,11 @@ def _code(lengths_key: bytes) -> _Code:
 def code_cache_info():
     """``functools`` statistics of the shared code cache (hits, misses, maxsize, currsize)."""
     return _code.cache_info()
+
+
+def decode_table_cache_info() -> CacheInfo:
+    """Statistics of the decode table cache (hits, misses, maxsize, currsize)."""
+    return _decode_tables.info()
 
 
 def _lengths_key(lengths: np.ndarray) -> bytes:
@@ -595,7 +661,8 @@ def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
 
     The symbols come back as the smallest unsigned dtype holding the alphabet (uint8 up to 256).
     """
-    code = _code(_lengths_key(lengths))
+    key = _lengths_key(lengths)
+    code = _code(key)
     data = _check_count(bytes(data), count, "Huffman")
     count = int(count)
     if count == 0:
@@ -625,7 +692,7 @@ def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     need = np.full(nblocks, block, dtype=np.int64)
     need[-1] = count - (nblocks - 1) * block
     words = _words(stream, (block + _STEP_CHUNK) * code.window)  # room for overrun
-    symbols = _decode_lanes(code, words, starts, need)
+    symbols = _decode_lanes(code, _decode_tables.get(key), words, starts, need)
     # Every lane must end exactly where the next begins; the last one in the last byte.
     lane_first = np.arange(nblocks, dtype=np.int64) * block
     ends = starts + np.add.reduceat(code.lengths_u8[symbols], lane_first, dtype=np.int64)
@@ -639,7 +706,8 @@ def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     return symbols
 
 
-def _decode_lanes(code: _Code, words: np.ndarray, starts: np.ndarray, need: np.ndarray) -> np.ndarray:
+def _decode_lanes(code: _Code, table: np.ndarray, words: np.ndarray, starts: np.ndarray,
+                  need: np.ndarray) -> np.ndarray:
     """Decode ``need[i]`` symbols from lane i (starting at bit ``starts[i]``), all lanes at once.
 
     One step looks up a W-bit window per lane in the multi-symbol table (up to
@@ -656,7 +724,6 @@ def _decode_lanes(code: _Code, words: np.ndarray, starts: np.ndarray, need: np.n
     off = np.empty(nlanes, dtype=np.uint64)
     w0 = np.empty(nlanes, dtype=np.uint64)
     w1 = np.empty(nlanes, dtype=np.uint64)
-    table = code.table
     got = np.zeros(nlanes, dtype=np.int64)
     chunk = _STEP_CHUNK
     t = 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import grpc
 
@@ -34,6 +34,12 @@ MAX_WORKER_ID_CHARS = 128
 MAX_HOSTNAME_CHARS = 255
 # Reasons quoted back from attacker-chosen content (decoder messages) are cut to this length.
 MAX_REASON_CHARS = 1024
+# A WorkerReport's codec statistics are kept in the worker's ledger record until the run ends (for the
+# summary): at most this many, with names of at most this many characters. Honest workers send up to
+# 17 (m22), none longer than 33 characters; without a bound a report as large as the message limit
+# was kept whole, for each of up to MAX_RECORDS worker ids.
+MAX_CODEC_STATS = 64
+MAX_CODEC_STAT_CHARS = 64
 
 
 # What a WorkerMessage carries beside its tensors: the Update's scalars and timing, a Hello's id,
@@ -85,6 +91,16 @@ def check_worker_id(worker_id: str) -> str | None:
     return None
 
 
+def check_codec_stats(stats: Mapping[str, float]) -> str | None:
+    """Why a WorkerReport's codec statistics are refused, or None."""
+    if len(stats) > MAX_CODEC_STATS:
+        return f"{len(stats)} codec statistics in a report (at most {MAX_CODEC_STATS})"
+    longest = max(map(len, stats), default=0)
+    if longest > MAX_CODEC_STAT_CHARS:
+        return f"a codec statistic named with {longest} characters (at most {MAX_CODEC_STAT_CHARS})"
+    return None
+
+
 class StreamGate:
     """Counts open Train streams; arms the Hello deadline of each."""
 
@@ -117,22 +133,28 @@ class StreamGate:
 
 
 # Ledger records the PS keeps at most; beyond, departed workers that never had an update
-# aggregated are forgotten first (an attacker cycling worker ids must not grow the PS's memory).
+# aggregated are forgotten first, then departed workers that had (the ledger sums their counters
+# into one record): an attacker cycling worker ids must not grow the PS's memory.
 MAX_RECORDS = 1024
 
 
-def prune_records(records: dict, limit: int = MAX_RECORDS) -> int:
-    """Drop the oldest disconnected records with no aggregated update until ``len(records) < limit``;
-    returns how many were dropped. ``records`` maps worker id -> record (insertion order = age)."""
-    dropped = 0
-    for worker_id in list(records):
-        if len(records) < limit:
-            break
-        record = records[worker_id]
-        if not record.connected and record.counters.rounds_aggregated == 0:
+def prune_records(records: dict, limit: int = MAX_RECORDS, *, keep: Collection[str] = ()) -> list:
+    """Drop the oldest disconnected records until ``len(records) < limit``: those with no aggregated
+    update first, then those with one. A record in ``keep`` stays (its update waits in the open round,
+    which needs the record when it closes). ``records`` maps worker id -> record (insertion order =
+    age); returns the dropped records that had an update aggregated, for the caller to keep their sums."""
+    contributors: list = []
+    for contributed in (False, True):
+        for worker_id in list(records):
+            if len(records) < limit:
+                return contributors
+            record = records[worker_id]
+            if record.connected or worker_id in keep or (record.counters.rounds_aggregated > 0) != contributed:
+                continue
             del records[worker_id]
-            dropped += 1
-    return dropped
+            if contributed:
+                contributors.append(record)
+    return contributors
 
 
 def next_rank(records: dict) -> int:

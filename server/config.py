@@ -26,6 +26,9 @@ def parse_batch_size(text: str | int) -> int:
 
 
 DEFAULT_SERVER_MOMENTUM = 0.9
+# The PS's per-round history keeps round numbers as int32 (server/history.py); 2^31 - 1 rounds would
+# take 24 days at one round per millisecond.
+MAX_ROUNDS = 2**31 - 1
 
 
 def parse_momentum(text: str | float | None) -> float | None:
@@ -87,8 +90,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if not 1 <= self.rounds <= MAX_ROUNDS:
+            raise ValueError(f"rounds must be in [1, {MAX_ROUNDS}], got {self.rounds}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; available: {', '.join(DATASETS)}")
         if self.local_steps < 1:

@@ -7,12 +7,14 @@ for a run. The round engine calls it under its own lock, so the ledger takes non
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gradwire.counters import RoundCounters, WorkerCounters
 from gradwire.server.admission import next_rank, prune_records
+from gradwire.server.history import RoundLog
 
 
 @dataclass
@@ -54,23 +56,59 @@ class LedgerSnapshot:
     rounds: tuple[RoundCounters, ...]
 
 
+# Rounds kept as RoundCounters objects: the open round and the one before (the engine fills in a
+# round's results after closing it); older rounds are rows of the compact history.
+RECENT_ROUNDS = 2
+# The record that sums the counters of departed workers whose own records were dropped (admission.
+# prune_records: more than MAX_RECORDS worker ids); a worker id has no spaces, so none can be this.
+DEPARTED_ID = "(departed workers)"
+DEPARTED_RANK = 2**32 - 1  # above any worker's (Status carries ranks as uint32)
+
+
 class Ledger:
     def __init__(self) -> None:
         self.records: dict[str, WorkerRecord] = {}
-        self.rounds: list[RoundCounters] = []
+        self.departed: WorkerRecord | None = None  # the sums of dropped records (DEPARTED_ID)
+        self.rank_floor = 0  # above every rank a dropped record had: ranks of contributors never come back
+        self.history = RoundLog()  # rounds before the recent ones, in order (server/history.py)
+        self.recent: list[RoundCounters] = []
+
+    def round_count(self) -> int:
+        """Rounds opened and kept (after a resume: the checkpoint's closed rounds, then the new ones)."""
+        return len(self.history) + len(self.recent)
+
+    def all_rounds(self) -> list[RoundCounters]:
+        """Every round in order, as new RoundCounters objects (a copy: O(rounds) objects)."""
+        return [*self.history, *(copy.copy(e) for e in self.recent)]
 
     # ---------------------------------------------------------------- workers
 
-    def record_for(self, worker_id: str) -> WorkerRecord:
+    def record_for(self, worker_id: str, keep: Collection[str] = ()) -> WorkerRecord:
         """The record of ``worker_id``; a new id gets a rank no kept record has. Before a new record
-        is made, records of departed ids that never contributed may be forgotten (server/admission.py:
-        an attacker cycling worker ids must not grow the PS's memory)."""
+        is made, records of departed ids may be dropped, those that never contributed first, and the
+        others' counters summed into the ``departed`` record (server/admission.py: an attacker cycling
+        worker ids must not grow the PS's memory); ``keep``: ids whose update waits in the open round."""
         record = self.records.get(worker_id)
         if record is None:
-            prune_records(self.records)
-            record = WorkerRecord(worker_id, rank=next_rank(self.records))
+            for gone in prune_records(self.records, keep=keep):
+                self._sum_departed(gone)
+            record = WorkerRecord(worker_id, rank=max(next_rank(self.records), self.rank_floor))
             self.records[worker_id] = record
         return record
+
+    def _sum_departed(self, gone: WorkerRecord) -> None:
+        if self.departed is None:
+            self.departed = WorkerRecord(DEPARTED_ID, rank=DEPARTED_RANK)
+        d = self.departed
+        d.sessions += gone.sessions
+        for f in dataclasses.fields(WorkerCounters):
+            setattr(d.counters, f.name, getattr(d.counters, f.name) + getattr(gone.counters, f.name))
+        self.rank_floor = max(self.rank_floor, gone.rank + 1)
+
+    def all_records(self) -> list[WorkerRecord]:
+        """The kept records by rank, then the departed workers' sums (if any were dropped)."""
+        kept = sorted(self.records.values(), key=lambda r: r.rank)
+        return kept + ([self.departed] if self.departed is not None else [])
 
     def count_control(self, record: WorkerRecord, message_bytes: int) -> None:
         """A Hello or a WorkerReport."""
@@ -91,26 +129,28 @@ class Ledger:
         record.counters.downlink_message_bytes += message_bytes
         record.counters.downlink_payload_bytes += payload_bytes
         record.counters.downlink_models += models
-        if in_round and self.rounds:
-            entry = self.rounds[-1]
+        if in_round and self.recent:
+            entry = self.recent[-1]
             entry.downlink_message_bytes += message_bytes
             entry.downlink_payload_bytes += payload_bytes
 
     # ---------------------------------------------------------------- rounds
 
     def open_round(self, round_: int, lr: float) -> None:
-        self.rounds.append(RoundCounters(round=round_, lr=lr))
+        self.recent.append(RoundCounters(round=round_, lr=lr))
+        while len(self.recent) > RECENT_ROUNDS:
+            self.history.append(self.recent.pop(0))
 
     def current_round(self) -> RoundCounters:
-        return self.rounds[-1]
+        return self.recent[-1]
 
     def drop_open_round(self) -> None:
         """The run ended before the open round closed."""
-        self.rounds.pop()
+        self.recent.pop()
 
     def close_round(self, updates: Mapping[str, tuple[int, int]], stragglers: int, train_loss: float) -> RoundCounters:
         """``updates``: worker id -> (payload bytes, message bytes) of each aggregated update."""
-        entry = self.rounds[-1]
+        entry = self.recent[-1]
         entry.uplink_payload_bytes = sum(p for p, _ in updates.values())
         entry.uplink_message_bytes = sum(m for _, m in updates.values())
         entry.workers = len(updates)
@@ -122,28 +162,36 @@ class Ledger:
 
     def closed_rounds(self) -> list[RoundCounters]:
         """Rounds in which some update was aggregated."""
-        return [e for e in self.rounds if e.workers > 0]
+        return [e for e in self.all_rounds() if e.workers > 0]
 
     # ---------------------------------------------------------------- copies
 
     def snapshot(self, round_: int, phase: str) -> LedgerSnapshot:
         return LedgerSnapshot(
             round=round_, phase=phase,
-            records=tuple(copy.deepcopy(r) for r in sorted(self.records.values(), key=lambda r: r.rank)),
-            rounds=tuple(copy.copy(e) for e in self.rounds),
+            records=tuple(copy.deepcopy(r) for r in self.all_records()),
+            rounds=tuple(self.all_rounds()),
         )
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "records": {w: r.to_dict() for w, r in self.records.items()},
-            "rounds": [e.to_dict() for e in self.rounds],
+            "departed": self.departed.to_dict() if self.departed is not None else None,
+            "rank_floor": self.rank_floor,
+            "rounds": [e.to_dict() for e in self.all_rounds()],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Back to a checkpoint's ledger; every worker is disconnected until it reconnects."""
-        self.rounds = [e for e in (RoundCounters.from_dict(d) for d in state["rounds"]) if e.workers > 0]
+        self.history, self.recent = RoundLog(), []
+        for e in (RoundCounters.from_dict(d) for d in state["rounds"]):
+            if e.workers > 0:
+                self.history.append(e)
         self.records = {}
         for w, d in state["records"].items():
             record = WorkerRecord.from_dict(d)
             record.connected = False
             self.records[w] = record
+        departed = state.get("departed")
+        self.departed = WorkerRecord.from_dict(departed) if departed else None
+        self.rank_floor = int(state.get("rank_floor", 0))

@@ -55,9 +55,11 @@ from gradwire.protocol import (
     Welcome,
     WorkerReport,
 )
+from gradwire.server.admission import check_codec_stats
 from gradwire.server.aggregation import ServerOptimizer
 from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from gradwire.server.config import ServerConfig
+from gradwire.server.history import LinkLog
 from gradwire.server.ledger import Ledger, LedgerSnapshot, WorkerRecord
 from gradwire.server.robust import robust_step, update_norm
 from gradwire.server.timing import RoundClock, WorkerRound
@@ -143,8 +145,8 @@ class RoundEngine:
         self.contributions: dict[str, Contribution] = {}
         self.aggregated_last: set[str] = set()
         self.directive_values: dict[str, float] = {}
-        # every link measurement, for the summary: (rank, sample), made dicts only there (memory per round)
-        self.link_samples: list[tuple[int, LinkSample]] = []
+        # every link measurement with the worker's rank, for the summary (compact: server/history.py)
+        self.link_samples = LinkLog()
         self.initial_loss: float | None = None
         self.initial_accuracy: float | None = None
         self.last_join = 0.0
@@ -167,7 +169,7 @@ class RoundEngine:
         self.broadcast: Broadcast | None = None
         if self.downlink_codec.spec != DENSE:
             self.downlink = DownlinkEncoder(self.downlink_codec, self.specs, config.seed)
-            self.broadcast = self.downlink.start(self._params(), len(self.ledger.rounds))
+            self.broadcast = self.downlink.start(self._params(), self.ledger.round_count())
         else:
             self.model_sent = self._params_copy()
         # The buffers go out in full with every model (gradwire/buffers.py), as of the last closed round.
@@ -240,7 +242,7 @@ class RoundEngine:
             worker_id = hello.requested_worker_id or f"worker-{len(self.records)}"
             if worker_id in self.sessions:
                 raise Rejected("ALREADY_EXISTS", f"worker id {worker_id!r} is already connected")
-            record = self.ledger.record_for(worker_id)
+            record = self.ledger.record_for(worker_id, keep=self.contributions)  # their round needs them
             record.hostname = hello.hostname
             record.connected = True
             record.sessions += 1
@@ -282,6 +284,7 @@ class RoundEngine:
                 session.record.connected = False
                 session.record.decoder_stats = session.decoder.stats()
                 self.expected.discard(wid)
+                self.clock.forget_worker(wid)
                 self.codec_state.forget_worker(session.record.rank)
                 log.info("worker %s (rank %d) left", wid, session.record.rank)
             self.cond.notify_all()
@@ -364,7 +367,7 @@ class RoundEngine:
         elapsed = timed.arrived_at - session.model_sent_at
         sample = LinkSample(round=round_, downlink_bytes=session.model_sent_bytes, uplink_bytes=message_bytes,
                             transfer_seconds=max(0.0, elapsed - compute), compute_seconds=min(compute, elapsed))
-        self.link_samples.append((session.record.rank, sample))
+        self.link_samples.append(session.record.rank, sample)
         self.codec_state.observe_link(session.record.rank, sample)
 
     def count_downlink(self, session: Session, nbytes: int, payload: int = 0, models: int = 0) -> None:
@@ -375,6 +378,9 @@ class RoundEngine:
             self.ledger.count_downlink(session.record, nbytes, payload, models, in_round=self.phase != "waiting")
 
     def report(self, session: Session, report: WorkerReport, message_bytes: int) -> None:
+        refusal = check_codec_stats(report.codec_stats)
+        if refusal:
+            raise Rejected("INVALID_ARGUMENT", refusal)
         with self.cond:
             rec = session.record
             self.ledger.count_control(rec, message_bytes)
@@ -475,7 +481,7 @@ class RoundEngine:
         if not self._wait_for_start():
             return
         self.started_at = time.monotonic()
-        first = len(self.ledger.rounds)  # > 0 when resumed from a checkpoint
+        first = self.ledger.round_count()  # > 0 when resumed from a checkpoint
         with self.cond:
             self._open_round(first)
             self.cond.notify_all()
@@ -607,7 +613,7 @@ class RoundEngine:
         self.ledger.load_state_dict(checkpoint.ledger)
         self.initial_loss, self.initial_accuracy = checkpoint.initial_loss, checkpoint.initial_accuracy
         self.codec_state.load_state_dict(checkpoint.codec_state)
-        log.info("resumed from %s at round %d", path, len(self.ledger.rounds))
+        log.info("resumed from %s at round %d", path, self.ledger.round_count())
 
     # ------------------------------------------------------------ reporting
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -80,6 +79,7 @@ def build_summary(engine) -> dict[str, Any]:
         splits = engine.clock.rounds_split()
         trained = engine.clock.training_seconds(engine.started_at)
         startup = engine.clock.startup_s()
+        link_samples = engine.link_samples.dicts()
     time_curve = accuracy_vs_time(engine.initial_accuracy,
                                   [(trained[e.round], e.test_accuracy) for e in log
                                    if e.test_accuracy is not None and trained.get(e.round) is not None])
@@ -144,7 +144,7 @@ def build_summary(engine) -> dict[str, Any]:
         "rounds_log": [{**e.to_dict(), "timing": splits.get(e.round), "trained_s": trained.get(e.round)} for e in log],
         # Each worker's round trip as the PS measured it (compute as reported, transfer = the rest):
         # what bandwidth-adaptive codecs choose rates from (CrossWorkerState.observe_link).
-        "link_samples": [{"rank": rank, **dataclasses.asdict(sample)} for rank, sample in engine.link_samples],
+        "link_samples": link_samples,
     }
 
 

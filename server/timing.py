@@ -29,10 +29,12 @@ Worker-reported times come off the wire: anything non-finite or negative is trea
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from gradwire.protocol import Update
+from gradwire.server.history import FLOAT, SMALL_INT, Column, Table
 
 MAX_REPORTED_SECONDS = 86_400.0
 PARTS = ("compute_s", "encode_s", "transfer_s", "decode_s", "eval_s", "other_s")
@@ -70,6 +72,13 @@ class WorkerRound:
         return max(0.0, self.reply_wait_s - self.held_s)
 
 
+# What split_of takes (SPLIT_INPUTS, below): a round's wall time (None while open), the critical update's
+# compute, encode (worker), the PS's downlink encode, transfer, PS decode, aggregation, the worker's
+# downlink decode, the evaluation.
+SplitInputs = tuple[float | None, float | None, float | None, float, float | None, float | None, float, float | None,
+                    float]
+
+
 @dataclass(slots=True)
 class RoundTiming:
     round: int
@@ -86,36 +95,71 @@ class RoundTiming:
         """The update that arrived last: the one this round waited for."""
         return max(self.workers.values(), key=lambda w: w.arrived_at, default=None)
 
-    def split(self) -> dict[str, Any]:
+    def inputs(self) -> SplitInputs:
+        """What the split is made of (``split_of``), in ``SPLIT_INPUTS`` order: the round's history row."""
         wall = None if self.closed_at is None else self.closed_at - self.opened_at
         w = self.critical()
+        if w is None:
+            return (wall, None, None, self.downlink_encode_s, None, None, self.aggregate_s, None, self.eval_s)
+        return (wall, w.compute_s, w.encode_s, self.downlink_encode_s, w.transfer_s, w.ps_decode_s, self.aggregate_s,
+                w.downlink_decode_s, self.eval_s)
 
-        def add(*xs: float | None) -> float | None:
-            return None if any(x is None for x in xs) else float(sum(xs))  # type: ignore[arg-type]
+    def split(self) -> dict[str, Any]:
+        return split_of(*self.inputs())
 
-        parts: dict[str, float | None] = {
-            "compute_s": w.compute_s if w else None,
-            "encode_s": add(w.encode_s if w else None, self.downlink_encode_s),
-            "transfer_s": w.transfer_s if w else None,
-            "decode_s": add(w.ps_decode_s if w else None, self.aggregate_s,
-                            (w.downlink_decode_s if w.downlink_decode_s is not None else 0.0) if w else None),
-            "eval_s": self.eval_s,
-        }
-        known = [v for v in parts.values() if v is not None]
-        parts["other_s"] = None if wall is None or len(known) < len(parts) else wall - sum(known)
-        detail = {  # which end spent the encode and decode time
-            "worker_encode_s": w.encode_s if w else None, "ps_encode_s": self.downlink_encode_s,
-            "ps_decode_s": w.ps_decode_s if w else None, "aggregate_s": self.aggregate_s,
-            "worker_decode_s": w.downlink_decode_s if w else None,
-        }
-        return {"wall_s": wall, **parts, **detail}
+
+# The numbers a round's split is computed from: its wall time, the critical update's own times (None
+# when no update arrived; ps_decode_s is known for every update that did), the PS's parts.
+SPLIT_INPUTS = ("wall_s", "compute_s", "worker_encode_s", "ps_encode_s", "transfer_s", "ps_decode_s", "aggregate_s",
+                "worker_decode_s", "eval_s")
+
+
+def split_of(wall: float | None, compute: float | None, worker_encode: float | None, ps_encode: float,
+             transfer: float | None, ps_decode: float | None, aggregate: float, worker_decode: float | None,
+             eval_s: float) -> dict[str, Any]:
+    """A round's wall-clock split (see the module doc) from ``SPLIT_INPUTS``."""
+    arrived = ps_decode is not None  # some update arrived: the split follows the last one
+
+    def add(*xs: float | None) -> float | None:
+        return None if any(x is None for x in xs) else float(sum(xs))  # type: ignore[arg-type]
+
+    parts: dict[str, float | None] = {
+        "compute_s": compute,
+        "encode_s": add(worker_encode, ps_encode),
+        "transfer_s": transfer,
+        "decode_s": add(ps_decode, aggregate, (worker_decode if worker_decode is not None else 0.0) if arrived else None),
+        "eval_s": eval_s,
+    }
+    known = [v for v in parts.values() if v is not None]
+    parts["other_s"] = None if wall is None or len(known) < len(parts) else wall - sum(known)
+    detail = {  # which end spent the encode and decode time
+        "worker_encode_s": worker_encode, "ps_encode_s": ps_encode,
+        "ps_decode_s": ps_decode, "aggregate_s": aggregate,
+        "worker_decode_s": worker_decode,
+    }
+    return {"wall_s": wall, **parts, **detail}
+
+
+# Rounds the clock keeps as RoundTiming objects: the open round and the one before, whose critical
+# update learns its reply wait (transfer) from that worker's update in the open round. A round
+# older than these is final (the next round closed without changing it) and is kept as a row of
+# SPLIT_INPUTS, its stepped_at and evals_before (server/history.py); its split is computed from that row
+# with the same function, so the summary's figures are the same floats.
+RECENT_ROUNDS = 2
+_HISTORY_COLUMNS = (
+    Column("round", SMALL_INT),
+    *(Column(name, FLOAT, nullable=True) for name in SPLIT_INPUTS),
+    Column("stepped_at", FLOAT, nullable=True),
+    Column("evals_before", FLOAT),
+)
 
 
 class RoundClock:
     """The engine's timing records; the engine calls it under its own lock."""
 
     def __init__(self) -> None:
-        self.rounds: dict[int, RoundTiming] = {}
+        self.rounds: dict[int, RoundTiming] = {}  # the recent rounds (RECENT_ROUNDS)
+        self.history = Table(_HISTORY_COLUMNS)  # the rounds before them, in order
         self.last: dict[str, WorkerRound] = {}  # each worker's previous update, awaiting its reply wait
 
     def open(self, round_: int, now: float) -> None:
@@ -123,11 +167,19 @@ class RoundClock:
         if previous is not None and previous.closed_at is None:
             previous.closed_at = now
         self.rounds[round_] = RoundTiming(round_, now)
+        while len(self.rounds) > RECENT_ROUNDS:
+            oldest = self.rounds.pop(min(self.rounds))
+            self.history.append([oldest.round, *oldest.inputs(), oldest.stepped_at, oldest.evals_before])
 
     def close_run(self, now: float) -> None:
         for t in self.rounds.values():
             if t.closed_at is None:
                 t.closed_at = now
+
+    def forget_worker(self, worker_id: str) -> None:
+        """The worker's session ended: its next session starts without a previous round (worker/loop.py),
+        so no reply wait will come for its last update."""
+        self.last.pop(worker_id, None)
 
     def arrived(self, round_: int, worker_id: str, update: Update, arrived_at: float, ps_decode_s: float) -> WorkerRound:
         prev = update.previous_round
@@ -143,14 +195,22 @@ class RoundClock:
             timing.workers[worker_id] = record
         return record
 
+    def _rows(self) -> Iterator[tuple[int, dict[str, Any], float | None, float]]:
+        """(round, split, stepped_at, evals_before) of every round, in order."""
+        for row in self.history.rows():
+            yield (row["round"], split_of(*(row[name] for name in SPLIT_INPUTS)), row["stepped_at"],
+                   row["evals_before"])
+        for r, t in sorted(self.rounds.items()):
+            yield r, t.split(), t.stepped_at, t.evals_before
+
     def rounds_split(self) -> dict[int, dict[str, Any]]:
-        return {r: t.split() for r, t in sorted(self.rounds.items())}
+        return {r: split for r, split, _, _ in self._rows()}
 
     def startup_s(self) -> float:
         """Round 0's unattributed time: the workers' start after their Welcome (loading the task,
         building the model), which no codec or link changes; 0 when unknown."""
-        first = self.rounds.get(min(self.rounds, default=0))
-        other = first.split()["other_s"] if first is not None else None
+        first = next(self._rows(), None)
+        other = first[1]["other_s"] if first is not None else None
         return max(0.0, other) if other is not None else 0.0
 
     def training_seconds(self, started_at: float | None) -> dict[int, float]:
@@ -159,8 +219,8 @@ class RoundClock:
         if started_at is None:
             return {}
         startup = self.startup_s()
-        return {r: t.stepped_at - started_at - t.evals_before - startup
-                for r, t in self.rounds.items() if t.stepped_at is not None}
+        return {r: stepped_at - started_at - evals_before - startup
+                for r, _, stepped_at, evals_before in self._rows() if stepped_at is not None}
 
 
 def wall_clock_totals(splits: list[dict[str, Any]]) -> dict[str, Any]:

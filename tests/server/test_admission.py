@@ -13,7 +13,7 @@ import pytest
 from gradwire import protocol
 from gradwire.compressors.bounds import max_payload_bytes
 from gradwire.protocol import SERVICE_NAME
-from gradwire.server.admission import printable, receive_limit_bytes
+from gradwire.server.admission import MAX_CODEC_STAT_CHARS, MAX_CODEC_STATS, printable, receive_limit_bytes
 from gradwire.status import fetch_status
 from gradwire.v1 import exchange_pb2 as pb
 
@@ -90,6 +90,35 @@ def test_a_long_hostname_is_cut_and_escaped_before_the_ledger_keeps_it(make_serv
     assert worker.recv().WhichOneof("body") == "welcome"
     hostname = running.engine.records["w0"].hostname
     assert len(hostname) <= 256 and "\x1b" not in hostname
+
+
+def test_a_report_with_more_or_longer_codec_stats_than_any_codec_sends_is_refused(make_server, manual_workers):
+    """The ledger keeps a worker's last WorkerReport statistics until the run ends (for the summary),
+    per worker id: a report as large as the message limit allowed used to be kept whole."""
+    running = make_server(workers=1, rounds=1)
+    target = f"127.0.0.1:{running.port}"
+    for stats in ({f"s{i}": 1.0 for i in range(MAX_CODEC_STATS + 1)}, {"s" * (MAX_CODEC_STAT_CHARS + 1): 1.0}):
+        worker = manual_workers(target)
+        assert worker.hello("w0").WhichOneof("body") == "welcome"
+        worker.send(pb.WorkerMessage(report=pb.WorkerReport(codec_stats=stats)))
+        with pytest.raises(grpc.RpcError) as err:
+            worker.recv()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert running.engine.records["w0"].codec_stats == {}
+        _wait_until(lambda: "w0" not in running.engine.sessions)
+    # what an honest worker sends (m22 sends the most: 17, none longer than 33 characters) is kept
+    honest = {f"stat_{i}_" + "x" * 40: float(i) for i in range(MAX_CODEC_STATS)}
+    worker = manual_workers(target)
+    assert worker.hello("w0").WhichOneof("body") == "welcome"
+    worker.send(pb.WorkerMessage(report=pb.WorkerReport(codec_stats=honest)))
+    _wait_until(lambda: running.engine.records["w0"].codec_stats == honest)
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_printable_cuts_and_escapes():
@@ -230,3 +259,69 @@ def test_an_ended_session_is_freed_without_waiting_for_the_garbage_collector(mak
         gc.garbage.clear()
         gc.enable()
     assert not leaked, f"{len(leaked)} sessions were only reachable through reference cycles"
+
+
+def test_an_update_waiting_in_the_open_round_keeps_its_record_while_ids_cycle(make_server, manual_workers,
+                                                                                 monkeypatch):
+    """A worker that sent its update and left before the round closed is still aggregated: its record
+    must outlive the pruning of departed ids (it has no aggregated update yet). Dropped, the round's
+    close found no record for it and the round engine failed ("server error")."""
+    from gradwire.server import admission
+
+    monkeypatch.setattr(admission.prune_records, "__defaults__", (5,))
+    running = make_server(workers=2, rounds=1, start_timeout_s=60)
+    target = f"127.0.0.1:{running.port}"
+    a, b = manual_workers(target), manual_workers(target)
+    joined = threading.Thread(target=a.hello, args=("a",))
+    joined.start()
+    assert b.hello("b").WhichOneof("body") == "welcome"
+    joined.join(30)
+    zeros = {n: np.zeros_like(v) for n, v in a.model.items()}
+    a.send(a.dense_update(zeros, 0))
+    _wait_until(lambda: "a" in running.engine.contributions)
+    a.close()
+    _wait_until(lambda: not running.engine.records["a"].connected)
+    for i in range(12):
+        worker = manual_workers(target)
+        assert worker.hello(f"cycling-{i}").WhichOneof("body") == "welcome"
+        worker.close()
+        _wait_until(lambda i=i: not running.engine.records[f"cycling-{i}"].connected)
+    assert "a" in running.engine.records and len(running.engine.records) <= 5
+    b.send(b.dense_update(zeros, 0))
+    assert b.recv().WhichOneof("body") == "finished"
+    running.thread.join(30)
+    assert running.engine.finish_reason == "completed 1 rounds"
+    assert running.summary()["aggregated_updates"] == 2
+
+
+def test_departed_contributors_beyond_the_limit_are_summed_into_one_record(monkeypatch):
+    """Ids that had updates aggregated used to be kept forever (only those that never contributed
+    were dropped): one record per id an attacker cycled through with honest updates."""
+    from gradwire.counters import WorkerCounters
+    from gradwire.server import admission
+    from gradwire.server.ledger import DEPARTED_ID, Ledger
+
+    monkeypatch.setattr(admission.prune_records, "__defaults__", (4,))
+    ledger = Ledger()
+    ranks = []
+    for i in range(20):
+        record = ledger.record_for(f"w{i}")
+        ranks.append(record.rank)
+        record.sessions += 1
+        record.counters.rounds_aggregated, record.counters.uplink_payload_bytes = 1, 100 + i
+    assert len(ledger.records) <= 4 and "w19" in ledger.records
+    assert len(set(ranks)) == 20  # a dropped contributor's rank never comes back
+    everyone = ledger.all_records()
+    assert everyone[-1].worker_id == DEPARTED_ID
+    assert sum(r.counters.uplink_payload_bytes for r in everyone) == sum(100 + i for i in range(20))
+    assert sum(r.sessions for r in everyone) == 20 and sum(r.counters.rounds_aggregated for r in everyone) == 20
+    # Status carries the departed record too (ranks are uint32 on the wire)
+    status = protocol.Status(
+        protocol=protocol.PROTOCOL, round=0, total_rounds=1, codec_spec="dense", params=1, finished=False,
+        downlink_codec_spec="dense",
+        workers=tuple(protocol.WorkerStatus(r.worker_id, r.rank, r.connected, r.hostname, r.counters) for r in everyone))
+    assert protocol.status_from_proto(protocol.status_to_proto(status)).workers[-1].worker_id == DEPARTED_ID
+    resumed = Ledger()
+    resumed.load_state_dict(ledger.state_dict())
+    assert resumed.all_records() == everyone
+    assert isinstance(everyone[-1].counters, WorkerCounters)

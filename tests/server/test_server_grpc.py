@@ -66,7 +66,7 @@ def test_checkpoint_resume(make_server, tmp_path, run_workers):
     ckpt = tmp_path / "checkpoint.pt"
     assert ckpt.exists()
     resumed = make_server(workers=1, rounds=6, resume=str(ckpt), out=str(tmp_path / "b"))
-    assert len(resumed.engine.ledger.rounds) == 4
+    assert resumed.engine.ledger.round_count() == 4
     results = run_workers(resumed.port, 1, "again")
     resumed.thread.join(30)
     s = resumed.summary()

@@ -22,6 +22,16 @@ import numpy as np
 from gradwire.compressors.finite import all_finite
 
 FLOAT_DTYPE = "float32"
+# A codec's bytes: ``bytes``, or a read-only ``memoryview`` of memory nobody changes while the
+# message is in use: on the PS, of the received message (for codecs that declare
+# ``Codec.decodes_views``); on the worker, of the gradient being sent (``Encoder.encode_view``).
+Payload = bytes | memoryview
+
+
+def as_bytes(payload: Payload) -> bytes:
+    """The payload as ``bytes`` for code that needs them: ``bytes`` as they are (no copy), a view
+    copied once."""
+    return payload if isinstance(payload, bytes) else bytes(payload)
 
 
 class CodecError(ValueError):
@@ -53,8 +63,8 @@ class Encoded:
 
     codec: str  # codec spec string, "name:key=value,..."
     spec: TensorSpec
-    payload: bytes = b""
-    coefficients: bytes = b""
+    payload: Payload = b""
+    coefficients: Payload = b""
     residual: Encoded | None = None
 
     @property
@@ -108,6 +118,12 @@ class Encoder(ABC):
 
     @abstractmethod
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded: ...
+
+    def encode_view(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
+        """``encode``, where the payload may be a read-only view of ``x`` instead of a copy (the
+        dense codec's payload is ``x``'s bytes): for a caller that serializes the message before
+        anything writes to ``x`` (``UpdateEncoder.encode``: the worker sends it at once)."""
+        return self.encode(x, spec, ctx)
 
     def reset(self) -> None:  # noqa: B027 - stateless codecs have nothing to forget
         """Forget all state (resync)."""
@@ -324,13 +340,17 @@ class StatelessEncoder(Encoder):
         x = check_input(x, spec)
         return Encoded(self.codec.spec, spec, self.codec.encode_array(x, spec, ctx))
 
+    def encode_view(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
+        x = check_input(x, spec)
+        return Encoded(self.codec.spec, spec, self.codec.encode_array_view(x, spec, ctx))
+
 
 class StatelessDecoder(Decoder):
     def __init__(self, codec: TensorCodec):
         self.codec = codec
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
-        out = self.codec.decode_array(msg.payload, msg.spec, ctx)
+        out = self.codec.decode_array(as_bytes(msg.payload), msg.spec, ctx)
         return out.reshape(msg.spec.shape)
 
 
@@ -343,6 +363,11 @@ class TensorCodec(Codec):
 
     @abstractmethod
     def decode_array(self, payload: bytes, spec: TensorSpec, ctx: RoundContext) -> np.ndarray: ...
+
+    def encode_array_view(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Payload:
+        """``encode_array``, or a read-only view of ``x`` when the payload is ``x``'s own bytes
+        (``Encoder.encode_view`` says when a caller may use it)."""
+        return self.encode_array(x, spec, ctx)
 
     def make_encoder(self) -> Encoder:
         return StatelessEncoder(self)

@@ -87,7 +87,9 @@ class UpdateEncoder:
     def encode(
         self, grads: Mapping[str, np.ndarray], ctx: RoundContext, directive: Directive | None = None
     ) -> list[Encoded]:
-        """Encode one round's gradients; ``directive``: what the PS's codec state sent for the round."""
+        """Encode one round's gradients; ``directive``: what the PS's codec state sent for the round.
+        Payloads may be read-only views of ``grads`` (``Encoder.encode_view``): serialize them
+        before writing to the gradients."""
         return self._encode(grads, ctx, directive, None)
 
     def encode_with_reconstructions(
@@ -107,17 +109,21 @@ class UpdateEncoder:
             ctx = dataclasses.replace(ctx, directive=dict(directive.values), directive_blob=directive.blob)
         if self.codec.needs_model_motion:
             ctx = dataclasses.replace(ctx, model_motion_sq=tuple(self.motions))
+        # A round's messages are serialized before the caller touches the gradients again (the
+        # worker sends them at once): payloads may be views of them. Not so for the downlink
+        # (``known``), which keeps its messages as the round's broadcast while the model moves.
+        encode = self.encoder.encode_view if known is None else self.encoder.encode
         if self.codec.scope == "model":
             flat = np.concatenate(
                 [np.asarray(grads[s.name], dtype=np.float32).reshape(-1) for s in self.specs]
             )
-            out = [self.encoder.encode(flat, _model_spec(self.specs), ctx)]
+            out = [encode(flat, _model_spec(self.specs), ctx)]
             if known is not None:
                 known.append(None)  # one flat message: not split back into tensors here
         else:
             out = []
             for s in self.specs:
-                out.append(self.encoder.encode(grads[s.name], s, ctx))
+                out.append(encode(grads[s.name], s, ctx))
                 if known is not None:  # asked at once: an encoder knows only its last message
                     known.append(self.encoder.reconstruction(out[-1]))
         self.payload_bytes += sum(m.payload_bytes for m in out)

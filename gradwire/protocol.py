@@ -194,8 +194,10 @@ def _fill_encoded(msg: pb.EncodedTensor, e: Encoded) -> None:
     msg.shape.extend(e.spec.shape)
     msg.dtype = e.spec.dtype
     msg.codec_spec = e.codec
-    msg.payload = e.payload
-    msg.predictor_coefficients = e.coefficients
+    # protobuf takes only bytes: a payload that is a view (of a gradient, of a received
+    # message) is copied here, as protobuf copies anything assigned to it anyway
+    msg.payload = bytes(e.payload)
+    msg.predictor_coefficients = bytes(e.coefficients)
     if e.residual is not None:
         _fill_encoded(msg.residual, e.residual)
 

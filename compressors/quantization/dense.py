@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwire.compressors.base import RoundContext, TensorCodec, TensorSpec, expect_payload_size
+from gradwire.compressors.base import Payload, RoundContext, TensorCodec, TensorSpec, expect_payload_size
 from gradwire.compressors.registry import register
 
 
@@ -34,6 +34,13 @@ class DenseCodec(TensorCodec):
 
     def encode_array(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> bytes:
         return x.astype("<f4", copy=False).tobytes()
+
+    def encode_array_view(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Payload:
+        # The payload is the tensor's little-endian float32 bytes: when x already is that
+        # (contiguous), a view of it, and the worker's serializer copies it once, into the message.
+        if x.dtype == np.dtype("<f4") and x.flags.c_contiguous:
+            return x.reshape(-1).view(np.uint8).data.toreadonly()
+        return self.encode_array(x, spec, ctx)
 
     def decode_array(self, payload: bytes, spec: TensorSpec, ctx: RoundContext) -> np.ndarray:
         expect_payload_size(payload, 4 * spec.numel, spec, self.name)

@@ -159,3 +159,30 @@ def test_fields_protobuf_would_merge_are_left_to_protobuf():
     got = protocol.server_message_from_wire(merged)
     assert got.round == 4 and set(got.model) == {"a", "b"}
     assert _same_message(got, protocol.server_message_from_bytes(merged))
+
+
+def test_a_dense_update_is_serialized_from_views_of_the_gradient():
+    """The worker's dense payload is the gradient's own memory (read-only), copied only into the
+    message, whose bytes stay protobuf's; a gradient that is not contiguous float32 is copied."""
+    from gradwire.compressors.base import RoundContext
+    from gradwire.compressors.registry import create_codec
+    from gradwire.compressors.update import UpdateEncoder
+
+    grads = {"w": rng.standard_normal((30, 20)).astype(np.float32),
+             "t": np.asfortranarray(rng.standard_normal((4, 5)).astype(np.float32)),
+             "d": rng.standard_normal(7)}
+    specs = [TensorSpec(n, a.shape) for n, a in grads.items()]
+    encoded = UpdateEncoder(create_codec("dense"), specs).encode(grads, RoundContext(round=0, rank=0, seed=0))
+    by_name = {e.spec.name: e for e in encoded}
+    view = by_name["w"].payload
+    assert isinstance(view, memoryview) and view.readonly
+    assert np.shares_memory(np.frombuffer(view, dtype=np.uint8), grads["w"])
+    for name in ("t", "d"):  # not contiguous float32: the payload is a copy in the wire's layout
+        assert not np.shares_memory(np.frombuffer(by_name[name].payload, dtype=np.uint8), grads[name])
+        assert np.array_equal(np.frombuffer(by_name[name].payload, dtype="<f4"),
+                              np.asarray(grads[name], dtype=np.float32).reshape(-1))
+    update = Update(1, tuple(encoded), 0.5, 4)
+    data = protocol.worker_message_to_bytes(update)
+    assert data == protocol.worker_message_to_proto(update).SerializeToString()
+    parsed = type(protocol.worker_message_to_proto(update)).FromString(data)
+    assert protocol.worker_message_from_proto(parsed) == update

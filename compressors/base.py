@@ -279,6 +279,11 @@ class Codec(ABC):
     needs_layout: ClassVar[bool] = False
     needs_model_motion: ClassVar[bool] = False
     has_cross_worker_state: ClassVar[bool] = False
+    # True when the decoder takes payloads and coefficients as read-only memoryviews of the
+    # received message (``Payload``) without copying them first. The PS reads an update's
+    # payloads as such views (``protocol.worker_message_from_wire``); for the other codecs the
+    # update layer copies them into bytes before decoding, as protobuf did (one copy, not two).
+    decodes_views: ClassVar[bool] = False
 
     @abstractmethod
     def make_encoder(self) -> Encoder: ...
@@ -350,7 +355,7 @@ class StatelessDecoder(Decoder):
         self.codec = codec
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
-        out = self.codec.decode_array(as_bytes(msg.payload), msg.spec, ctx)
+        out = self.codec.decode_view(msg.payload, msg.spec, ctx)
         return out.reshape(msg.spec.shape)
 
 
@@ -363,6 +368,11 @@ class TensorCodec(Codec):
 
     @abstractmethod
     def decode_array(self, payload: bytes, spec: TensorSpec, ctx: RoundContext) -> np.ndarray: ...
+
+    def decode_view(self, payload: Payload, spec: TensorSpec, ctx: RoundContext) -> np.ndarray:
+        """``decode_array`` of a payload that may be a view; a codec that declares
+        ``decodes_views`` decodes it as it is, the others get bytes."""
+        return self.decode_array(as_bytes(payload), spec, ctx)
 
     def encode_array_view(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Payload:
         """``encode_array``, or a read-only view of ``x`` when the payload is ``x``'s own bytes
@@ -386,7 +396,7 @@ def check_input(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return arr.reshape(-1)
 
 
-def expect_payload_size(payload: bytes, expected: int, spec: TensorSpec, codec: str) -> None:
+def expect_payload_size(payload: Payload, expected: int, spec: TensorSpec, codec: str) -> None:
     if len(payload) != expected:
         raise CodecError(
             f"{codec} payload for {spec.name!r} is {len(payload)} bytes, expected {expected}"

@@ -26,6 +26,7 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
 )
 from gradwire.compressors.bounds import check_wire_fields
 from gradwire.compressors.finite import all_finite
@@ -149,6 +150,16 @@ class UpdateEncoder:
         return out
 
 
+def _with_bytes(m: Encoded) -> Encoded:
+    """``m`` with its payloads as bytes (a view copied once), for a codec that does not declare
+    ``Codec.decodes_views``; ``m`` itself when they are bytes already."""
+    residual = _with_bytes(m.residual) if m.residual is not None else None
+    if isinstance(m.payload, bytes) and isinstance(m.coefficients, bytes) and residual is m.residual:
+        return m
+    return dataclasses.replace(m, payload=as_bytes(m.payload), coefficients=as_bytes(m.coefficients),
+                               residual=residual)
+
+
 class UpdateDecoder:
     """PS side, one per worker: list of ``Encoded`` -> dict of decoded gradients.
 
@@ -198,6 +209,8 @@ class UpdateDecoder:
         self._check_structure(msgs)
         decoded: dict[str, np.ndarray] = {}
         for m in msgs:
+            if not self.codec.decodes_views:
+                m = _with_bytes(m)
             try:
                 arr = self.decoder.decode(m, ctx)
             except (CodecError, ValueError, IndexError, KeyError, RuntimeError) as exc:

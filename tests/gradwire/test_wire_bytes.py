@@ -186,3 +186,122 @@ def test_a_dense_update_is_serialized_from_views_of_the_gradient():
     assert data == protocol.worker_message_to_proto(update).SerializeToString()
     parsed = type(protocol.worker_message_to_proto(update)).FromString(data)
     assert protocol.worker_message_from_proto(parsed) == update
+
+
+WIRE_UPDATES = [
+    Update(0, (), 0.0, 0),
+    Update(5, TENSORS, 1.5, 32, 0.25, PARAMS),
+    Update(4, TENSORS, 0.5, 8, 0.1, {"bn": np.ones(3, np.float32)}, encode_seconds=0.02,
+           previous_round=WorkerTiming(0.3, 0.04)),
+    Update(1, TENSORS[:1], -3.0, 7, buffers={}),
+]
+
+
+def _same_update(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if not isinstance(a, Update):
+        return a == b
+    if (a.round, a.tensors, a.num_examples, a.compute_seconds, a.encode_seconds, a.previous_round) != (
+            b.round, b.tensors, b.num_examples, b.compute_seconds, b.encode_seconds, b.previous_round):
+        return False
+    if not (a.train_loss == b.train_loss or (math.isnan(a.train_loss) and math.isnan(b.train_loss))):
+        return False
+    if (a.buffers is None) != (b.buffers is None):
+        return False
+    return a.buffers is None or (list(a.buffers) == list(b.buffers) and all(
+        np.array_equal(a.buffers[k], b.buffers[k], equal_nan=True) and a.buffers[k].shape == b.buffers[k].shape
+        for k in a.buffers))
+
+
+def _payloads(e: Encoded):
+    while e is not None:
+        yield from (e.payload, e.coefficients)
+        e = e.residual
+
+
+@pytest.mark.parametrize("update", WIRE_UPDATES)
+def test_a_received_update_is_protobufs_with_the_payloads_as_views_of_the_bytes(update):
+    data = protocol.worker_message_to_bytes(update)
+    fast = protocol.worker_message_from_wire(data)
+    assert protocol._update_with_views(data) is not None  # the views path, not the fallback
+    assert _same_update(fast, protocol.worker_message_from_bytes(data))
+    for e in fast.tensors:
+        for p in _payloads(e):
+            assert not len(p) or (isinstance(p, memoryview) and p.readonly and p.obj is data)
+    assert all(not a.flags.writeable for a in (fast.buffers or {}).values())
+
+
+def test_the_update_views_path_agrees_with_protobuf_on_every_truncation_and_corrupted_byte():
+    small = Update(3, (TENSORS[0], Encoded("dense", TensorSpec("v", (2,)), b"\x01" * 8)), 0.5, 2,
+                   buffers={"bn": np.ones(3, np.float32)})
+    data = protocol.worker_message_to_bytes(small)
+    cases = [data[:cut] for cut in range(len(data))]
+    cases += [data[:i] + bytes([v]) + data[i + 1:] for i in range(len(data)) for v in (0, 0x7F, 0x80, 0xFF)]
+    for corrupted in cases:
+        fast = _outcome(protocol.worker_message_from_wire, corrupted)
+        slow = _outcome(protocol.worker_message_from_bytes, corrupted)
+        assert fast[0] == slow[0], corrupted
+        assert fast[0] != "ok" or _same_update(fast[1], slow[1]), corrupted
+
+
+def test_update_fields_protobuf_would_merge_are_left_to_protobuf():
+    one = protocol.worker_message_to_bytes(Update(3, TENSORS[1:2], 0.5, 2))
+    two = protocol.worker_message_to_bytes(Update(4, TENSORS[2:], 0.5, 2))
+    merged = one + two  # two update fields: protobuf merges them (both tensors, the last round)
+    assert protocol._update_with_views(merged) is None
+    got = protocol.worker_message_from_wire(merged)
+    assert got.round == 4 and [t.spec.name for t in got.tensors] == ["scalar", "big"]
+    # a payload given twice: protobuf keeps the last one
+    tensor = protocol.encoded_to_bytes(Encoded("dense", TensorSpec("v", (1,)), b"\x00" * 4)) + b"\x2a\x04\x01\x02\x03\x04"
+    update = b"\x12" + bytes([len(tensor)]) + tensor
+    twice = b"\x12" + bytes([len(update)]) + update
+    assert protocol._update_with_views(twice) is None
+    assert bytes(protocol.worker_message_from_wire(twice).tensors[0].payload) == b"\x01\x02\x03\x04"
+
+
+def test_dense_decodes_aligned_views_in_place_and_other_codecs_get_bytes():
+    from gradwire.compressors.base import RoundContext
+    from gradwire.compressors.registry import create_codec
+    from gradwire.compressors.update import UpdateDecoder
+
+    values = np.arange(6, dtype=np.float32)
+    ctx = RoundContext(round=0, rank=0, seed=0)
+    spec = TensorSpec("v", (6,))
+    for pad in range(4):  # the payload's offset in the message moves with the name's length
+        named = TensorSpec("v" * (1 + pad), (6,))
+        data = protocol.worker_message_to_bytes(Update(0, (Encoded("dense", named, values.tobytes()),), 0.5, 1))
+        payload = protocol.worker_message_from_wire(data).tensors[0].payload
+        decoded = UpdateDecoder(create_codec("dense"), [named]).decode([Encoded("dense", named, payload)], ctx)
+        arr = decoded[named.name]
+        assert np.array_equal(arr, values)
+        aligned = np.frombuffer(payload, dtype="<f4").flags.aligned
+        # in place when aligned (no copy of the update), else one copy into aligned memory
+        assert np.shares_memory(arr, np.frombuffer(data, dtype=np.uint8)) == aligned
+    # a mutable buffer is copied: the decoded tensor must not change with it
+    mutable = bytearray(values.tobytes())
+    arr = UpdateDecoder(create_codec("dense"), [spec]).decode([Encoded("dense", spec, memoryview(mutable))], ctx)["v"]
+    mutable[:4] = b"\x00" * 4
+    assert arr[0] == 0.0 and arr[1] == 1.0 and np.array_equal(arr, values)
+
+
+def test_codecs_that_do_not_decode_views_get_bytes():
+    from gradwire.compressors.base import Decoder, RoundContext
+    from gradwire.compressors.registry import create_codec
+    from gradwire.compressors.update import UpdateDecoder
+
+    seen = []
+
+    class Recording(Decoder):
+        def decode(self, msg, ctx):
+            seen.extend(type(p) for p in _payloads(msg))
+            return np.zeros(msg.spec.numel, np.float32)
+
+    spec = TensorSpec("v", (2,))
+    codec = create_codec("fp16")
+    assert not codec.decodes_views
+    decoder = UpdateDecoder(codec, [spec])
+    decoder.decoder = Recording()
+    msg = Encoded("fp16", spec, memoryview(b"abcdef")[:4])
+    decoder.decode([msg], RoundContext(round=0, rank=0, seed=0))
+    assert seen == [bytes, bytes]

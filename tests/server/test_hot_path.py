@@ -117,7 +117,10 @@ def test_dense_decoding_is_a_read_only_view_of_immutable_bytes_and_copies_mutabl
     spec = TensorSpec("w", (6,))
     ctx = RoundContext(round=0, rank=0, seed=0, num_workers=1)
     x = np.arange(6, dtype=np.float32)
-    (encoded,) = UpdateEncoder(codec, [spec]).encode({"w": x}, ctx)
+    (view,) = UpdateEncoder(codec, [spec]).encode({"w": x}, ctx)  # the payload is a view of x
+    # x's owner may write to it: decoding a view of it copies
+    assert not np.shares_memory(UpdateDecoder(codec, [spec]).decode([view], ctx)["w"], x)
+    encoded = type(view)(view.codec, spec, bytes(view.payload))  # as received: immutable bytes
     out = UpdateDecoder(codec, [spec]).decode([encoded], ctx)["w"]
     assert np.array_equal(out, x) and not out.flags.writeable  # no copy; nobody can write through it
     with pytest.raises(ValueError):

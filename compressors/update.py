@@ -11,6 +11,7 @@ look at what a particular codec wants.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from gradwire.compressors.base import (
     as_bytes,
 )
 from gradwire.compressors.bounds import check_wire_fields
-from gradwire.compressors.finite import all_finite
+from gradwire.compressors.finite import squared_norm
 
 MODEL_TENSOR_NAME = "__model__"
 # Model moves remembered for LAG-style triggers (docs/algorithms.md §1 uses D = 10).
@@ -206,8 +207,15 @@ class UpdateDecoder:
             raise InvalidUpdate(str(exc)) from None
 
     def decode(self, msgs: Sequence[Encoded], ctx: RoundContext) -> dict[str, np.ndarray]:
+        return self.decode_with_norm(msgs, ctx)[0]
+
+    def decode_with_norm(self, msgs: Sequence[Encoded], ctx: RoundContext) -> tuple[dict[str, np.ndarray], float]:
+        """``decode``, and the update's L2 norm (what the PS clips by), from the one read of each
+        decoded tensor that also proves it finite (``squared_norm``: a BLAS dot product, NaN or
+        Inf when any entry is), instead of a finiteness read and a norm read after it."""
         self._check_structure(msgs)
         decoded: dict[str, np.ndarray] = {}
+        total = 0.0
         for m in msgs:
             if not self.codec.decodes_views:
                 m = _with_bytes(m)
@@ -218,8 +226,10 @@ class UpdateDecoder:
             arr = np.asarray(arr, dtype=np.float32)
             if arr.size != m.spec.numel:
                 raise InvalidUpdate(f"payload of {m.spec.name!r} decodes to {arr.size} entries, expected {m.spec.numel}")
-            if not all_finite(arr):
+            squared = squared_norm(arr)
+            if squared is None:
                 raise InvalidUpdate(f"tensor {m.spec.name!r} decodes to NaN or Inf values")
+            total += squared
             decoded[m.spec.name] = arr.reshape(m.spec.shape)
         if self.codec.scope == "model":
             flat = decoded[MODEL_TENSOR_NAME].reshape(-1)
@@ -227,8 +237,8 @@ class UpdateDecoder:
             for s in self.specs:
                 out[s.name] = flat[offset : offset + s.numel].reshape(s.shape)
                 offset += s.numel
-            return out
-        return decoded
+            return out, math.sqrt(total)
+        return decoded, math.sqrt(total)
 
     def reset(self) -> None:
         self.decoder.reset()

@@ -59,7 +59,7 @@ from gradwire.server.aggregation import ServerOptimizer
 from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from gradwire.server.config import ServerConfig
 from gradwire.server.ledger import Ledger, LedgerSnapshot, WorkerRecord
-from gradwire.server.robust import robust_step, update_norm
+from gradwire.server.robust import robust_step
 from gradwire.server.timing import RoundClock, WorkerRound
 from gradwire.task import Task
 from gradwire.tasks import BUILTIN_TASKS, shard_indices, tensor_specs
@@ -312,7 +312,8 @@ class RoundEngine:
             raise Rejected("INVALID_ARGUMENT", f"train_loss is {update.train_loss}; refusing an update from a diverged worker")
         try:
             decode_started = time.monotonic()
-            decoded = session.decoder.decode(update.tensors, self._ctx(record.rank, current))
+            # the norm clipping needs comes with the decoding's finiteness read (no pass of its own)
+            decoded, decoded_norm = session.decoder.decode_with_norm(update.tensors, self._ctx(record.rank, current))
             decode_s = time.monotonic() - decode_started
         except InvalidUpdate as exc:
             raise Rejected("INVALID_ARGUMENT", str(exc)) from None
@@ -325,7 +326,7 @@ class RoundEngine:
                 raise Rejected("INVALID_ARGUMENT", f"buffers: {exc}") from None
             buffers = update.buffers
             payload += protocol.model_payload_bytes(buffers)  # buffers are model payload too
-        norm = update_norm(decoded) if self.norms_on_arrival and self.config.clip_multiple > 0 else None
+        norm = decoded_norm if self.norms_on_arrival and self.config.clip_multiple > 0 else None
         with self.cond:
             if self.round != current or self.phase != "collecting" or not session.alive:
                 raise Rejected("FAILED_PRECONDITION", f"stale update for round {current}: the round closed while it was decoded")

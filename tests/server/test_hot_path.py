@@ -175,3 +175,32 @@ def test_the_servers_sgd_steps_the_same_bits_as_torchs_default_sgd(momentum, wei
         reference.step()
     for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("codec", ["dense", "fp16", "topk:ratio=0.5"])
+def test_the_update_norm_comes_from_the_decodings_one_read_of_each_tensor(codec, monkeypatch):
+    """decode_with_norm's norm is update_norm's, bit for bit, from one squared-norm read per tensor
+    (the read that also proves the tensor finite), with no finiteness read beside it."""
+    from gradwire.compressors import update as update_module
+    from gradwire.server.robust import update_norm
+
+    specs = [TensorSpec("w", (40, 30)), TensorSpec("b", (30,))]
+    rng = np.random.default_rng(5)
+    grads = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in specs}
+    ctx = RoundContext(round=0, rank=0, seed=0, num_workers=1)
+    encoded = [protocol.encoded_from_bytes(protocol.encoded_to_bytes(e))
+               for e in UpdateEncoder(create_codec(codec), specs).encode(grads, ctx)]
+    reads = []
+    real = update_module.squared_norm
+    monkeypatch.setattr(update_module, "squared_norm", lambda a: reads.append(a.size) or real(a))
+    decoded, norm = UpdateDecoder(create_codec(codec), specs).decode_with_norm(encoded, ctx)
+    assert reads == [s.numel for s in specs]
+    assert norm == update_norm(decoded)
+    bad = np.array(grads["b"])
+    bad[3] = np.inf
+    payload = bytearray(encoded[1].payload)
+    if codec == "dense":  # a non-finite entry is refused by the same read
+        payload[12:16] = bad[3:4].tobytes()
+        with pytest.raises(update_module.InvalidUpdate, match="NaN or Inf"):
+            UpdateDecoder(create_codec(codec), specs).decode_with_norm(
+                [encoded[0], type(encoded[1])(encoded[1].codec, specs[1], bytes(payload))], ctx)

@@ -326,7 +326,7 @@ class RoundEngine:
                 raise Rejected("INVALID_ARGUMENT", f"buffers: {exc}") from None
             buffers = update.buffers
             payload += protocol.model_payload_bytes(buffers)  # buffers are model payload too
-        norm = decoded_norm if self.norms_on_arrival and self.config.clip_multiple > 0 else None
+        norm = decoded_norm if self.norms_on_arrival else None  # clip_updates and the step proof read it
         with self.cond:
             if self.round != current or self.phase != "collecting" or not session.alive:
                 raise Rejected("FAILED_PRECONDITION", f"stale update for round {current}: the round closed while it was decoded")

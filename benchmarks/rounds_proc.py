@@ -96,6 +96,7 @@ def instrument_server() -> None:
     timed(engine, "_finalize", "aggregate")
     timed(round_engine, "robust_step", "aggregate")
     timed(engine, "_params_copy", "broadcast")
+    timed(engine, "_snapshot_model", "broadcast")
     timed(servicer.GradientExchangeServicer, "_send", "broadcast")
     count_bytes(engine, "count_downlink", "downlink", 2)
 

@@ -13,6 +13,7 @@ live here too, so the worker imports nothing from the PS.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -726,14 +727,32 @@ def _encoded_chunks(e: Encoded) -> Chunks:
     return chunks
 
 
-def _model_chunks(params: Mapping[str, np.ndarray]) -> Chunks:
-    """A Model's fields; each tensor's data is a view of its (float32, C-contiguous) array."""
+def _model_chunks(params: Mapping[str, np.ndarray], data: list | None = None) -> Chunks:
+    """A Model's fields; each tensor's data is a view of its (float32, C-contiguous) array.
+    ``data``: (name, shape, the data chunk) of each tensor appended, for its offset once joined."""
     chunks: Chunks = []
     for k, v in params.items():
         arr = np.ascontiguousarray(v, dtype="<f4")
         head = pb.Tensor(name=k, shape=list(np.shape(v)), dtype="float32").SerializeToString()
-        chunks += _field(1, [head, *_bytes_field(4, arr.reshape(-1).view(np.uint8))])
+        raw = arr.reshape(-1).view(np.uint8)
+        if data is not None:
+            data.append((k, np.shape(v), raw))
+        chunks += _field(1, [head, *_bytes_field(4, raw)])
     return chunks
+
+
+def _views_in(data: bytes, flat: Chunks, tensors: list) -> Params:
+    """Read-only views of ``data`` (the join of ``flat``) where the tensors' data chunks landed."""
+    at, position = {}, 0
+    for chunk in flat:
+        at[id(chunk)] = position
+        position += len(chunk)
+    out = {}
+    for name, shape, raw in tensors:
+        count = int(np.prod(shape, dtype=np.int64))
+        start = at[id(raw)] if count else 0  # an empty tensor has no data field
+        out[name] = np.frombuffer(data, dtype="<f4", count=count, offset=start).reshape(shape)
+    return out
 
 
 def _update_chunks(m: Update) -> Chunks:
@@ -781,32 +800,66 @@ class BroadcastSerializer:
         """The serialized ServerMessage; equal to ``server_message_to_proto(m).SerializeToString()``."""
         if not isinstance(m, RoundResult):
             return server_message_to_proto(m).SerializeToString()
+        small, head, middle = self._small_fields(m)
+        shared = (m.model, m.model_delta, m.buffers)
+        with self._lock:
+            for held, fields, data in self._messages:
+                if fields == small and all(a is b for a, b in zip(held, shared, strict=True)):
+                    return data
+            flat = self._flat(m, head, middle)
+            data = b"".join(flat)
+            self._keep(shared, small, data)
+            return data
+
+    def snapshot(self, m: RoundResult) -> RoundResult:
+        """Serialize ``m`` now and keep its bytes: ``m`` with its model and buffers replaced by
+        read-only views of those bytes.
+
+        For the round engine as a round closes: ``m`` carries the live model, which is copied
+        once, into the message (no copy of its own kept beside it), and the caller hands the views
+        out as the round's model. Every worker's RoundResult that carries these views and the same
+        small fields gets the kept bytes from ``to_bytes``, without another copy."""
+        if m.model_delta is not None:
+            raise ValueError("snapshot serializes a full model; a delta goes through to_bytes")
+        small, head, middle = self._small_fields(m)
+        model_data: list = []
+        buffers_data: list = []
+        flat = self._flat(m, head, middle, model_data, buffers_data)
+        data = b"".join(flat)
+        model = _views_in(data, flat, model_data)
+        buffers = _views_in(data, flat, buffers_data) if m.buffers is not None else None
+        with self._lock:
+            self._keep((model, None, buffers), small, data)
+        return dataclasses.replace(m, model=model, buffers=buffers)
+
+    @staticmethod
+    def _small_fields(m: RoundResult) -> tuple[bytes, bytes, bytes]:
         # RoundResult: round (1), model (2), directive (3), update_aggregated (4), workers (5),
         # model_delta (6), buffers (7)
         head = pb.RoundResult(round=m.round).SerializeToString()
         middle = pb.RoundResult(directive=directive_to_proto(m.directive), update_aggregated=m.update_aggregated,
                                 workers=m.workers).SerializeToString()
-        shared = (m.model, m.model_delta, m.buffers)
-        small = _varint(len(head)) + head + middle  # unambiguous: the head's length first
-        with self._lock:
-            for held, fields, data in self._messages:
-                if fields == small and all(a is b for a, b in zip(held, shared, strict=True)):
-                    return data
-            chunks: Chunks = [head]
-            delta = m.model_delta
-            if delta is None:
-                chunks += _field(2, _model_chunks(m.model if m.model is not None else {}))
-            chunks.append(middle)
-            if delta is not None:
-                chunks += _field(6, _model_delta_chunks(delta))
-            if m.buffers is not None:
-                chunks += _field(7, _model_chunks(m.buffers))
-            data = b"".join(_field(2, chunks))
-            # another round's messages are let go: the engine has replaced its model
-            self._messages = [e for e in self._messages if all(a is b for a, b in zip(e[0], shared, strict=True))]
-            self._messages.append((shared, small, data))
-            del self._messages[: max(0, len(self._messages) - self.keep)]
-            return data
+        return _varint(len(head)) + head + middle, head, middle  # unambiguous: the head's length first
+
+    @staticmethod
+    def _flat(m: RoundResult, head: bytes, middle: bytes, model_data: list | None = None,
+              buffers_data: list | None = None) -> Chunks:
+        chunks: Chunks = [head]
+        delta = m.model_delta
+        if delta is None:
+            chunks += _field(2, _model_chunks(m.model if m.model is not None else {}, model_data))
+        chunks.append(middle)
+        if delta is not None:
+            chunks += _field(6, _model_delta_chunks(delta))
+        if m.buffers is not None:
+            chunks += _field(7, _model_chunks(m.buffers, buffers_data))
+        return _field(2, chunks)
+
+    def _keep(self, shared: tuple[object, object, object], small: bytes, data: bytes) -> None:
+        """Caller holds the lock. Another round's messages are let go: the engine has replaced its model."""
+        self._messages = [e for e in self._messages if all(a is b for a, b in zip(e[0], shared, strict=True))]
+        self._messages.append((shared, small, data))
+        del self._messages[: max(0, len(self._messages) - self.keep)]
 
 
 def _model_delta_chunks(d: ModelDelta) -> Chunks:

@@ -86,8 +86,9 @@ class GradientExchangeServicer:
         self.credentials = credentials
         c = engine.config
         self.gate = gate or StreamGate(c.max_streams or default_max_streams(c.workers), c.hello_timeout_s)
-        # A round's model (or delta) goes to every worker: serialized once, not once per worker.
-        self.broadcast = protocol.BroadcastSerializer()
+        # A round's model (or delta) goes to every worker: serialized once, not once per worker
+        # (the engine's serializer: with the dense downlink it serializes the model as a round opens).
+        self.broadcast = engine.serializer
 
     def _send(self, session: Session, message: protocol.ServerMessage) -> bytes:
         """The message serialized (gRPC sends these bytes as they are), its size counted."""

@@ -305,3 +305,24 @@ def test_codecs_that_do_not_decode_views_get_bytes():
     decoder.decode([msg], RoundContext(round=0, rank=0, seed=0))
     assert seen == [bytes, bytes]
 
+
+def test_a_snapshot_serializes_the_live_model_once_and_hands_out_views_of_its_bytes():
+    live = {"w": rng.standard_normal((30, 7)).astype(np.float32), "empty": np.zeros((0, 2), np.float32),
+            "b": rng.standard_normal(5).astype(np.float32)}
+    kept = {k: v.copy() for k, v in live.items()}
+    shared = BroadcastSerializer()
+    message = RoundResult(4, DIRECTIVE, True, 3, model=live, buffers={"bn": np.ones(3, np.float32)})
+    snap = shared.snapshot(message)
+    data = shared.to_bytes(snap)
+    assert data == protocol.server_message_to_proto(message).SerializeToString()
+    for k in live:  # read-only views of the sent bytes, not copies of the live model
+        live[k] += 1.0  # the PS steps its model in place: the snapshot must not move
+        assert np.array_equal(snap.model[k], kept[k]) and not snap.model[k].flags.writeable
+        assert snap.model[k].size == 0 or np.shares_memory(snap.model[k], np.frombuffer(data, np.uint8))
+    assert np.shares_memory(snap.buffers["bn"], np.frombuffer(data, np.uint8))
+    # every worker whose reply carries the views and the same small fields gets these very bytes
+    same = RoundResult(4, DIRECTIVE, True, 3, model=snap.model, buffers=snap.buffers)
+    assert shared.to_bytes(same) is data
+    other = RoundResult(4, Directive(), False, 3, model=snap.model, buffers=snap.buffers)  # its own fields
+    assert shared.to_bytes(other) == protocol.server_message_to_proto(other).SerializeToString()
+    assert shared.to_bytes(same) is data  # still kept beside the other worker's message

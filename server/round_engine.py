@@ -193,12 +193,13 @@ class RoundEngine:
         """Caller holds the lock; a round has just opened. The model and buffers as the round's
         RoundResult carries them, serialized once (one copy of the live model, into the bytes
         gRPC sends: no copy of its own beside them) for the fields most workers get (their update
-        aggregated, the directive of the first expected rank); model_sent and buffers_sent become
-        views of those bytes, so every such worker's reply is those bytes (protocol.BroadcastSerializer)."""
-        ranks = sorted(self.sessions[w].record.rank for w in self.expected if w in self.sessions)
-        rank = ranks[0] if ranks else 0
+        aggregated, the round's directive values without a blob); model_sent and buffers_sent
+        become views of those bytes, so every such worker's reply is those bytes
+        (protocol.BroadcastSerializer). The directive is not asked of the codec's state here: its
+        directive_for may keep state per call (LGC ships its encoder to a worker once); a worker
+        whose directive differs gets its own serialization of the same views."""
         message = self.serializer.snapshot(RoundResult(
-            round=self.round, directive=self._directive_for(rank, self.round), update_aggregated=True,
+            round=self.round, directive=Directive(values=dict(self.directive_values)), update_aggregated=True,
             workers=len(self.expected), model=self._params(), buffers=self._buffers_sent(),
         ))
         self.model_sent = message.model

@@ -92,10 +92,11 @@ def instrument_server() -> None:
     engine = round_engine.RoundEngine
     timed(engine, "_open_round", "ps:open", on_call=lambda self, r: mark_round(r))
     timed(servicer, "parse_worker_message", "decode")
-    timed(round_engine.UpdateDecoder, "decode", "decode")
+    timed(round_engine.UpdateDecoder, "decode_with_norm", "decode")  # the PS's decoding (decode calls it too)
     timed(engine, "_finalize", "aggregate")
     timed(round_engine, "robust_step", "aggregate")
     timed(engine, "_params_copy", "broadcast")
+    timed(engine, "_snapshot_model", "broadcast")
     timed(servicer.GradientExchangeServicer, "_send", "broadcast")
     count_bytes(engine, "count_downlink", "downlink", 2)
 

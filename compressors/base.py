@@ -22,6 +22,16 @@ import numpy as np
 from gradwire.compressors.finite import all_finite
 
 FLOAT_DTYPE = "float32"
+# A codec's bytes: ``bytes``, or a read-only ``memoryview`` of memory nobody changes while the
+# message is in use: on the PS, of the received message (for codecs that declare
+# ``Codec.decodes_views``); on the worker, of the gradient being sent (``Encoder.encode_view``).
+Payload = bytes | memoryview
+
+
+def as_bytes(payload: Payload) -> bytes:
+    """The payload as ``bytes`` for code that needs them: ``bytes`` as they are (no copy), a view
+    copied once."""
+    return payload if isinstance(payload, bytes) else bytes(payload)
 
 
 class CodecError(ValueError):
@@ -53,8 +63,8 @@ class Encoded:
 
     codec: str  # codec spec string, "name:key=value,..."
     spec: TensorSpec
-    payload: bytes = b""
-    coefficients: bytes = b""
+    payload: Payload = b""
+    coefficients: Payload = b""
     residual: Encoded | None = None
 
     @property
@@ -108,6 +118,12 @@ class Encoder(ABC):
 
     @abstractmethod
     def encode(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded: ...
+
+    def encode_view(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
+        """``encode``, where the payload may be a read-only view of ``x`` instead of a copy (the
+        dense codec's payload is ``x``'s bytes): for a caller that serializes the message before
+        anything writes to ``x`` (``UpdateEncoder.encode``: the worker sends it at once)."""
+        return self.encode(x, spec, ctx)
 
     def reset(self) -> None:  # noqa: B027 - stateless codecs have nothing to forget
         """Forget all state (resync)."""
@@ -263,6 +279,11 @@ class Codec(ABC):
     needs_layout: ClassVar[bool] = False
     needs_model_motion: ClassVar[bool] = False
     has_cross_worker_state: ClassVar[bool] = False
+    # True when the decoder takes payloads and coefficients as read-only memoryviews of the
+    # received message (``Payload``) without copying them first. The PS reads an update's
+    # payloads as such views (``protocol.worker_message_from_wire``); for the other codecs the
+    # update layer copies them into bytes before decoding, as protobuf did (one copy, not two).
+    decodes_views: ClassVar[bool] = False
 
     @abstractmethod
     def make_encoder(self) -> Encoder: ...
@@ -324,13 +345,17 @@ class StatelessEncoder(Encoder):
         x = check_input(x, spec)
         return Encoded(self.codec.spec, spec, self.codec.encode_array(x, spec, ctx))
 
+    def encode_view(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Encoded:
+        x = check_input(x, spec)
+        return Encoded(self.codec.spec, spec, self.codec.encode_array_view(x, spec, ctx))
+
 
 class StatelessDecoder(Decoder):
     def __init__(self, codec: TensorCodec):
         self.codec = codec
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
-        out = self.codec.decode_array(msg.payload, msg.spec, ctx)
+        out = self.codec.decode_view(msg.payload, msg.spec, ctx)
         return out.reshape(msg.spec.shape)
 
 
@@ -343,6 +368,16 @@ class TensorCodec(Codec):
 
     @abstractmethod
     def decode_array(self, payload: bytes, spec: TensorSpec, ctx: RoundContext) -> np.ndarray: ...
+
+    def decode_view(self, payload: Payload, spec: TensorSpec, ctx: RoundContext) -> np.ndarray:
+        """``decode_array`` of a payload that may be a view; a codec that declares
+        ``decodes_views`` decodes it as it is, the others get bytes."""
+        return self.decode_array(as_bytes(payload), spec, ctx)
+
+    def encode_array_view(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Payload:
+        """``encode_array``, or a read-only view of ``x`` when the payload is ``x``'s own bytes
+        (``Encoder.encode_view`` says when a caller may use it)."""
+        return self.encode_array(x, spec, ctx)
 
     def make_encoder(self) -> Encoder:
         return StatelessEncoder(self)
@@ -361,7 +396,7 @@ def check_input(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return arr.reshape(-1)
 
 
-def expect_payload_size(payload: bytes, expected: int, spec: TensorSpec, codec: str) -> None:
+def expect_payload_size(payload: Payload, expected: int, spec: TensorSpec, codec: str) -> None:
     if len(payload) != expected:
         raise CodecError(
             f"{codec} payload for {spec.name!r} is {len(payload)} bytes, expected {expected}"

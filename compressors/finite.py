@@ -23,9 +23,26 @@ def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1)  # a view for contiguous arrays (every array gradwire decodes)
 
 
+# Entries of an unaligned array dotted at a time (256 KiB of float32: the scratch stays in cache).
+_CHUNK = 65536
+
+
 def _self_dot(flat: np.ndarray) -> float:
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow or a NaN is an answer here
-        return float(np.dot(flat, flat))
+        if flat.flags.aligned:
+            return float(np.dot(flat, flat))
+        # An unaligned array (a view of received bytes at an odd offset: protocol.worker_message_
+        # from_wire) gets numpy's own dot loop, 10x slower than BLAS (21 ms against 2 for 8.5 M
+        # entries); copied chunk by chunk into an aligned scratch that stays in cache, it takes
+        # 5 ms, with no model-sized copy. A chunk's NaN, Inf or float32 overflow makes the total
+        # non-finite, as one dot's would.
+        scratch = np.empty(min(flat.size, _CHUNK), dtype=flat.dtype)
+        total = 0.0
+        for start in range(0, flat.size, _CHUNK):
+            part = scratch[: min(_CHUNK, flat.size - start)]
+            np.copyto(part, flat[start : start + _CHUNK])
+            total += float(np.dot(part, part))
+        return total
 
 
 def squared_norm(a: np.ndarray) -> float | None:
@@ -49,8 +66,8 @@ def squared_norm(a: np.ndarray) -> float | None:
 def all_finite(a: np.ndarray) -> bool:
     """Whether every entry of ``a`` is finite (exact; see the module's docstring for how)."""
     a = np.asarray(a)
-    if a.dtype in _BLAS_DTYPES and a.flags.aligned:  # unaligned (a view of received bytes): no BLAS,
-        if math.isfinite(_self_dot(_flat(a))):  # numpy's own loop is slower than isfinite below
+    if a.dtype in _BLAS_DTYPES:
+        if math.isfinite(_self_dot(_flat(a))):
             return True
     if a.dtype.kind not in "fc":
         return True  # integers and booleans have no NaN or Inf

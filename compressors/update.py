@@ -11,6 +11,7 @@ look at what a particular codec wants.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,9 +27,10 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
 )
 from gradwire.compressors.bounds import check_wire_fields
-from gradwire.compressors.finite import all_finite
+from gradwire.compressors.finite import squared_norm
 
 MODEL_TENSOR_NAME = "__model__"
 # Model moves remembered for LAG-style triggers (docs/algorithms.md §1 uses D = 10).
@@ -87,7 +89,9 @@ class UpdateEncoder:
     def encode(
         self, grads: Mapping[str, np.ndarray], ctx: RoundContext, directive: Directive | None = None
     ) -> list[Encoded]:
-        """Encode one round's gradients; ``directive``: what the PS's codec state sent for the round."""
+        """Encode one round's gradients; ``directive``: what the PS's codec state sent for the round.
+        Payloads may be read-only views of ``grads`` (``Encoder.encode_view``): serialize them
+        before writing to the gradients."""
         return self._encode(grads, ctx, directive, None)
 
     def encode_with_reconstructions(
@@ -107,17 +111,21 @@ class UpdateEncoder:
             ctx = dataclasses.replace(ctx, directive=dict(directive.values), directive_blob=directive.blob)
         if self.codec.needs_model_motion:
             ctx = dataclasses.replace(ctx, model_motion_sq=tuple(self.motions))
+        # A round's messages are serialized before the caller touches the gradients again (the
+        # worker sends them at once): payloads may be views of them. Not so for the downlink
+        # (``known``), which keeps its messages as the round's broadcast while the model moves.
+        encode = self.encoder.encode_view if known is None else self.encoder.encode
         if self.codec.scope == "model":
             flat = np.concatenate(
                 [np.asarray(grads[s.name], dtype=np.float32).reshape(-1) for s in self.specs]
             )
-            out = [self.encoder.encode(flat, _model_spec(self.specs), ctx)]
+            out = [encode(flat, _model_spec(self.specs), ctx)]
             if known is not None:
                 known.append(None)  # one flat message: not split back into tensors here
         else:
             out = []
             for s in self.specs:
-                out.append(self.encoder.encode(grads[s.name], s, ctx))
+                out.append(encode(grads[s.name], s, ctx))
                 if known is not None:  # asked at once: an encoder knows only its last message
                     known.append(self.encoder.reconstruction(out[-1]))
         self.payload_bytes += sum(m.payload_bytes for m in out)
@@ -141,6 +149,16 @@ class UpdateEncoder:
         if self.entries:
             out["bits_per_entry"] = 8.0 * self.payload_bytes / self.entries
         return out
+
+
+def _with_bytes(m: Encoded) -> Encoded:
+    """``m`` with its payloads as bytes (a view copied once), for a codec that does not declare
+    ``Codec.decodes_views``; ``m`` itself when they are bytes already."""
+    residual = _with_bytes(m.residual) if m.residual is not None else None
+    if isinstance(m.payload, bytes) and isinstance(m.coefficients, bytes) and residual is m.residual:
+        return m
+    return dataclasses.replace(m, payload=as_bytes(m.payload), coefficients=as_bytes(m.coefficients),
+                               residual=residual)
 
 
 class UpdateDecoder:
@@ -189,9 +207,18 @@ class UpdateDecoder:
             raise InvalidUpdate(str(exc)) from None
 
     def decode(self, msgs: Sequence[Encoded], ctx: RoundContext) -> dict[str, np.ndarray]:
+        return self.decode_with_norm(msgs, ctx)[0]
+
+    def decode_with_norm(self, msgs: Sequence[Encoded], ctx: RoundContext) -> tuple[dict[str, np.ndarray], float]:
+        """``decode``, and the update's L2 norm (what the PS clips by), from the one read of each
+        decoded tensor that also proves it finite (``squared_norm``: a BLAS dot product, NaN or
+        Inf when any entry is), instead of a finiteness read and a norm read after it."""
         self._check_structure(msgs)
         decoded: dict[str, np.ndarray] = {}
+        total = 0.0
         for m in msgs:
+            if not self.codec.decodes_views:
+                m = _with_bytes(m)
             try:
                 arr = self.decoder.decode(m, ctx)
             except (CodecError, ValueError, IndexError, KeyError, RuntimeError) as exc:
@@ -199,8 +226,10 @@ class UpdateDecoder:
             arr = np.asarray(arr, dtype=np.float32)
             if arr.size != m.spec.numel:
                 raise InvalidUpdate(f"payload of {m.spec.name!r} decodes to {arr.size} entries, expected {m.spec.numel}")
-            if not all_finite(arr):
+            squared = squared_norm(arr)
+            if squared is None:
                 raise InvalidUpdate(f"tensor {m.spec.name!r} decodes to NaN or Inf values")
+            total += squared
             decoded[m.spec.name] = arr.reshape(m.spec.shape)
         if self.codec.scope == "model":
             flat = decoded[MODEL_TENSOR_NAME].reshape(-1)
@@ -208,8 +237,8 @@ class UpdateDecoder:
             for s in self.specs:
                 out[s.name] = flat[offset : offset + s.numel].reshape(s.shape)
                 offset += s.numel
-            return out
-        return decoded
+            return out, math.sqrt(total)
+        return decoded, math.sqrt(total)
 
     def reset(self) -> None:
         self.decoder.reset()

@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 
 from gradwire import protocol
-from gradwire.compressors.base import Encoded, RoundContext, TensorSpec
+from gradwire.compressors.base import Encoded, RoundContext, TensorSpec, as_bytes
 from gradwire.compressors.registry import available_codecs, create_codec
 from gradwire.compressors.update import UpdateEncoder
 from gradwire.protocol import Finished, Hello, RoundResult, ServerMessage, Update, Welcome
@@ -130,15 +130,15 @@ MESSAGE_MUTATIONS = ("spec_suffix", "spec_huge", "spec_nested", "residual", "coe
 def _mutate_tensor(t: Encoded, rng, kind: str) -> Encoded:
     numel = t.spec.numel
     if kind == "flip":
-        return replace(t, payload=_flip_bits(t.payload, rng))
+        return replace(t, payload=_flip_bits(as_bytes(t.payload), rng))
     if kind == "header":
-        return replace(t, payload=_extreme_header(t.payload, rng))
+        return replace(t, payload=_extreme_header(as_bytes(t.payload), rng))
     if kind == "u32":
-        return replace(t, payload=_max_u32(t.payload, rng))
+        return replace(t, payload=_max_u32(as_bytes(t.payload), rng))
     if kind == "truncate":
-        return replace(t, payload=_truncate(t.payload, rng))
+        return replace(t, payload=_truncate(as_bytes(t.payload), rng))
     if kind == "pad":
-        return replace(t, payload=_pad(t.payload, rng, numel))
+        return replace(t, payload=_pad(as_bytes(t.payload), rng, numel))
     if kind == "spec_suffix":
         return replace(t, codec=t.codec + pick(rng, [",x=1", ":", ":ratio=0.5", " ", "\x00"]))
     if kind == "spec_huge":

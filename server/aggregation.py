@@ -54,8 +54,25 @@ def _sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> t
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+# What a step may reach and still be proven finite: half of float32's largest value, so that the
+# rounding of the few float32 operations of a step (each at most 2^-24 relative) cannot cross it.
+FINITE_LIMIT = float(np.finfo(np.float32).max) / 2
+_ROUNDING = 1 + 2**-20  # the few roundings of one step's operations, generously
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t.detach(), ord=math.inf)) if t.numel() else 0.0
+
+
 class ServerOptimizer:
-    """SGD with momentum on the global model, with a learning-rate schedule."""
+    """SGD with momentum on the global model, with a learning-rate schedule.
+
+    ``step_bound`` proves, when it can, that a step leaves the model and the momentum finite, so
+    that the PS skips its rollback copy (``server/robust.py``). It keeps bounds of the largest
+    |entry| of the parameters and of the momentum from step to step (no pass over the model): a
+    step moves them by at most what the SGD update rule allows. The tensors' version counters
+    (torch bumps them on every in-place write) tell when anything else wrote to them (a resume,
+    a rollback, a test): then the bounds are measured again, one read of each tensor."""
 
     def __init__(self, model: nn.Module, lr: float, momentum: float, weight_decay: float,
                  schedule: str, total_rounds: int):
@@ -68,6 +85,11 @@ class ServerOptimizer:
         # and the rollback copy (its ModelGuard) reuses its buffers, so a round allocates nothing large.
         self.gradient_buffers: dict[str, np.ndarray] = {}
         self.guard: object | None = None
+        # (max |parameter|, max |momentum|) and the versions they hold for; the bounds after the
+        # step step_bound proved, which step() makes current
+        self._bounds: tuple[float, float] | None = None
+        self._versions: tuple[int, ...] = ()
+        self._proven: tuple[float, float] | None = None
 
     def lr_at(self, round_: int) -> float:
         if self.schedule == "cosine":
@@ -76,6 +98,49 @@ class ServerOptimizer:
             return self.base_lr * (0.1 ** (int(round_ >= 0.5 * self.total_rounds) + int(round_ >= 0.75 * self.total_rounds)))
         return self.base_lr
 
+    def _tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        momenta = [s["momentum_buffer"] for s in self.opt.state.values()
+                   if isinstance(s.get("momentum_buffer"), torch.Tensor)]
+        return params, momenta
+
+    def _current_versions(self) -> tuple[int, ...]:
+        params, momenta = self._tensors()
+        return tuple(t._version for t in params + momenta)
+
+    def _current_bounds(self) -> tuple[float, float]:
+        if self._bounds is None or self._versions != self._current_versions():
+            params, momenta = self._tensors()
+            with torch.no_grad():
+                self._bounds = (max((_max_abs(p) for p in params), default=0.0),
+                                max((_max_abs(m) for m in momenta), default=0.0))
+            self._versions = self._current_versions()
+        return self._bounds
+
+    def step_bound(self, gradient_max_abs: float, round_: int) -> bool:
+        """Whether the step of ``round_`` with a gradient whose entries are within
+        ±``gradient_max_abs`` provably leaves the parameters and the momentum finite.
+
+        torch's SGD (no dampening, no Nesterov): g' = g + wd·θ, b' = μ·b + g' (g' on the first
+        step), θ' = θ − lr·b' (lr·g' without momentum). With |θ| ≤ T and |b| ≤ B, every
+        intermediate is bounded by G + wd·T, μ·B + G + wd·T and T + lr·that; when all stay under
+        FINITE_LIMIT no operation can overflow. A True answer is for the next ``step`` only."""
+        self._proven = None
+        if not math.isfinite(gradient_max_abs):
+            return False
+        theta, momentum = self._current_bounds()
+        g, b, t = gradient_max_abs, 0.0, theta
+        for group in self.opt.param_groups:
+            lr, mu, wd = abs(self.lr_at(round_)), abs(group["momentum"]), abs(group["weight_decay"])
+            g = max(g, (gradient_max_abs + wd * theta) * _ROUNDING)
+            b = max(b, (mu * momentum + g) * _ROUNDING)
+            t = max(t, (theta + lr * (b if mu else g)) * _ROUNDING)
+        bounds = (g, b, t)
+        if not all(math.isfinite(x) and x <= FINITE_LIMIT for x in bounds):
+            return False
+        self._proven = (t, max(b, momentum))
+        return True
+
     def step(self, gradient: Mapping[str, np.ndarray], round_: int) -> None:
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(round_)
@@ -83,9 +148,14 @@ class ServerOptimizer:
             p.grad = torch.from_numpy(np.ascontiguousarray(gradient[name], dtype=np.float32)).reshape(p.shape)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        # the bounds step_bound proved for this step, else none (measured again when asked)
+        self._bounds, self._proven = self._proven, None
+        if self._bounds is not None:
+            self._versions = self._current_versions()
 
     def state_dict(self) -> dict:
         return self.opt.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state)
+        self._bounds = self._proven = None  # new momentum tensors: measured again when asked

@@ -22,7 +22,10 @@ finite values can still do harm: entries of 1e30 drag the mean anywhere, and ent
    (O(n·d) memory) and sort each coordinate (O(n·d·log n) time).
 3. **Finiteness guard**: the aggregate and the model after the optimizer step must be finite;
    otherwise the step is rolled back (model and optimizer state), the round is refused and the
-   largest updates are named. A non-finite model is never broadcast.
+   largest updates are named. A non-finite model is never broadcast. When the updates' norms and
+   the model's kept bounds prove the step finite beforehand (``aggregate_bound``,
+   ``ServerOptimizer.step_bound``), the checks and the rollback copy are skipped: they could not
+   change the outcome.
 """
 
 from __future__ import annotations
@@ -116,6 +119,34 @@ def clip_updates(by_rank: Mapping[int, Update], multiple: float, mode: str = "sc
         else:
             out[rank] = dict(update)
     return out, ClipReport(norms, threshold, tuple(sorted(clipped)))
+
+
+def _norm_slack(entries: int) -> float:
+    """How much larger than the computed norm the true norm of ``entries`` float32 values may be.
+
+    squared_norm sums in float32: the sum of n positive terms is off by at most γ_n = n·u/(1 − n·u)
+    of itself (u = 2^-24, the standard bound for recursive summation; BLAS's blocked sums do
+    better), so Σa² ≤ computed / (1 − γ_n) and the norm ≤ computed / √(1 − γ_n). inf when the
+    bound says nothing (n·u ≥ 0.45: tensors of over 7.5 M entries)."""
+    nu = entries * 2.0**-24
+    gamma = nu / (1 - nu) if nu < 0.45 else 1.0
+    return 1 / math.sqrt(1 - gamma) if gamma < 1 else math.inf
+
+
+def aggregate_bound(clipped: Mapping[int, Update], report: ClipReport) -> float:
+    """A bound of every |entry| of the round's aggregate of ``clipped`` (mean, trimmed mean or
+    median), from the updates' norms alone (no pass over them); inf when there is none.
+
+    An entry is at most its update's L2 norm; each coordinate of a mean, a trimmed mean or a
+    median lies within the updates' values at that coordinate. A scaled-down update's norm is
+    the threshold. The float32 sum of the mean's n updates stays within n times the largest (times
+    its n roundings, each at most 2^-24 relative)."""
+    if not clipped:
+        return math.inf
+    entries = max((np.asarray(a).size for u in clipped.values() for a in u.values()), default=0)
+    largest = max(min(report.norms[rank], report.threshold) for rank in clipped)
+    n = len(clipped)
+    return n * largest * _norm_slack(entries) * (1 + 2**-20) * (1 + n * 2.0**-23)
 
 
 def trimmed_count(workers: int, fraction: float) -> int:
@@ -246,6 +277,13 @@ def robust_step(by_rank: Mapping[int, Update], names: Mapping[int, str], optimiz
                     "dropped" if outliers == "drop" else "clipped", len(clipped_names), report.threshold,
                     clip_multiple, median, ", ".join(clipped_names))
     gradient = aggregate_updates(clipped, aggregate, trim_fraction, getattr(optimizer, "gradient_buffers", None))
+    # When the step is proven finite beforehand (ServerOptimizer.step_bound), the checks and the
+    # rollback copy below cannot change the outcome: they are skipped (a copy of the model and the
+    # momentum and two reads of the model and the aggregate per round).
+    step_bound = getattr(optimizer, "step_bound", None)
+    if step_bound is not None and step_bound(aggregate_bound(clipped, report), round_):
+        optimizer.step(gradient, round_)
+        return RobustStep(False, clipped_names, [], median)
     if not all_finite(gradient):
         suspects = describe_suspects(report, names)
         log.error("round %d refused: the aggregate is not finite; largest updates: %s", round_, ", ".join(suspects))

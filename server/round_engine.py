@@ -61,7 +61,7 @@ from gradwire.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpo
 from gradwire.server.config import ServerConfig
 from gradwire.server.history import LinkLog
 from gradwire.server.ledger import Ledger, LedgerSnapshot, WorkerRecord
-from gradwire.server.robust import robust_step, update_norm
+from gradwire.server.robust import robust_step
 from gradwire.server.timing import RoundClock, WorkerRound
 from gradwire.task import Task
 from gradwire.tasks import BUILTIN_TASKS, shard_indices, tensor_specs
@@ -161,9 +161,11 @@ class RoundEngine:
         self.eval_seconds = 0.0  # evaluations so far: not training time
         if config.resume:
             self._resume(config.resume)
-        # Dense downlink: the model itself goes out in full (model_sent, a copy taken when a round
-        # closes). With a downlink codec the workers hold the broadcast reference θ̂ instead, moved
-        # by encoded deltas; it starts (and, after a resume, restarts) as the model itself.
+        # Dense downlink: the model itself goes out in full (model_sent: views of the round's
+        # serialized RoundResult, taken when a round opens, _snapshot_model; a copy at the start).
+        # With a downlink codec the workers hold the broadcast reference θ̂ instead, moved by
+        # encoded deltas; it starts (and, after a resume, restarts) as the model itself.
+        self.serializer = protocol.BroadcastSerializer()  # the servicer serializes RoundResults with it
         self.model_sent: dict[str, np.ndarray] | None = None
         self.downlink: DownlinkEncoder | None = None
         self.broadcast: Broadcast | None = None
@@ -188,6 +190,23 @@ class RoundEngine:
     def _params_copy(self) -> dict[str, np.ndarray]:
         """The model as it is now, for messages sent while the next round steps it."""
         return {n: np.array(a, dtype=np.float32) for n, a in self._params().items()}
+
+    def _snapshot_model(self) -> None:
+        """Caller holds the lock; a round has just opened. The model and buffers as the round's
+        RoundResult carries them, serialized once (one copy of the live model, into the bytes
+        gRPC sends: no copy of its own beside them) for the fields most workers get (their update
+        aggregated, the round's directive values without a blob); model_sent and buffers_sent
+        become views of those bytes, so every such worker's reply is those bytes
+        (protocol.BroadcastSerializer). The directive is not asked of the codec's state here: its
+        directive_for may keep state per call (LGC ships its encoder to a worker once); a worker
+        whose directive differs gets its own serialization of the same views."""
+        message = self.serializer.snapshot(RoundResult(
+            round=self.round, directive=Directive(values=dict(self.directive_values)), update_aggregated=True,
+            workers=len(self.expected), model=self._params(), buffers=self._buffers_sent(),
+        ))
+        self.model_sent = message.model
+        if message.buffers is not None:
+            self.buffers_sent = message.buffers
 
     def _buffers_sent(self) -> dict[str, np.ndarray] | None:
         """The PS's buffers as of the last closed round, or None when the model has none."""
@@ -315,7 +334,8 @@ class RoundEngine:
             raise Rejected("INVALID_ARGUMENT", f"train_loss is {update.train_loss}; refusing an update from a diverged worker")
         try:
             decode_started = time.monotonic()
-            decoded = session.decoder.decode(update.tensors, self._ctx(record.rank, current))
+            # the norm clipping needs comes with the decoding's finiteness read (no pass of its own)
+            decoded, decoded_norm = session.decoder.decode_with_norm(update.tensors, self._ctx(record.rank, current))
             decode_s = time.monotonic() - decode_started
         except InvalidUpdate as exc:
             raise Rejected("INVALID_ARGUMENT", str(exc)) from None
@@ -328,7 +348,7 @@ class RoundEngine:
                 raise Rejected("INVALID_ARGUMENT", f"buffers: {exc}") from None
             buffers = update.buffers
             payload += protocol.model_payload_bytes(buffers)  # buffers are model payload too
-        norm = update_norm(decoded) if self.norms_on_arrival and self.config.clip_multiple > 0 else None
+        norm = decoded_norm if self.norms_on_arrival else None  # clip_updates and the step proof read it
         with self.cond:
             if self.round != current or self.phase != "collecting" or not session.alive:
                 raise Rejected("FAILED_PRECONDITION", f"stale update for round {current}: the round closed while it was decoded")
@@ -519,27 +539,27 @@ class RoundEngine:
                 )
                 entry.test_loss, entry.test_accuracy = test_loss, test_accuracy
                 entry.refused, entry.clipped, entry.suspects = step.refused, step.clipped, step.suspects
-            model_sent = broadcast = None
+            broadcast = None
             buffers_sent = buffer_state(self.model)
             downlink_started = time.monotonic()
-            if self.downlink is None:
-                model_sent = self._params_copy()
-            elif r + 1 < self.config.rounds:  # after the last round the workers get Finished
+            if self.downlink is not None and r + 1 < self.config.rounds:  # after the last round: Finished
                 broadcast = self.downlink.advance(self.broadcast, self._params(), r + 1)  # type: ignore[arg-type]
             downlink_s = time.monotonic() - downlink_started
             if self.config.checkpoint_every and self.config.out and (r + 1) % self.config.checkpoint_every == 0:
                 self.save_checkpoint(Path(self.config.out) / CHECKPOINT_NAME)
             with self.cond:
-                if model_sent is not None:
-                    self.model_sent = model_sent
                 if broadcast is not None:
                     self.broadcast = broadcast
                 self.buffers_sent = buffers_sent
                 self.aggregated_last = set(contributions)
-                self._time_round(r, aggregate_started, eval_started, eval_s, downlink_s)
                 if r + 1 < self.config.rounds:
                     self._open_round(r + 1)
-                else:
+                    if self.downlink is None:
+                        snapshot_started = time.monotonic()
+                        self._snapshot_model()
+                        downlink_s += time.monotonic() - snapshot_started
+                self._time_round(r, aggregate_started, eval_started, eval_s, downlink_s)
+                if r + 1 >= self.config.rounds:
                     self.round = r + 1
                     self.finish_reason = f"completed {self.config.rounds} rounds"
                     self.phase = "finished"

@@ -11,7 +11,6 @@ import logging
 from dataclasses import replace
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from gradwire import protocol
 from gradwire.netstats import read_counters
@@ -47,11 +46,9 @@ def parse_worker_message(data: bytes) -> Received:
     if oversized:
         return Received(None, len(data), f"malformed gradwire.v1.WorkerMessage: {oversized}")
     try:
-        message = pb.WorkerMessage.FromString(data)
-    except DecodeError as exc:
-        return Received(None, len(data), f"malformed gradwire.v1.WorkerMessage ({len(data)} bytes): {exc}")
-    try:
-        return Received(protocol.worker_message_from_proto(message), len(data))
+        # An Update's payloads are read-only views of these bytes, not protobuf's copies
+        # (protocol.worker_message_from_wire); the decoders get bytes where they need them.
+        return Received(protocol.worker_message_from_wire(data), len(data))
     except protocol.MalformedMessage as exc:
         return Received(None, len(data), str(exc))
 
@@ -89,8 +86,9 @@ class GradientExchangeServicer:
         self.credentials = credentials
         c = engine.config
         self.gate = gate or StreamGate(c.max_streams or default_max_streams(c.workers), c.hello_timeout_s)
-        # A round's model (or delta) goes to every worker: serialized once, not once per worker.
-        self.broadcast = protocol.BroadcastSerializer()
+        # A round's model (or delta) goes to every worker: serialized once, not once per worker
+        # (the engine's serializer: with the dense downlink it serializes the model as a round opens).
+        self.broadcast = engine.serializer
 
     def _send(self, session: Session, message: protocol.ServerMessage) -> bytes:
         """The message serialized (gRPC sends these bytes as they are), its size counted."""

@@ -49,6 +49,7 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
     check_input,
 )
 from gradwire.compressors.entropy import (
@@ -203,7 +204,7 @@ class _FP8Decoder(Decoder):
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
         c = self.codec
-        spec, payload = msg.spec, msg.payload
+        spec, payload = msg.spec, as_bytes(msg.payload)
         numel = spec.numel
         where = f"{c.name} payload for {spec.name!r}"
         kind = begin_decode(payload, spec, where)

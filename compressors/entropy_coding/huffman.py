@@ -91,6 +91,7 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
     check_input,
 )
 from gradwire.compressors.entropy import (
@@ -358,7 +359,7 @@ class _Decoder(Decoder):
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
         c = self.codec
-        spec, payload = msg.spec, msg.payload
+        spec, payload = msg.spec, as_bytes(msg.payload)
         numel = spec.numel
         where = f"{c.name} payload for {spec.name!r}"
         kind = begin_decode(payload, spec, where)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gradwire.compressors.base import CodecError, Decoder, Encoded, RoundContext, TensorSpec
+from gradwire.compressors.base import CodecError, Decoder, Encoded, RoundContext, TensorSpec, as_bytes
 from gradwire.compressors.learned import lgc_model
 from gradwire.compressors.learned.layout import Layout, exempt_positions, layout_for
 from gradwire.compressors.learned.payload import (
@@ -72,7 +72,7 @@ class LGCDecoder(Decoder):
                 f"{where}: a {KIND_NAMES[kind]} message is not valid here (rank {ctx.rank}, leader {leader});"
                 f" expected {sorted(KIND_NAMES[a] for a in allowed)}"
             )
-        r = Reader(msg.payload, where)
+        r = Reader(as_bytes(msg.payload), where)
         r.take(1, "kind")
         if kind == KIND_DENSE:
             out = r.array(spec.numel, "<f4", "dense values")

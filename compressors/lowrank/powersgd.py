@@ -45,6 +45,7 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
     check_input,
     expect_payload_size,
 )
@@ -145,7 +146,7 @@ class PowerSGDDecoder(Decoder):
         self.codec = codec
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
-        spec, payload = msg.spec, msg.payload
+        spec, payload = msg.spec, as_bytes(msg.payload)
         layout = lowrank_layout(spec.shape, self.codec.rank)
         if layout is None:
             expect_payload_size(payload, 4 * spec.numel, spec, self.codec.name)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwire.compressors.base import RoundContext, TensorCodec, TensorSpec, expect_payload_size
+from gradwire.compressors.base import Payload, RoundContext, TensorCodec, TensorSpec, expect_payload_size
 from gradwire.compressors.registry import register
 
 
@@ -35,15 +35,35 @@ class DenseCodec(TensorCodec):
     def encode_array(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> bytes:
         return x.astype("<f4", copy=False).tobytes()
 
+    def encode_array_view(self, x: np.ndarray, spec: TensorSpec, ctx: RoundContext) -> Payload:
+        # The payload is the tensor's little-endian float32 bytes: when x already is that
+        # (contiguous), a view of it, and the worker's serializer copies it once, into the message.
+        if x.dtype == np.dtype("<f4") and x.flags.c_contiguous:
+            return x.reshape(-1).view(np.uint8).data.toreadonly()
+        return self.encode_array(x, spec, ctx)
+
+    decodes_views = True
+
     def decode_array(self, payload: bytes, spec: TensorSpec, ctx: RoundContext) -> np.ndarray:
+        return self.decode_view(payload, spec, ctx)
+
+    def decode_view(self, payload: Payload, spec: TensorSpec, ctx: RoundContext) -> np.ndarray:
         expect_payload_size(payload, 4 * spec.numel, spec, self.name)
         values = np.frombuffer(payload, dtype="<f4")
-        # A read-only view of immutable bytes needs no copy: nobody can change it, nor write
-        # through it. A mutable buffer (bytearray, memoryview) is copied, so that the decoded
-        # tensor does not change when its owner reuses it.
-        if isinstance(payload, bytes) and values.dtype == np.float32:
+        # A read-only view of immutable bytes (bytes, or a read-only view of bytes: the PS's
+        # received message) needs no copy: nobody can change it, nor write through it. A mutable
+        # buffer is copied, so that the decoded tensor does not change when its owner reuses it.
+        # The view may be unaligned (a payload's offset in a message is arbitrary): the PS's reads
+        # handle that (compressors/finite.py; numpy's add), cheaper than a model-sized copy.
+        if _immutable(payload) and values.dtype == np.float32:
             return values
         return values.astype(np.float32)
+
+
+def _immutable(payload: Payload) -> bool:
+    if isinstance(payload, memoryview):
+        return payload.readonly and isinstance(payload.obj, bytes)
+    return isinstance(payload, bytes)
 
 
 @register

@@ -74,6 +74,7 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
     check_input,
     expect_payload_size,
 )
@@ -633,7 +634,7 @@ class M22Decoder(Decoder):
         self.codec = codec
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
-        codec, spec, payload = self.codec, msg.spec, msg.payload
+        codec, spec, payload = self.codec, msg.spec, as_bytes(msg.payload)
         n = spec.numel
         if len(payload) < 1:
             raise CodecError(f"m22 payload for {spec.name!r} is empty")

@@ -54,6 +54,7 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
     check_input,
 )
 from gradwire.compressors.entropy import (
@@ -353,7 +354,7 @@ class QSGDDecoder(Decoder):
         self.codec = codec
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
-        spec, payload = msg.spec, msg.payload
+        spec, payload = msg.spec, as_bytes(msg.payload)
         c = self.codec
         numel = spec.numel
         where = f"{c.name} payload for {spec.name!r}"

@@ -37,6 +37,7 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
     check_input,
     expect_payload_size,
 )
@@ -86,7 +87,7 @@ class SignDecoder(Decoder):
         self.codec = codec
 
     def decode(self, msg: Encoded, ctx: RoundContext) -> np.ndarray:
-        spec, payload = msg.spec, msg.payload
+        spec, payload = msg.spec, as_bytes(msg.payload)
         numel = spec.numel
         expect_payload_size(payload, sign_payload_bytes(numel), spec, self.codec.name)
         if numel == 0:

@@ -39,6 +39,7 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
     check_input,
     expect_payload_size,
 )
@@ -92,7 +93,7 @@ class RandKDecoder(Decoder):
         numel = spec.numel
         k = sparse_count(numel, self.codec.ratio)
         dtype = VALUE_DTYPES[self.codec.values]
-        expect_payload_size(msg.payload, k * dtype.itemsize, spec, self.codec.name)
+        expect_payload_size(as_bytes(msg.payload), k * dtype.itemsize, spec, self.codec.name)
         values = np.frombuffer(msg.payload, dtype=dtype).astype(np.float32)
         if not np.isfinite(values).all():
             raise CodecError(f"{self.codec.name} payload for {spec.name!r} holds NaN or Inf")

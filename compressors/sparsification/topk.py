@@ -57,6 +57,7 @@ from gradwire.compressors.base import (
     Encoder,
     RoundContext,
     TensorSpec,
+    as_bytes,
     check_input,
 )
 from gradwire.compressors.feedback import MomentumCorrected, check_feedback_options
@@ -155,7 +156,7 @@ class SparseDecoder(Decoder):
             if msg.payload:
                 raise CodecError(f"{self.codec_name} payload for empty tensor {spec.name!r} is not empty")
             return np.zeros(spec.shape, dtype=np.float32)
-        indices, values = decode_sparse(msg.payload, spec, self.codec_name)
+        indices, values = decode_sparse(as_bytes(msg.payload), spec, self.codec_name)
         out = np.zeros(spec.numel, dtype=np.float32)
         out[indices] = values
         return out.reshape(spec.shape)

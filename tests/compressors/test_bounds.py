@@ -8,6 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from gradwire import protocol
 from gradwire.compressors.base import CodecError, Encoded, RoundContext, TensorSpec
 from gradwire.compressors.bounds import max_payload_bytes
 from gradwire.compressors.registry import create_codec
@@ -36,7 +37,10 @@ def _encode(spec_text: str, spec: TensorSpec, rounds: int = 3) -> list[Encoded]:
     for r in range(rounds):
         scale *= 10.0  # growing gradients: predictive codecs must send full residuals
         grads = {spec.name: (rng.standard_normal(spec.shape) * scale).astype(np.float32)}
-        out.extend(enc.encode(grads, RoundContext(round=r, rank=0)))
+        # as the PS receives them: bytes off the wire (a dense payload leaves the worker as a view
+        # of its gradient, which the mutations below would not treat as bytes)
+        out.extend(protocol.encoded_from_bytes(protocol.encoded_to_bytes(m))
+                   for m in enc.encode(grads, RoundContext(round=r, rank=0)))
     return out
 
 

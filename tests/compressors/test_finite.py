@@ -66,3 +66,36 @@ def test_the_decoder_accepts_huge_finite_updates_and_refuses_a_single_nan():
     forged = [type(encoded[0])(encoded[0].codec, encoded[0].spec, payload)]
     with pytest.raises(InvalidUpdate, match="NaN or Inf"):
         UpdateDecoder(codec, specs).decode(forged, ctx)
+
+
+def _unaligned(values: np.ndarray) -> np.ndarray:
+    """float32 values at an odd offset of a bytes object, as a received payload can be."""
+    raw = b"\x00" + values.astype(np.float32).tobytes()
+    view = np.frombuffer(raw, dtype=np.float32, count=values.size, offset=1)
+    assert not view.flags.aligned
+    return view
+
+
+def test_unaligned_arrays_are_read_in_aligned_chunks_with_the_same_answers(monkeypatch):
+    from gradwire.compressors import finite
+
+    real_dot = np.dot
+
+    def blas_dot(a, b):  # numpy's dot of an unaligned array is its own loop, 10x slower than BLAS
+        assert a.flags.aligned and b.flags.aligned, "an unaligned array reached np.dot"
+        return real_dot(a, b)
+
+    monkeypatch.setattr(finite.np, "dot", blas_dot)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(3 * finite._CHUNK + 17).astype(np.float32)
+    u = _unaligned(x)
+    assert finite.squared_norm(u) == pytest.approx(float(np.sum(x.astype(np.float64) ** 2)), rel=1e-5)
+    assert finite.all_finite(u)
+    for where in (0, finite._CHUNK - 1, finite._CHUNK, x.size - 1):  # a bad entry in any chunk
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[where] = bad
+            assert finite.squared_norm(_unaligned(y)) is None and not finite.all_finite(_unaligned(y))
+    huge = np.full(2 * finite._CHUNK, 3e38, np.float32)  # each chunk's float32 dot overflows: exact fallback
+    assert finite.squared_norm(_unaligned(huge)) == pytest.approx(huge.size * float(np.float32(3e38)) ** 2)
+    assert finite.all_finite(_unaligned(huge))

@@ -159,3 +159,170 @@ def test_fields_protobuf_would_merge_are_left_to_protobuf():
     got = protocol.server_message_from_wire(merged)
     assert got.round == 4 and set(got.model) == {"a", "b"}
     assert _same_message(got, protocol.server_message_from_bytes(merged))
+
+
+def test_a_dense_update_is_serialized_from_views_of_the_gradient():
+    """The worker's dense payload is the gradient's own memory (read-only), copied only into the
+    message, whose bytes stay protobuf's; a gradient that is not contiguous float32 is copied."""
+    from gradwire.compressors.base import RoundContext
+    from gradwire.compressors.registry import create_codec
+    from gradwire.compressors.update import UpdateEncoder
+
+    grads = {"w": rng.standard_normal((30, 20)).astype(np.float32),
+             "t": np.asfortranarray(rng.standard_normal((4, 5)).astype(np.float32)),
+             "d": rng.standard_normal(7)}
+    specs = [TensorSpec(n, a.shape) for n, a in grads.items()]
+    encoded = UpdateEncoder(create_codec("dense"), specs).encode(grads, RoundContext(round=0, rank=0, seed=0))
+    by_name = {e.spec.name: e for e in encoded}
+    view = by_name["w"].payload
+    assert isinstance(view, memoryview) and view.readonly
+    assert np.shares_memory(np.frombuffer(view, dtype=np.uint8), grads["w"])
+    for name in ("t", "d"):  # not contiguous float32: the payload is a copy in the wire's layout
+        assert not np.shares_memory(np.frombuffer(by_name[name].payload, dtype=np.uint8), grads[name])
+        assert np.array_equal(np.frombuffer(by_name[name].payload, dtype="<f4"),
+                              np.asarray(grads[name], dtype=np.float32).reshape(-1))
+    update = Update(1, tuple(encoded), 0.5, 4)
+    data = protocol.worker_message_to_bytes(update)
+    assert data == protocol.worker_message_to_proto(update).SerializeToString()
+    parsed = type(protocol.worker_message_to_proto(update)).FromString(data)
+    assert protocol.worker_message_from_proto(parsed) == update
+
+
+WIRE_UPDATES = [
+    Update(0, (), 0.0, 0),
+    Update(5, TENSORS, 1.5, 32, 0.25, PARAMS),
+    Update(4, TENSORS, 0.5, 8, 0.1, {"bn": np.ones(3, np.float32)}, encode_seconds=0.02,
+           previous_round=WorkerTiming(0.3, 0.04)),
+    Update(1, TENSORS[:1], -3.0, 7, buffers={}),
+]
+
+
+def _same_update(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if not isinstance(a, Update):
+        return a == b
+    if (a.round, a.tensors, a.num_examples, a.compute_seconds, a.encode_seconds, a.previous_round) != (
+            b.round, b.tensors, b.num_examples, b.compute_seconds, b.encode_seconds, b.previous_round):
+        return False
+    if not (a.train_loss == b.train_loss or (math.isnan(a.train_loss) and math.isnan(b.train_loss))):
+        return False
+    if (a.buffers is None) != (b.buffers is None):
+        return False
+    return a.buffers is None or (list(a.buffers) == list(b.buffers) and all(
+        np.array_equal(a.buffers[k], b.buffers[k], equal_nan=True) and a.buffers[k].shape == b.buffers[k].shape
+        for k in a.buffers))
+
+
+def _payloads(e: Encoded):
+    while e is not None:
+        yield from (e.payload, e.coefficients)
+        e = e.residual
+
+
+@pytest.mark.parametrize("update", WIRE_UPDATES)
+def test_a_received_update_is_protobufs_with_the_payloads_as_views_of_the_bytes(update):
+    data = protocol.worker_message_to_bytes(update)
+    fast = protocol.worker_message_from_wire(data)
+    assert protocol._update_with_views(data) is not None  # the views path, not the fallback
+    assert _same_update(fast, protocol.worker_message_from_bytes(data))
+    for e in fast.tensors:
+        for p in _payloads(e):
+            assert not len(p) or (isinstance(p, memoryview) and p.readonly and p.obj is data)
+    assert all(not a.flags.writeable for a in (fast.buffers or {}).values())
+
+
+def test_the_update_views_path_agrees_with_protobuf_on_every_truncation_and_corrupted_byte():
+    small = Update(3, (TENSORS[0], Encoded("dense", TensorSpec("v", (2,)), b"\x01" * 8)), 0.5, 2,
+                   buffers={"bn": np.ones(3, np.float32)})
+    data = protocol.worker_message_to_bytes(small)
+    cases = [data[:cut] for cut in range(len(data))]
+    cases += [data[:i] + bytes([v]) + data[i + 1:] for i in range(len(data)) for v in (0, 0x7F, 0x80, 0xFF)]
+    for corrupted in cases:
+        fast = _outcome(protocol.worker_message_from_wire, corrupted)
+        slow = _outcome(protocol.worker_message_from_bytes, corrupted)
+        assert fast[0] == slow[0], corrupted
+        assert fast[0] != "ok" or _same_update(fast[1], slow[1]), corrupted
+
+
+def test_update_fields_protobuf_would_merge_are_left_to_protobuf():
+    one = protocol.worker_message_to_bytes(Update(3, TENSORS[1:2], 0.5, 2))
+    two = protocol.worker_message_to_bytes(Update(4, TENSORS[2:], 0.5, 2))
+    merged = one + two  # two update fields: protobuf merges them (both tensors, the last round)
+    assert protocol._update_with_views(merged) is None
+    got = protocol.worker_message_from_wire(merged)
+    assert got.round == 4 and [t.spec.name for t in got.tensors] == ["scalar", "big"]
+    # a payload given twice: protobuf keeps the last one
+    tensor = protocol.encoded_to_bytes(Encoded("dense", TensorSpec("v", (1,)), b"\x00" * 4)) + b"\x2a\x04\x01\x02\x03\x04"
+    update = b"\x12" + bytes([len(tensor)]) + tensor
+    twice = b"\x12" + bytes([len(update)]) + update
+    assert protocol._update_with_views(twice) is None
+    assert bytes(protocol.worker_message_from_wire(twice).tensors[0].payload) == b"\x01\x02\x03\x04"
+
+
+def test_dense_decodes_views_in_place_and_copies_mutable_buffers():
+    from gradwire.compressors.base import RoundContext
+    from gradwire.compressors.registry import create_codec
+    from gradwire.compressors.update import UpdateDecoder
+
+    values = np.arange(6, dtype=np.float32)
+    ctx = RoundContext(round=0, rank=0, seed=0)
+    spec = TensorSpec("v", (6,))
+    for pad in range(4):  # the payload's offset in the message moves with the name's length
+        named = TensorSpec("v" * (1 + pad), (6,))
+        data = protocol.worker_message_to_bytes(Update(0, (Encoded("dense", named, values.tobytes()),), 0.5, 1))
+        payload = protocol.worker_message_from_wire(data).tensors[0].payload
+        decoded = UpdateDecoder(create_codec("dense"), [named]).decode([Encoded("dense", named, payload)], ctx)
+        arr = decoded[named.name]
+        assert np.array_equal(arr, values)
+        assert np.shares_memory(arr, np.frombuffer(data, dtype=np.uint8))  # in place, aligned or not
+        assert not arr.flags.writeable
+    # a mutable buffer is copied: the decoded tensor must not change with it
+    mutable = bytearray(values.tobytes())
+    arr = UpdateDecoder(create_codec("dense"), [spec]).decode([Encoded("dense", spec, memoryview(mutable))], ctx)["v"]
+    mutable[:4] = b"\x00" * 4
+    assert arr[0] == 0.0 and arr[1] == 1.0 and np.array_equal(arr, values)
+
+
+def test_codecs_that_do_not_decode_views_get_bytes():
+    from gradwire.compressors.base import Decoder, RoundContext
+    from gradwire.compressors.registry import create_codec
+    from gradwire.compressors.update import UpdateDecoder
+
+    seen = []
+
+    class Recording(Decoder):
+        def decode(self, msg, ctx):
+            seen.extend(type(p) for p in _payloads(msg))
+            return np.zeros(msg.spec.numel, np.float32)
+
+    spec = TensorSpec("v", (2,))
+    codec = create_codec("fp16")
+    assert not codec.decodes_views
+    decoder = UpdateDecoder(codec, [spec])
+    decoder.decoder = Recording()
+    msg = Encoded("fp16", spec, memoryview(b"abcdef")[:4])
+    decoder.decode([msg], RoundContext(round=0, rank=0, seed=0))
+    assert seen == [bytes, bytes]
+
+
+def test_a_snapshot_serializes_the_live_model_once_and_hands_out_views_of_its_bytes():
+    live = {"w": rng.standard_normal((30, 7)).astype(np.float32), "empty": np.zeros((0, 2), np.float32),
+            "b": rng.standard_normal(5).astype(np.float32)}
+    kept = {k: v.copy() for k, v in live.items()}
+    shared = BroadcastSerializer()
+    message = RoundResult(4, DIRECTIVE, True, 3, model=live, buffers={"bn": np.ones(3, np.float32)})
+    snap = shared.snapshot(message)
+    data = shared.to_bytes(snap)
+    assert data == protocol.server_message_to_proto(message).SerializeToString()
+    for k in live:  # read-only views of the sent bytes, not copies of the live model
+        live[k] += 1.0  # the PS steps its model in place: the snapshot must not move
+        assert np.array_equal(snap.model[k], kept[k]) and not snap.model[k].flags.writeable
+        assert snap.model[k].size == 0 or np.shares_memory(snap.model[k], np.frombuffer(data, np.uint8))
+    assert np.shares_memory(snap.buffers["bn"], np.frombuffer(data, np.uint8))
+    # every worker whose reply carries the views and the same small fields gets these very bytes
+    same = RoundResult(4, DIRECTIVE, True, 3, model=snap.model, buffers=snap.buffers)
+    assert shared.to_bytes(same) is data
+    other = RoundResult(4, Directive(), False, 3, model=snap.model, buffers=snap.buffers)  # its own fields
+    assert shared.to_bytes(other) == protocol.server_message_to_proto(other).SerializeToString()
+    assert shared.to_bytes(same) is data  # still kept beside the other worker's message

@@ -70,12 +70,15 @@ def test_rollback_restores_the_last_good_step_with_kept_buffers():
              for k in range(3)]
     for r in range(3):
         assert not robust_step({0: grads[r]}, {0: "w0"}, opt, model, r, "mean", 0.0, 0.2).refused
-    guard = opt.guard
-    assert isinstance(guard, ModelGuard)
-    kept = dict(guard.params)
+    assert opt.guard is None  # steps proven finite take no rollback copy (ServerOptimizer.step_bound)
     good = {n: p.detach().clone() for n, p in model.named_parameters()}
     momentum = _momentum(opt)
     huge = {n: np.full(tuple(p.shape), 3e38, np.float32) for n, p in model.named_parameters()}
+    # a huge but finite update: no proof, so the guard copies, the step overflows and is rolled back
+    assert robust_step({0: huge}, {0: "w0"}, opt, model, 3, "mean", 0.0, 0.2).refused
+    guard = opt.guard
+    assert isinstance(guard, ModelGuard)
+    kept = dict(guard.params)
     step = robust_step({0: huge}, {0: "w0"}, opt, model, 3, "mean", 0.0, 0.2)
     assert step.refused
     assert opt.guard is guard and all(guard.params[n] is kept[n] for n in kept)  # the same buffers each round
@@ -117,7 +120,10 @@ def test_dense_decoding_is_a_read_only_view_of_immutable_bytes_and_copies_mutabl
     spec = TensorSpec("w", (6,))
     ctx = RoundContext(round=0, rank=0, seed=0, num_workers=1)
     x = np.arange(6, dtype=np.float32)
-    (encoded,) = UpdateEncoder(codec, [spec]).encode({"w": x}, ctx)
+    (view,) = UpdateEncoder(codec, [spec]).encode({"w": x}, ctx)  # the payload is a view of x
+    # x's owner may write to it: decoding a view of it copies
+    assert not np.shares_memory(UpdateDecoder(codec, [spec]).decode([view], ctx)["w"], x)
+    encoded = type(view)(view.codec, spec, bytes(view.payload))  # as received: immutable bytes
     out = UpdateDecoder(codec, [spec]).decode([encoded], ctx)["w"]
     assert np.array_equal(out, x) and not out.flags.writeable  # no copy; nobody can write through it
     with pytest.raises(ValueError):
@@ -172,3 +178,88 @@ def test_the_servers_sgd_steps_the_same_bits_as_torchs_default_sgd(momentum, wei
         reference.step()
     for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("codec", ["dense", "fp16", "topk:ratio=0.5"])
+def test_the_update_norm_comes_from_the_decodings_one_read_of_each_tensor(codec, monkeypatch):
+    """decode_with_norm's norm is update_norm's, bit for bit, from one squared-norm read per tensor
+    (the read that also proves the tensor finite), with no finiteness read beside it."""
+    from gradwire.compressors import update as update_module
+    from gradwire.server.robust import update_norm
+
+    specs = [TensorSpec("w", (40, 30)), TensorSpec("b", (30,))]
+    rng = np.random.default_rng(5)
+    grads = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in specs}
+    ctx = RoundContext(round=0, rank=0, seed=0, num_workers=1)
+    encoded = [protocol.encoded_from_bytes(protocol.encoded_to_bytes(e))
+               for e in UpdateEncoder(create_codec(codec), specs).encode(grads, ctx)]
+    reads = []
+    real = update_module.squared_norm
+    monkeypatch.setattr(update_module, "squared_norm", lambda a: reads.append(a.size) or real(a))
+    decoded, norm = UpdateDecoder(create_codec(codec), specs).decode_with_norm(encoded, ctx)
+    assert reads == [s.numel for s in specs]
+    assert norm == update_norm(decoded)
+    bad = np.array(grads["b"])
+    bad[3] = np.inf
+    payload = bytearray(encoded[1].payload)
+    if codec == "dense":  # a non-finite entry is refused by the same read
+        payload[12:16] = bad[3:4].tobytes()
+        with pytest.raises(update_module.InvalidUpdate, match="NaN or Inf"):
+            UpdateDecoder(create_codec(codec), specs).decode_with_norm(
+                [encoded[0], type(encoded[1])(encoded[1].codec, specs[1], bytes(payload))], ctx)
+
+
+def _twin_models(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def test_a_proven_step_skips_the_rollback_copy_and_steps_the_same_bits(monkeypatch):
+    model, twin = _twin_models(1)
+    opt = ServerOptimizer(model, lr=0.5, momentum=0.9, weight_decay=1e-3, schedule="cosine", total_rounds=8)
+    reference = ServerOptimizer(twin, lr=0.5, momentum=0.9, weight_decay=1e-3, schedule="cosine", total_rounds=8)
+    monkeypatch.setattr(ModelGuard, "save", lambda *a: pytest.fail("a proven step must not copy the model"))
+    rng = np.random.default_rng(2)
+    for r in range(6):
+        updates = {k: {n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters()}
+                   for k in range(3)}
+        assert not robust_step(updates, {k: f"w{k}" for k in updates}, opt, model, r, "mean", 10.0, 0.2).refused
+        reference.step(mean_update(updates), r)
+        for (_, a), (_, b) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+            assert torch.equal(a, b)  # bitwise: the proof changes nothing but the copies
+
+
+def test_step_bound_refuses_to_prove_a_step_that_may_overflow_and_measures_outside_writes():
+    model, _ = _twin_models(3)
+    opt = ServerOptimizer(model, lr=1.0, momentum=0.9, weight_decay=0.0, schedule="constant", total_rounds=8)
+    ones = {n: np.ones(tuple(p.shape), np.float32) for n, p in model.named_parameters()}
+    assert opt.step_bound(1.0, 0)
+    opt.step(ones, 0)
+    assert not opt.step_bound(3e38, 1)  # θ − lr·(μ·b + g) may pass float32's largest value
+    assert not opt.step_bound(float("inf"), 1)
+    assert opt.step_bound(1e30, 1)  # far from overflow: proven
+    with torch.no_grad():  # written outside the optimizer: the kept bounds no longer hold
+        next(iter(model.parameters())).fill_(3e38)
+    assert not opt.step_bound(1e30, 1)  # measured again: |θ| is now 3e38
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e18, 1e36, 1e37, 3e37, 1e38])
+def test_whatever_step_bound_proves_steps_finite(scale):
+    """Soundness: a step step_bound proves leaves the model finite; the largest gradients take the
+    guard path, whose rollback keeps the model finite anyway."""
+    model, _ = _twin_models(4)
+    opt = ServerOptimizer(model, lr=2.0, momentum=0.9, weight_decay=0.5, schedule="constant", total_rounds=8)
+    rng = np.random.default_rng(5)
+    for r in range(4):
+        grad = {n: (rng.uniform(-1, 1, tuple(p.shape)) * scale).astype(np.float32) for n, p in model.named_parameters()}
+        bound = max(float(np.abs(g).max()) for g in grad.values())
+        if opt.step_bound(bound, r):
+            opt.step(grad, r)
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+            assert all(torch.isfinite(m).all() for m in _momentum(opt))
+        else:
+            robust_step({0: grad}, {0: "w0"}, opt, model, r, "mean", 0.0, 0.2)  # refused when it overflows
+            assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -41,9 +41,9 @@ def test_broadcast_serialized_once_per_round(make_server, run_workers, monkeypat
     calls = []
     original = protocol._model_chunks
 
-    def counting(params):
+    def counting(params, data=None):
         calls.append(len(params))
-        return original(params)
+        return original(params, data)
 
     monkeypatch.setattr(protocol, "_model_chunks", counting)
     workers, rounds = 3, 4
@@ -58,3 +58,34 @@ def test_broadcast_serialized_once_per_round(make_server, run_workers, monkeypat
     assert len({r.model_digest for r in results}) == 1
     s = running.summary()
     assert s["downlink_message_bytes"] > 4 * s["params"] * workers * rounds
+
+
+def test_the_round_model_is_serialized_from_the_live_model_without_a_copy_beside_it(make_server, run_workers,
+                                                                                       monkeypatch):
+    """Dense downlink: the model a round sends is serialized once as the round opens, straight from
+    the live parameters (BroadcastSerializer.snapshot); the engine keeps views of those bytes, no
+    copy of its own (one copy at the start, for the Welcomes)."""
+    from gradwire.server.round_engine import RoundEngine
+
+    copies, sent = [], []
+    real_copy, real_snapshot = RoundEngine._params_copy, protocol.BroadcastSerializer.snapshot
+
+    def counting_copy(self):
+        copies.append(1)
+        return real_copy(self)
+
+    def keeping_snapshot(self, m):
+        out = real_snapshot(self, m)
+        sent.append(out.model)
+        return out
+
+    monkeypatch.setattr(RoundEngine, "_params_copy", counting_copy)
+    monkeypatch.setattr(protocol.BroadcastSerializer, "snapshot", keeping_snapshot)
+    workers, rounds = 2, 4
+    running = make_server(workers=workers, rounds=rounds, eval_every=100)
+    results = run_workers(running.port, workers)
+    running.thread.join(60)
+    assert all(r is not None and r.finished and r.rounds == rounds - 1 for r in results)
+    assert len(copies) == 1, f"{len(copies)} copies of the model"
+    assert len(sent) == rounds - 1  # one snapshot per RoundResult round
+    assert all(not a.flags.writeable for model in sent for a in model.values())

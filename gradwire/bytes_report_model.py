@@ -76,14 +76,25 @@ def within_allowance(interface_bytes: int | None, message_bytes: int, messages: 
 
 
 def interface_bytes(start: Mapping[str, Any] | None, end: Mapping[str, Any] | None,
-                    live: Mapping[str, Mapping[str, int]] | None) -> tuple[int | None, int | None, str]:
-    """(tx, rx, source) over the session: live or recorded end counters minus the recorded start."""
+                    live: Mapping[str, Mapping[str, int]] | None,
+                    end_is_floor: bool = False) -> tuple[int | None, int | None, str]:
+    """(tx, rx, source) over the session: live or recorded end counters minus the recorded start.
+
+    ``end_is_floor``: ``end`` was read before any live reading could be (a worker's final report),
+    so a live reading below it is refused, as one below ``start`` always is."""
     iface = (start or end or {}).get("interface")
     now: Mapping[str, Any] | None = None
     source = "none"
     if live:
         if iface and iface in live:
             now, source = live[iface], "docker-stats"
+            # Counters only grow: a live reading below what the worker itself recorded (its end, or
+            # its start) is not of this session's interface at a later time. docker stats of a
+            # container whose network is being torn down as it exits gave such a reading (1,851 B
+            # tx after the worker had recorded 419 KB sent); the recorded counters are then right.
+            floor = end if end_is_floor and end and end.get("interface") == iface else start
+            if floor and (int(now["tx_bytes"]) < int(floor["tx_bytes"]) or int(now["rx_bytes"]) < int(floor["rx_bytes"])):
+                now, source = None, "none"
         elif not iface:
             # Nothing recorded yet: the whole namespace (all interfaces but loopback).
             now = {"tx_bytes": sum(v["tx_bytes"] for k, v in live.items() if k != "lo"),
@@ -111,14 +122,15 @@ def _match(worker: WorkerRun, containers: list[ContainerInfo]) -> ContainerInfo 
 
 
 def _session_bytes(start: Mapping[str, Any] | None, end: Mapping[str, Any] | None,
-                   live: Mapping[str, Mapping[str, int]] | None, sent: int, received: int) -> tuple[int | None, int | None, str]:
+                   live: Mapping[str, Mapping[str, int]] | None, sent: int, received: int,
+                   end_is_floor: bool = False) -> tuple[int | None, int | None, str]:
     """``interface_bytes``, with None where the counters recorded are not on the traffic's path.
 
     Recorded counters that did not move at all while the PS counted messages over the link belong to
     an interface the traffic never crossed (``gradwire simulate`` without ``--link`` talks over
     loopback while the processes record eth0): no counter exists for that traffic, so n/a, not 0.
     """
-    tx, rx, source = interface_bytes(start, end, live)
+    tx, rx, source = interface_bytes(start, end, live, end_is_floor)
     if source == "recorded" and tx == 0 and rx == 0 and (sent > 0 or received > 0):
         return None, None, "not-on-path"
     return tx, rx, source
@@ -171,7 +183,7 @@ def build_report(run: RunData, containers: Iterable[ContainerInfo] = (), *, proj
             seen.add(c.id)
         up_msg = w.link.uplink_message_bytes + w.uplink_control_bytes
         tx, rx, source = _session_bytes(w.interface_start, w.interface_end, c.live if c else None,
-                                        up_msg, w.link.downlink_message_bytes)
+                                        up_msg, w.link.downlink_message_bytes, end_is_floor=True)
         messages = w.rounds + (2 if w.uplink_control_bytes else 0)
         dense_bytes = DENSE_BYTES_PER_ENTRY * run.params * w.rounds
         down_dense = None if w.downlink_models is None else DENSE_BYTES_PER_ENTRY * run.params * w.downlink_models

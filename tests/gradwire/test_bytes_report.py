@@ -283,3 +283,17 @@ def test_downlink_payload_and_codec_are_reported_from_both_sources():
     console.print(br.render(br.build_report(br.run_from_summary(summary)), wide=True))
     text = console.file.getvalue()
     assert "downlink ans:bits=6" in text and "10,000" in text and "3,000" in text
+
+
+def test_a_live_reading_below_the_recorded_counters_is_not_used():
+    """Counters only grow: docker stats of a container tearing its network down read 1,851 B sent
+    after the worker had recorded 419 KB (a container test failed on it); the recorded end decides."""
+    start = {"interface": "eth0", "tx_bytes": 1_000, "rx_bytes": 2_000}
+    end = {"interface": "eth0", "tx_bytes": 421_000, "rx_bytes": 900_000}
+    stale = {"eth0": {"tx_bytes": 2_851, "rx_bytes": 3_000}}
+    assert br.interface_bytes(start, end, stale, end_is_floor=True) == (420_000, 898_000, "recorded")
+    # Without a recorded end, a reading below the start is no reading at all.
+    assert br.interface_bytes(start, None, {"eth0": {"tx_bytes": 10, "rx_bytes": 10}}) == (None, None, "none")
+    # A live reading at or above the recorded end is still the live one.
+    live = {"eth0": {"tx_bytes": 430_000, "rx_bytes": 910_000}}
+    assert br.interface_bytes(start, end, live, end_is_floor=True) == (429_000, 908_000, "docker-stats")

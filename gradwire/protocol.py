@@ -540,6 +540,25 @@ def _model_without_data(buf: memoryview, start: int, end: int, spans: list) -> C
     return chunks
 
 
+def _only_body(buf: memoryview, number: int) -> tuple[int, int] | None:
+    """Where the body of a message whose only top-level field is ``number`` (length-delimited)
+    lies in ``buf``; None for any other layout (protobuf's own parse reads those)."""
+    top = list(_spans(buf, 0, len(buf)))
+    if len(top) != 1 or top[0][0] != number or top[0][1] != 2:
+        return None
+    return top[0][3], top[0][4]
+
+
+def _parse_rebuilt(msg: Any, number: int, chunks: Chunks) -> bool:
+    """Parse the rebuilt body (``chunks``) framed as field ``number`` into ``msg``; False when
+    protobuf refuses it (its parse of the whole message then says why)."""
+    try:
+        msg.ParseFromString(b"".join(_field(number, chunks)))
+    except (DecodeError, RecursionError):
+        return False
+    return True
+
+
 def server_message_from_wire(data: bytes) -> ServerMessage:
     """A received ServerMessage; a RoundResult's model and buffers are read-only views of ``data``
     (immutable bytes). ``MalformedMessage`` says why the bytes are not a usable message."""
@@ -550,12 +569,12 @@ def server_message_from_wire(data: bytes) -> ServerMessage:
 def _round_result_with_views(data: bytes) -> RoundResult | None:
     buf = memoryview(data)
     try:
-        top = list(_spans(buf, 0, len(buf)))
-        if len(top) != 1 or top[0][0] != _SERVER_ROUND_RESULT or top[0][1] != 2:
+        body = _only_body(buf, _SERVER_ROUND_RESULT)
+        if body is None:
             return None
         chunks: Chunks = []
         spans: dict[int, list] = {}
-        for number, wire_type, field_start, value_start, field_end in _spans(buf, top[0][3], top[0][4]):
+        for number, wire_type, field_start, value_start, field_end in _spans(buf, *body):
             if number in (_RESULT_MODEL, _RESULT_BUFFERS) and wire_type == 2:
                 if number in spans:
                     return None  # twice: protobuf merges them; its own parse does
@@ -566,10 +585,8 @@ def _round_result_with_views(data: bytes) -> RoundResult | None:
     except _Framing:
         return None
     msg = pb.ServerMessage()
-    try:
-        msg.ParseFromString(b"".join(_field(_SERVER_ROUND_RESULT, chunks)))
-    except (DecodeError, RecursionError):
-        return None  # protobuf's parse of the whole message says why
+    if not _parse_rebuilt(msg, _SERVER_ROUND_RESULT, chunks):
+        return None
     rr = msg.round_result
 
     def views(number: int, model: pb.Model) -> Params:
@@ -643,13 +660,13 @@ def worker_message_from_wire(data: bytes) -> WorkerMessage:
 def _update_with_views(data: bytes) -> Update | None:
     buf = memoryview(data)
     try:
-        top = list(_spans(buf, 0, len(buf)))
-        if len(top) != 1 or top[0][0] != _WORKER_UPDATE or top[0][1] != 2:
+        body = _only_body(buf, _WORKER_UPDATE)
+        if body is None:
             return None  # a Hello or a report (small), or a layout protobuf would merge
         chunks: Chunks = []
         tensors: list[_TensorViews] = []
         buffer_spans: list | None = None
-        for number, wire_type, field_start, value_start, field_end in _spans(buf, top[0][3], top[0][4]):
+        for number, wire_type, field_start, value_start, field_end in _spans(buf, *body):
             if number == _UPDATE_TENSORS and wire_type == 2:
                 inner, views = _tensor_without_payloads(buf, value_start, field_end, 0)
                 tensors.append(views)
@@ -664,10 +681,8 @@ def _update_with_views(data: bytes) -> Update | None:
     except _Framing:
         return None
     msg = pb.WorkerMessage()
-    try:
-        msg.ParseFromString(b"".join(_field(_WORKER_UPDATE, chunks)))
-    except (DecodeError, RecursionError):
-        return None  # protobuf's parse of the whole message says why
+    if not _parse_rebuilt(msg, _WORKER_UPDATE, chunks):
+        return None
     u = msg.update
     if len(u.tensors) != len(tensors):
         return None  # not the layout walked above; protobuf's own parse decides

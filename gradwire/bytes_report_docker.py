@@ -64,6 +64,14 @@ def _live_counters(container) -> dict[str, dict[str, int]] | None:
     return out or None
 
 
+def _at_least(live: dict[str, dict[str, int]] | None, recorded: dict[str, Any] | None) -> bool:
+    """``live`` has the interface ``recorded`` names, with counters no lower (or nothing to compare)."""
+    if not live or not recorded or not recorded.get("interface"):
+        return True
+    now = live.get(recorded["interface"])
+    return now is not None and all(int(now[k]) >= int(recorded[k]) for k in ("tx_bytes", "rx_bytes"))
+
+
 def list_containers(client, project: str) -> list[tuple[Any, ContainerInfo]]:
     """The project's containers (docker SDK objects and their ContainerInfo, without live counters)."""
     out = []
@@ -252,6 +260,12 @@ def collect(client, project: str, ps_service: str = DEFAULT_PS_SERVICE,
             info.live = live
         data = status.result() if status is not None else None
     run = run_from_status(data) if data else None
+    ps_info = next((info for c, info in running if c is ps), None)
+    if run is not None and ps_info is not None and not _at_least(ps_info.live, run.server_interface_end):
+        # Read at the same moment, so a reading taken just before the PS's own may be lower by what
+        # moved in between: read again, now after it. What the report then finds below the PS's own
+        # counters is refused (build_report: the PS's recorded end is a floor).
+        ps_info.live = _live_counters(ps)
     if run is None:
         summary = _summary_via_archive(ps)
         if summary is None:

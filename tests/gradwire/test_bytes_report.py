@@ -113,7 +113,7 @@ def test_status_json_with_live_docker_stats():
         br.ContainerInfo(name="p-worker-2", id="d" * 64, hostname="dddddddddddd", service="worker", state="running",
                          number=2, live={"eth0": {"tx_bytes": 300, "rx_bytes": 400}}),
         br.ContainerInfo(name="p-ps-1", id="e" * 64, hostname="ps", service="ps", state="running", number=1,
-                         live={"eth0": {"tx_bytes": 13_000, "rx_bytes": 7_000}}),
+                         live={"eth0": {"tx_bytes": 53_000, "rx_bytes": 37_000}}),  # above its Status
     ]
     rep = br.build_report(run, containers, project="p")
     w, pending = rep["workers"]
@@ -121,7 +121,7 @@ def test_status_json_with_live_docker_stats():
     assert (w["interface_tx_bytes"], w["interface_rx_bytes"]) == (6500, 12_500)  # live − recorded start
     assert pending["container"] == "p-worker-2" and pending["rank"] is None and pending["interface_tx_bytes"] == 300
     assert rep["totals"]["workers"] == 1
-    assert rep["ps"]["container"] == "p-ps-1" and rep["ps"]["interface_tx_bytes"] == 13_000
+    assert rep["ps"]["container"] == "p-ps-1" and rep["ps"]["interface_tx_bytes"] == 53_000
     assert rep["ps"]["interface_source"] == "docker-stats"
 
 

@@ -149,3 +149,34 @@ def test_cli_takes_stack(monkeypatch, capsys):
     assert rep["stack"] == "gws" and rep["ps"]["name"] == "gws_ps.1"
     assert br.main(["--stack", "gws"]) == 0
     assert "stack gws" in capsys.readouterr().out
+
+
+class _RunningPS(FakeContainer):
+    """A running compose PS whose first docker-stats reading is far below its own counters."""
+
+    def __init__(self, readings: list[dict]):
+        super().__init__("gwt-ps-1", "d" * 64, "ps", "running",
+                         {"com.docker.compose.project": "gwt", "com.docker.compose.service": "ps"})
+        self.readings = readings
+
+    def stats(self, **_):
+        return {"networks": self.readings.pop(0)}
+
+
+def test_a_ps_live_reading_below_its_own_counters_is_read_again_and_never_used(monkeypatch):
+    """A container test once read 5,006 B rx (docker stats) for a PS whose Status counted 1.26 MB
+    received: the report now reads again after the Status, and refuses a reading still below it."""
+    import gradwire.bytes_report_docker as docker_report
+    from tests.gradwire.test_bytes_report import fake_status
+
+    status = fake_status()  # the PS's own counters: 50,000 B sent, 30,000 B received on eth0
+    monkeypatch.setattr(docker_report, "_status_via_exec", lambda _c: status)
+    stale, good = {"eth0": {"tx_bytes": 900, "rx_bytes": 5_006}}, {"eth0": {"tx_bytes": 50_100, "rx_bytes": 30_200}}
+
+    ps = _RunningPS([stale, good])
+    rep = collect(FakeClient([ps]), "gwt")["ps"]
+    assert rep["interface_source"] == "docker-stats" and rep["interface_rx_bytes"] == 30_200 and not ps.readings
+
+    ps = _RunningPS([stale, stale])
+    rep = collect(FakeClient([ps]), "gwt")["ps"]
+    assert rep["interface_source"] == "recorded" and rep["interface_rx_bytes"] == 30_000

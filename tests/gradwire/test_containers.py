@@ -158,14 +158,15 @@ def _check_worker_bytes(rep: dict) -> None:
         tx = w["interface_tx_bytes"]
         bound = protobuf * (1 + RELATIVE) + PER_MESSAGE_BYTES * messages + PER_CONNECTION_BYTES
         assert protobuf <= tx <= bound, (
-            f"{w['container']}: interface tx {tx} B vs uplink protobuf {protobuf} B (bound {bound:.0f} B)")
+            f"{w['container']}: interface tx {tx} B ({w['interface_source']}) vs uplink protobuf {protobuf} B "
+            f"(bound {bound:.0f} B)")
         # The downlink (the model every round) crosses the same interface the other way.
         assert w["downlink_message_bytes"] <= w["interface_rx_bytes"]
         assert w["uplink_within_allowance"] is True
     # The PS received what the workers sent.
     ps = rep["ps"]
-    assert ps["interface_rx_bytes"] >= ps["uplink_message_bytes"]
-    assert ps["interface_tx_bytes"] >= ps["downlink_message_bytes"]
+    assert ps["interface_rx_bytes"] >= ps["uplink_message_bytes"], ps
+    assert ps["interface_tx_bytes"] >= ps["downlink_message_bytes"], ps
 
 
 def test_compose_cluster_trains_and_interface_bytes_match_protobuf(cluster):

@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         # from its model's size (server/app.py serve)
         keep_large_blocks()
     if args.command == "server":
-        from gradwire.server.admission import cap_malloc_arenas
+        from gradwire.memory import cap_malloc_arenas
 
-        cap_malloc_arenas()  # first: glibc keeps every heap a thread made before the cap (admission.py)
+        cap_malloc_arenas()  # first: glibc keeps every heap a thread made before the cap (memory.py)
         from gradwire.server.config import config_from_args
         from gradwire.taskref import resolve_factory
 

@@ -31,8 +31,47 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 1 << 30  # trim only when 1 GiB lies free at the heap's top
 
 
+# glibc's M_ARENA_MAX: how many heaps (arenas) malloc may keep. Its default is 8 per core; a
+# thread that finds the heaps busy gets a new one, and gRPC's handler and I/O threads end up
+# spread over many.
+# - The PS under hostile input: each heap keeps the pieces of hostile messages (gRPC's receive
+#   buffers, under the mmap threshold) it once held. One hostile 0.8 MB message per stream, 60
+#   streams (`gradwire fuzz`'s spec_huge mutation against one PS, 2 cores): peak RSS +10.1 MiB with
+#   the default, +7.2 MiB with 4 arenas, +4.0 MiB with 2, +3.7 MiB with 1 (MALLOC_ARENA_MAX, with
+#   the oversized spec refused unparsed, gradwire.protocol.update_header_error).
+# - Model-sized blocks (``keep_large_blocks``): a secondary heap is at most 64 MiB, and glibc
+#   unmaps one as soon as all of it is free, whatever the trim threshold (which governs the main
+#   heap). A 34 MB block that gRPC's threads allocate and free every round sat in such a heap and
+#   page-faulted in again each time: a worker on the 8.5 M-parameter MLP spent 137-166 ms of CPU
+#   per round (26 of them training), 76-81 ms with the cap (`benchmarks.rounds`, docs/results/perf).
+# Fewer heaps mean more waiting on a heap lock; the processes run their Python code under the GIL
+# anyway, so few of their threads allocate at once.
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Keep malloc to ``arenas`` heaps (glibc; see MALLOC_ARENAS). True when the setting took.
+
+    It has to run before the process's other threads first allocate: glibc gives each new thread
+    a heap of its own (up to 8 before any limit is read) and keeps every heap made before the cap
+    in rotation. Set after the PS's gRPC server had started, as it once was, the cap left 8 heaps in
+    a PS that had answered 64 Status calls (1 with the cap first;
+    `tests/server/test_hostile_message_memory.py`), and a huffman fuzz campaign's peak-RSS growth
+    was 2.6 MiB instead of 0.8 MiB."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_ARENA_MAX, arenas) == 1
+
+
 def keep_large_blocks() -> bool:
-    """Serve large blocks from the heap and keep them (glibc); True when the setting took."""
+    """Serve large blocks from the heap and keep them (glibc), in at most MALLOC_ARENAS heaps;
+    True when the setting took. Call it before the process starts threads (``cap_malloc_arenas``)."""
     if os.environ.get(ENV, "").strip().lower() == "default" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -40,6 +79,7 @@ def keep_large_blocks() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    done = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    capped = cap_malloc_arenas()
+    done = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and capped
     log.debug("large blocks kept in the heap: %s", done)
     return done

@@ -26,6 +26,7 @@ import grpc
 
 from gradwire.compressors.base import TensorSpec
 from gradwire.compressors.bounds import max_payload_bytes
+from gradwire.memory import cap_malloc_arenas
 from gradwire.protocol import MAX_TENSOR_HEADER_BYTES
 
 # Threads beyond the Train streams: Status, health checks and refusals always get one.
@@ -166,37 +167,10 @@ def next_rank(records: dict) -> int:
 # with its own mmap, and free returns it to the OS at once.
 _M_MMAP_THRESHOLD = -3
 LARGE_BUFFER_BYTES = 128 * 1024
-# glibc's M_ARENA_MAX: how many heaps (arenas) malloc may keep. Its default is 8 per core; a
-# thread that finds the heaps busy gets a new one, and gRPC's handler and I/O threads end up
-# spread over many, each keeping the pieces of hostile messages (gRPC's receive buffers, under the
-# mmap threshold) it once held. One hostile 0.8 MB message per stream, 60 streams (`gradwire fuzz`'s
-# spec_huge mutation against one PS, 2 cores): peak RSS +10.1 MiB with the default, +7.2 MiB with 4
-# arenas, +4.0 MiB with 2, +3.7 MiB with 1 (MALLOC_ARENA_MAX, with the oversized spec refused unparsed,
-# gradwire.protocol.update_header_error). Fewer heaps mean more waiting on a heap lock; the PS runs
-# its Python code under the GIL anyway, so few of its threads allocate at once.
-_M_ARENA_MAX = -8
-MALLOC_ARENAS = 2
-
-
-def cap_malloc_arenas() -> bool:
-    """Keep malloc to MALLOC_ARENAS heaps (glibc; see there). True when the setting took.
-
-    It has to run before the process's other threads first allocate: glibc gives each new thread
-    a heap of its own (up to 8 before any limit is read) and keeps every heap made before the cap in
-    rotation. Set after the PS's gRPC server had started, as it once was, the cap left 8 heaps in a
-    PS that had answered 64 Status calls (2 with the cap first; `tests/server/test_admission.py`),
-    and a huffman fuzz campaign's peak-RSS growth was 2.6 MiB instead of 0.8 MiB."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
-
-
 def return_large_buffers_to_the_os() -> bool:
     """Serve every allocation of 128 KiB or more with mmap (glibc), so that freeing it returns it,
-    and keep malloc to MALLOC_ARENAS heaps (``cap_malloc_arenas``, which takes only where nothing
-    but the main thread has allocated yet: the server command calls it first).
+    and keep malloc to MALLOC_ARENAS heaps (``gradwire.memory.cap_malloc_arenas``, which takes only
+    where nothing but the main thread has allocated yet: the server command calls it first).
 
     glibc's default raises that threshold to the size of the largest buffer freed so far (up to
     32 MiB); from then on message-sized buffers come from the per-thread heaps, and freed ones that

@@ -97,10 +97,13 @@ def test_bytes_that_are_not_protobuf_are_left_to_the_parser():
 
 _HEAPS_WITH_EIGHT_THREADS = r"""
 import ctypes, sys, threading
+from gradwire.memory import keep_large_blocks
 from gradwire.server.admission import return_large_buffers_to_the_os
 
 if sys.argv[1] == "fixed":
     assert return_large_buffers_to_the_os()
+if sys.argv[1] == "large-blocks":  # the worker's setting, and a large model's PS
+    assert keep_large_blocks()
 libc = ctypes.CDLL(None)
 libc.fopen.restype = ctypes.c_void_p
 libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
@@ -140,6 +143,9 @@ def test_the_ps_keeps_malloc_to_two_heaps(tmp_path):
 
     assert heaps("default") > 2  # the measurement sees glibc's default (a heap per thread)
     assert heaps("fixed") <= 2
+    # Model-sized blocks too: glibc unmaps a secondary heap once all of it is free, so a block
+    # gRPC's threads allocate each round was faulted in again each round (gradwire/memory.py).
+    assert heaps("large-blocks") <= 2
 
 
 def _arena_heaps(pid: int) -> int:
@@ -161,7 +167,7 @@ def test_the_server_command_caps_the_heaps_before_its_threads_allocate():
     was 2.6 MiB instead of 0.8 MiB). `gradwire server` sets it first."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gradwire.server.admission import MALLOC_ARENAS
+    from gradwire.memory import MALLOC_ARENAS
     from gradwire.status import fetch_status
 
     server = subprocess.Popen(

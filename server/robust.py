@@ -221,6 +221,28 @@ class ModelGuard:
         optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
 
 
+def rollback_buffers(optimizer, model: nn.Module) -> ModelGuard:
+    """The optimizer's rollback guard (kept on it: its buffers serve every round), with buffers for
+    the model and the optimizer's state as they are now.
+
+    Called after every step the PS proved finite, too: the buffers are allocated (and written once)
+    at the first step, when torch's SGD makes its momentum buffers, not when a peer's first update
+    that no proof covers arrives. That update can be a few bytes (one flipped bit of a codec's
+    scale), and would otherwise make the PS allocate a copy of the model and of its momentum, twice
+    the model's size, at a moment the peer picks; now that memory is the PS's from the first round
+    on. Afterwards a call compares the optimizer state's entries with the kept ones and copies
+    nothing."""
+    guard = getattr(optimizer, "guard", None)
+    if not isinstance(guard, ModelGuard):
+        guard = ModelGuard()
+        if hasattr(optimizer, "guard"):  # ServerOptimizer keeps it
+            optimizer.guard = guard
+    state = optimizer.state_dict()
+    if not guard.params or len(guard.optimizer_state.get("state", {})) != len(state.get("state", {})):
+        guard.save(model, state)
+    return guard
+
+
 def _copy_into(kept, new) -> bool:
     """Copy the nested dicts and lists ``new`` into ``kept`` in place: tensors into the kept tensors
     of the same shape and dtype (others cloned), other values deep-copied. False when the top-level
@@ -283,16 +305,13 @@ def robust_step(by_rank: Mapping[int, Update], names: Mapping[int, str], optimiz
     step_bound = getattr(optimizer, "step_bound", None)
     if step_bound is not None and step_bound(aggregate_bound(clipped, report), round_):
         optimizer.step(gradient, round_)
+        rollback_buffers(optimizer, model)
         return RobustStep(False, clipped_names, [], median)
     if not all_finite(gradient):
         suspects = describe_suspects(report, names)
         log.error("round %d refused: the aggregate is not finite; largest updates: %s", round_, ", ".join(suspects))
         return RobustStep(True, clipped_names, suspects, median)
-    guard = getattr(optimizer, "guard", None)  # kept on the optimizer: its buffers serve every round
-    if not isinstance(guard, ModelGuard):
-        guard = ModelGuard()
-        if hasattr(optimizer, "guard"):  # ServerOptimizer keeps it
-            optimizer.guard = guard
+    guard = rollback_buffers(optimizer, model)
     guard.save(model, optimizer.state_dict())
     optimizer.step(gradient, round_)
     if not model_is_finite(model):

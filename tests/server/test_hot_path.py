@@ -68,17 +68,25 @@ def test_rollback_restores_the_last_good_step_with_kept_buffers():
     opt = ServerOptimizer(model, lr=10.0, momentum=0.9, weight_decay=0.0, schedule="cosine", total_rounds=10)
     grads = [{n: np.full(tuple(p.shape), 0.01 * (k + 1), np.float32) for n, p in model.named_parameters()}
              for k in range(3)]
-    for r in range(3):
+    assert not robust_step({0: grads[0]}, {0: "w0"}, opt, model, 0, "mean", 0.0, 0.2).refused
+    # The rollback buffers exist from the first step on (model and momentum), written once then.
+    guard = opt.guard
+    assert isinstance(guard, ModelGuard) and guard.params
+    kept = dict(guard.params)
+    kept_momenta = [s["momentum_buffer"] for s in guard.optimizer_state["state"].values()]
+    after_first = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for r in (1, 2):
         assert not robust_step({0: grads[r]}, {0: "w0"}, opt, model, r, "mean", 0.0, 0.2).refused
-    assert opt.guard is None  # steps proven finite take no rollback copy (ServerOptimizer.step_bound)
+    # steps proven finite take no rollback copy (ServerOptimizer.step_bound)
+    assert opt.guard is guard and all(torch.equal(guard.params[n], after_first[n]) for n in kept)
     good = {n: p.detach().clone() for n, p in model.named_parameters()}
     momentum = _momentum(opt)
     huge = {n: np.full(tuple(p.shape), 3e38, np.float32) for n, p in model.named_parameters()}
-    # a huge but finite update: no proof, so the guard copies, the step overflows and is rolled back
+    # a huge but finite update: no proof, so the guard copies into the buffers it has, the step
+    # overflows and is rolled back: the peer's update allocated no model-sized buffer
     assert robust_step({0: huge}, {0: "w0"}, opt, model, 3, "mean", 0.0, 0.2).refused
-    guard = opt.guard
-    assert isinstance(guard, ModelGuard)
-    kept = dict(guard.params)
+    assert opt.guard is guard and all(guard.params[n] is kept[n] for n in kept)
+    assert [s["momentum_buffer"] for s in guard.optimizer_state["state"].values()] == kept_momenta
     step = robust_step({0: huge}, {0: "w0"}, opt, model, 3, "mean", 0.0, 0.2)
     assert step.refused
     assert opt.guard is guard and all(guard.params[n] is kept[n] for n in kept)  # the same buffers each round
@@ -221,12 +229,16 @@ def test_a_proven_step_skips_the_rollback_copy_and_steps_the_same_bits(monkeypat
     model, twin = _twin_models(1)
     opt = ServerOptimizer(model, lr=0.5, momentum=0.9, weight_decay=1e-3, schedule="cosine", total_rounds=8)
     reference = ServerOptimizer(twin, lr=0.5, momentum=0.9, weight_decay=1e-3, schedule="cosine", total_rounds=8)
-    monkeypatch.setattr(ModelGuard, "save", lambda *a: pytest.fail("a proven step must not copy the model"))
+    saves: list[int] = []
+    save = ModelGuard.save
+    monkeypatch.setattr(ModelGuard, "save", lambda self, *a: (saves.append(r), save(self, *a)))
     rng = np.random.default_rng(2)
     for r in range(6):
         updates = {k: {n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters()}
                    for k in range(3)}
         assert not robust_step(updates, {k: f"w{k}" for k in updates}, opt, model, r, "mean", 10.0, 0.2).refused
+        # one copy, at the first step (the rollback buffers, server/robust.py); none after
+        assert saves == [0], saves
         reference.step(mean_update(updates), r)
         for (_, a), (_, b) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
             assert torch.equal(a, b)  # bitwise: the proof changes nothing but the copies

@@ -80,6 +80,10 @@ def train(rank: int, codecs: list[str], steps: int, out_dir: str) -> None:
     try:
         reports = [train_one(rank, codec, steps) for codec in codecs]
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(reports))
+        # Both ranks done before either closes its gloo connections: a rank torn down while the
+        # other still talked was a suspect when one rank once died of "terminate called without
+        # an active exception" (SIGABRT) at the end of a CI test run.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -8,10 +8,12 @@ bytes each rank reports are the bytes the other rank received and parsed from it
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from torch.multiprocessing.spawn import ProcessExitedException
 
 import gradwire.ddp
 from gradwire.compressors.base import CodecError
@@ -37,7 +39,17 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def runs(example):
-    return dict(zip(SPECS, example.run(SPECS, STEPS), strict=True))
+    try:
+        reports = example.run(SPECS, STEPS)
+    except ProcessExitedException as exc:
+        # gloo aborted a rank in C++ once in a CI run (SIGABRT, "terminate called without an active
+        # exception"; 30 runs in a row here, and more under CPU load, never did): a rank killed by a signal is run
+        # again, once. Anything the ranks report is still checked as it comes.
+        if exc.signal_name is None:
+            raise
+        warnings.warn(f"DDP example: {exc}; running it again", stacklevel=1)
+        reports = example.run(SPECS, STEPS)
+    return dict(zip(SPECS, reports, strict=True))
 
 
 @pytest.mark.parametrize("spec", SPECS)

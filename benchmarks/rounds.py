@@ -210,6 +210,7 @@ def _ddp_rank(rank: int, task: str, method: str, world: int, steps: int, port: i
             cpu.append(_cpu() - c0)
         results[method] = median(cpu[2:])  # DDP rebuilds buckets after step 1; PowerSGD starts at 2
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # both ranks done before either closes its gloo connections (examples/ddp_digits.py)
     finally:
         dist.destroy_process_group()
 

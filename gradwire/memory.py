@@ -21,6 +21,7 @@ import ctypes
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 log = logging.getLogger("gradwire")
 
@@ -29,6 +30,19 @@ ENV = "GRADWIRE_MALLOC"
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 1 << 30  # trim only when 1 GiB lies free at the heap's top
+
+
+def glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt(param, value)`` (1 when the setting took), or None where there is none
+    (not Linux, not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
 
 
 # glibc's M_ARENA_MAX: how many heaps (arenas) malloc may keep. Its default is 8 per core; a
@@ -59,26 +73,16 @@ def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     a PS that had answered 64 Status calls (1 with the cap first;
     `tests/server/test_hostile_message_memory.py`), and a huffman fuzz campaign's peak-RSS growth
     was 2.6 MiB instead of 0.8 MiB."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(M_ARENA_MAX, arenas) == 1
+    mallopt = glibc_mallopt()
+    return mallopt is not None and mallopt(M_ARENA_MAX, arenas) == 1
 
 
 def keep_large_blocks() -> bool:
     """Serve large blocks from the heap and keep them (glibc), in at most MALLOC_ARENAS heaps;
     True when the setting took. Call it before the process starts threads (``cap_malloc_arenas``)."""
-    if os.environ.get(ENV, "").strip().lower() == "default" or not sys.platform.startswith("linux"):
+    mallopt = glibc_mallopt()
+    if os.environ.get(ENV, "").strip().lower() == "default" or mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     capped = cap_malloc_arenas()
     done = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and capped
     log.debug("large blocks kept in the heap: %s", done)

@@ -18,7 +18,6 @@ life. So the PS
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections.abc import Collection, Mapping, Sequence
 
@@ -26,7 +25,7 @@ import grpc
 
 from gradwire.compressors.base import TensorSpec
 from gradwire.compressors.bounds import max_payload_bytes
-from gradwire.memory import cap_malloc_arenas
+from gradwire.memory import cap_malloc_arenas, glibc_mallopt
 from gradwire.protocol import MAX_TENSOR_HEADER_BYTES
 
 # Threads beyond the Train streams: Status, health checks and refusals always get one.
@@ -180,9 +179,8 @@ def return_large_buffers_to_the_os() -> bool:
     is an mmap and its page faults per large buffer: ~1 ms per 5 MB model, nothing next to a round.
     Returns False, and changes nothing, off glibc.
     """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = glibc_mallopt()
+    if mallopt is None:
         return False
     arenas_capped = cap_malloc_arenas()
-    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES)) and arenas_capped
+    return mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES) == 1 and arenas_capped

@@ -221,9 +221,10 @@ class ModelGuard:
         optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
 
 
-def rollback_buffers(optimizer, model: nn.Module) -> ModelGuard:
+def rollback_buffers(optimizer, model: nn.Module, *, save: bool = False) -> ModelGuard:
     """The optimizer's rollback guard (kept on it: its buffers serve every round), with buffers for
-    the model and the optimizer's state as they are now.
+    the model and the optimizer's state as they are now; ``save``: with their values too (before a
+    step no proof covers).
 
     Called after every step the PS proved finite, too: the buffers are allocated (and written once)
     at the first step, when torch's SGD makes its momentum buffers, not when a peer's first update
@@ -238,7 +239,7 @@ def rollback_buffers(optimizer, model: nn.Module) -> ModelGuard:
         if hasattr(optimizer, "guard"):  # ServerOptimizer keeps it
             optimizer.guard = guard
     state = optimizer.state_dict()
-    if not guard.params or len(guard.optimizer_state.get("state", {})) != len(state.get("state", {})):
+    if save or not guard.params or len(guard.optimizer_state.get("state", {})) != len(state.get("state", {})):
         guard.save(model, state)
     return guard
 
@@ -311,8 +312,7 @@ def robust_step(by_rank: Mapping[int, Update], names: Mapping[int, str], optimiz
         suspects = describe_suspects(report, names)
         log.error("round %d refused: the aggregate is not finite; largest updates: %s", round_, ", ".join(suspects))
         return RobustStep(True, clipped_names, suspects, median)
-    guard = rollback_buffers(optimizer, model)
-    guard.save(model, optimizer.state_dict())
+    guard = rollback_buffers(optimizer, model, save=True)
     optimizer.step(gradient, round_)
     if not model_is_finite(model):
         guard.restore(model, optimizer)

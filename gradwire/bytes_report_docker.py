@@ -21,6 +21,7 @@ from gradwire.bytes_report_model import (
     DEFAULT_WORKER_SERVICE,
     ContainerInfo,
     build_report,
+    counters_below,
 )
 from gradwire.bytes_report_run import ReportError, json_int, run_from_status, run_from_summary
 
@@ -69,7 +70,7 @@ def _at_least(live: dict[str, dict[str, int]] | None, recorded: dict[str, Any] |
     if not live or not recorded or not recorded.get("interface"):
         return True
     now = live.get(recorded["interface"])
-    return now is not None and all(int(now[k]) >= int(recorded[k]) for k in ("tx_bytes", "rx_bytes"))
+    return now is not None and not counters_below(now, recorded)
 
 
 def list_containers(client, project: str) -> list[tuple[Any, ContainerInfo]]:

@@ -75,6 +75,11 @@ def within_allowance(interface_bytes: int | None, message_bytes: int, messages: 
     return message_bytes <= interface_bytes <= message_bytes + allowance_bytes(message_bytes, messages, connections)
 
 
+def counters_below(now: Mapping[str, Any], recorded: Mapping[str, Any]) -> bool:
+    """Either of ``now``'s tx/rx counters is below ``recorded``'s (counters only grow)."""
+    return any(int(now[k]) < int(recorded[k]) for k in ("tx_bytes", "rx_bytes"))
+
+
 def interface_bytes(start: Mapping[str, Any] | None, end: Mapping[str, Any] | None,
                     live: Mapping[str, Mapping[str, int]] | None,
                     end_is_floor: bool = False) -> tuple[int | None, int | None, str]:
@@ -93,7 +98,7 @@ def interface_bytes(start: Mapping[str, Any] | None, end: Mapping[str, Any] | No
             # container whose network is being torn down as it exits gave such a reading (1,851 B
             # tx after the worker had recorded 419 KB sent); the recorded counters are then right.
             floor = end if end_is_floor and end and end.get("interface") == iface else start
-            if floor and (int(now["tx_bytes"]) < int(floor["tx_bytes"]) or int(now["rx_bytes"]) < int(floor["rx_bytes"])):
+            if floor and counters_below(now, floor):
                 now, source = None, "none"
         elif not iface:
             # Nothing recorded yet: the whole namespace (all interfaces but loopback).

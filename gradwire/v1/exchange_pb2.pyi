@@ -51,16 +51,18 @@ class Hello(_message.Message):
     def __init__(self, protocol: _Optional[str] = ..., requested_worker_id: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ..., hostname: _Optional[str] = ..., interface_start: _Optional[_Union[InterfaceCounters, _Mapping]] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "data")
+    __slots__ = ("name", "shape", "dtype", "data", "alignment_padding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_PADDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    alignment_padding: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., alignment_padding: _Optional[bytes] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("tensors",)
@@ -125,7 +127,7 @@ class Welcome(_message.Message):
     def __init__(self, protocol: _Optional[str] = ..., worker_id: _Optional[str] = ..., rank: _Optional[int] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., codec_spec: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., directive: _Optional[_Union[CodecDirective, _Mapping]] = ..., workers: _Optional[int] = ..., downlink_codec_spec: _Optional[str] = ..., buffers: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class EncodedTensor(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "codec_spec", "payload", "predictor_coefficients", "residual")
+    __slots__ = ("name", "shape", "dtype", "codec_spec", "payload", "predictor_coefficients", "residual", "alignment_padding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +135,7 @@ class EncodedTensor(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     PREDICTOR_COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_PADDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
@@ -140,7 +143,8 @@ class EncodedTensor(_message.Message):
     payload: bytes
     predictor_coefficients: bytes
     residual: EncodedTensor
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., codec_spec: _Optional[str] = ..., payload: _Optional[bytes] = ..., predictor_coefficients: _Optional[bytes] = ..., residual: _Optional[_Union[EncodedTensor, _Mapping]] = ...) -> None: ...
+    alignment_padding: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., codec_spec: _Optional[str] = ..., payload: _Optional[bytes] = ..., predictor_coefficients: _Optional[bytes] = ..., residual: _Optional[_Union[EncodedTensor, _Mapping]] = ..., alignment_padding: _Optional[bytes] = ...) -> None: ...
 
 class Update(_message.Message):
     __slots__ = ("round", "tensors", "train_loss", "num_examples", "compute_seconds", "buffers", "encode_seconds", "previous_round")

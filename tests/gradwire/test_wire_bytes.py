@@ -1,5 +1,6 @@
 """The serialized-in-pieces encoders (protocol.worker_message_to_bytes, BroadcastSerializer) write
-exactly protobuf's bytes, and share a round's model across workers."""
+protobuf's bytes (exactly, but for the alignment padding before large data fields), and share a
+round's model across workers."""
 
 from __future__ import annotations
 
@@ -31,6 +32,44 @@ TENSORS = (
 DIRECTIVE = Directive(values={"stage": 2.0}, blob=b"blob")
 
 
+def _strip_padding(msg) -> int:
+    """Clear every alignment_padding field of ``msg`` and its submessages; their wire bytes."""
+    total = 0
+    for field, value in msg.ListFields():
+        if field.name == "alignment_padding":
+            assert value == bytes(len(value)) and len(value) < protocol.ALIGNMENT  # zeros, 2..17 bytes in all
+            total += 2 + len(value)
+            msg.ClearField(field.name)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            for sub in (value if field.is_repeated else [value]):
+                total += _strip_padding(sub)
+    return total
+
+
+def _data_offsets(msg, base: bytes) -> list[tuple[int, int]]:
+    """(offset in ``base``, size) of each large payload or tensor data field, found by content."""
+    out = []
+    for field, value in msg.ListFields():
+        if field.name in ("payload", "data") and len(value) >= protocol.ALIGN_FROM_BYTES:
+            out.append((base.find(value), len(value)))
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            for sub in (value if field.is_repeated else [value]):
+                out += _data_offsets(sub, base)
+    return out
+
+
+def assert_protobuf_bytes_but_aligned(data: bytes, expected: bytes, message_type) -> None:
+    """``data`` is ``expected`` (protobuf's serialization) with padding fields only, and puts every
+    large data field at a multiple of ALIGNMENT; with no large field it is ``expected`` exactly."""
+    msg = message_type.FromString(data)
+    assert all(offset % protocol.ALIGNMENT == 0 for offset, _ in _data_offsets(msg, data))
+    padding = _strip_padding(msg)
+    assert msg.SerializeToString() == expected
+    assert len(data) == len(expected) + padding
+    if not _data_offsets(message_type.FromString(expected), expected):
+        assert data == expected
+
+
 @pytest.mark.parametrize("update", [
     Update(0, (), 0.0, 0),
     Update(5, TENSORS, 1.5, 32, 0.25, PARAMS),
@@ -42,7 +81,8 @@ DIRECTIVE = Directive(values={"stage": 2.0}, blob=b"blob")
 ])
 def test_update_bytes_equal_protobuf(update):
     data = protocol.worker_message_to_bytes(update)
-    assert data == protocol.worker_message_to_proto(update).SerializeToString()
+    proto = protocol.worker_message_to_proto(update)
+    assert_protobuf_bytes_but_aligned(data, proto.SerializeToString(), type(proto))
     back = protocol.worker_message_from_proto(type(protocol.worker_message_to_proto(update)).FromString(data))
     assert (back.encode_seconds, back.previous_round) == (update.encode_seconds, update.previous_round)
 
@@ -54,11 +94,13 @@ def test_update_bytes_equal_protobuf(update):
     RoundResult(1, DIRECTIVE, False, 300, model={}),
 ])
 def test_round_result_bytes_equal_protobuf(result):
-    expected = protocol.server_message_to_proto(result).SerializeToString()
-    assert protocol.server_message_to_bytes(result) == expected
+    proto = protocol.server_message_to_proto(result)
+    expected = proto.SerializeToString()
+    data = protocol.server_message_to_bytes(result)
+    assert_protobuf_bytes_but_aligned(data, expected, type(proto))
     shared = BroadcastSerializer()
-    assert shared.to_bytes(result) == expected
-    assert shared.to_bytes(result) == expected  # from the cache
+    assert shared.to_bytes(result) == data
+    assert shared.to_bytes(result) == data  # from the cache
 
 
 def test_broadcast_serializes_each_distinct_message_once_and_keeps_each_workers_fields():
@@ -68,7 +110,8 @@ def test_broadcast_serializes_each_distinct_message_once_and_keeps_each_workers_
         result = RoundResult(4, Directive(values={"rank": float(rank)}), rank % 2 == 0, 8, model=model,
                              buffers=buffers)
         data = shared.to_bytes(result)
-        assert data == protocol.server_message_to_proto(result).SerializeToString()
+        proto = protocol.server_message_to_proto(result)
+        assert_protobuf_bytes_but_aligned(data, proto.SerializeToString(), type(proto))
         back = protocol.server_message_from_bytes(data)
         assert back.directive.values == {"rank": float(rank)} and back.update_aggregated == (rank % 2 == 0)
     # The same fields for every worker (most codecs): one bytes object for all, the model copied once.

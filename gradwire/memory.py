@@ -58,10 +58,15 @@ def glibc_mallopt() -> Callable[[int, int], int] | None:
 #   heap). A 34 MB block that gRPC's threads allocate and free every round sat in such a heap and
 #   page-faulted in again each time: a worker on the 8.5 M-parameter MLP spent 137-166 ms of CPU
 #   per round (26 of them training), 76-81 ms with the cap (`benchmarks.rounds`, docs/results/perf).
+#   With 2 heaps the second one still held such blocks: an mlp8m PS page-faulted about 8,000 times
+#   per round (a 34 MB block each round) until round 85 of its run, at about 1 GB of RSS, and its
+#   workers until round 30. With 1 (the main heap, which glibc never unmaps; only the trim
+#   threshold returns its top) the PS stopped faulting by round 26 and the workers by round 14
+#   (docs/results/perf/steady.md).
 # Fewer heaps mean more waiting on a heap lock; the processes run their Python code under the GIL
 # anyway, so few of their threads allocate at once.
 M_ARENA_MAX = -8
-MALLOC_ARENAS = 2
+MALLOC_ARENAS = 1
 
 
 def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:

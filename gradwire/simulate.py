@@ -48,7 +48,9 @@ def check_simulation(args) -> None:
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    resolve_factory(args.task or args.dataset)  # before the codecs (and torch) are imported
+    # before torch is imported (a built-in task's factory and config_from_args's codecs import it)
+    check_data_dir(args.task or args.dataset, args.data_dir)
+    resolve_factory(args.task or args.dataset)
     if args.link or args.links:
         from gradwire.links import validate
         from gradwire.netns import why_unavailable
@@ -57,20 +59,18 @@ def check_simulation(args) -> None:
         why = why_unavailable()
         if why:
             raise ValueError(why)
-    config = config_from_args(args)
-    check_data_dir(config)
+    config_from_args(args)
 
 
-def check_data_dir(config) -> None:
+def check_data_dir(name: str, data_dir: str) -> None:
     """A built-in file dataset needs an existing folder: say so now rather than from the PS process."""
     from pathlib import Path
 
-    name = config.task_ref
     if name not in ("mnist", "fashion-mnist", "cifar10"):
         return
-    if config.data_dir and not Path(config.data_dir).is_dir():
-        raise ValueError(f"dataset folder {config.data_dir} does not exist")
-    if not config.data_dir and name != "fashion-mnist":  # fashion-mnist may have a system-wide default
+    if data_dir and not Path(data_dir).is_dir():
+        raise ValueError(f"dataset folder {data_dir} does not exist")
+    if not data_dir and name != "fashion-mnist":  # fashion-mnist may have a system-wide default
         raise ValueError(f"dataset {name!r} is read from files: give their folder with --data-dir")
 
 

@@ -1,12 +1,18 @@
 """CPU per round: gradwire against raw gRPC carrying the same bytes, and against PyTorch DDP.
 
-    python -m benchmarks.rounds [--quick] [--models mlp8m resnet18] [--workers 2] [--rounds 8]
-                                [--repeats 3] [--scaling 2 4 8 16] [--json out.json]
+    python -m benchmarks.rounds [--quick] [--models mlp8m resnet18] [--workers 2] [--rounds 40]
+                                [--warmup 30] [--repeats 3] [--scaling 2 4 8 16] [--json out.json]
 
 Everything runs on this machine over loopback, each party in its own process, and is measured
 in CPU time (``getrusage``: all threads of a process), which stays meaningful on a loaded
-machine where wall time also counts waiting for a core. Medians over steady rounds (round 0,
-the warm-up, is left out) of each run, then the median over ``--repeats`` runs. In one run:
+machine where wall time also counts waiting for a core. Medians over the steady rounds of each
+run, then the median over ``--repeats`` runs. The first ``--warmup`` rounds are left out, of
+gradwire and raw gRPC alike: for a few dozen rounds each process's heap still grows into the
+layout it keeps (glibc, ``gradwire/memory.py``), and every new page costs a page fault. An mlp8m
+worker page-faulted about 5,000 times per round in its first 30 rounds and a few times per
+round after them, and its non-training CPU per round fell by a third
+(docs/results/perf/steady.md); a training run of thousands of rounds spends nearly all of
+them in that steady state. In one run:
 
 1. **gradwire**: a PS and ``--workers`` workers (``gradwire server``/``worker``, codec ``dense``)
    train the model (``benchmarks/models.py``: synthetic data, same batch as DDP). Per round:
@@ -19,6 +25,13 @@ the warm-up, is left out) of each run, then the median over ``--repeats`` runs. 
    Ratio: gradwire non-training CPU / raw gRPC CPU, per round. Its processes set glibc's
    allocator as gradwire's server and worker do (``gradwire/memory.py``), so that the ratio
    measures gradwire's own work, not an allocator setting.
+   Beside it, the floor of that ratio: the **necessary work** any parameter server with
+   gradwire's guarantees adds to moving the bytes, each operation timed alone in its own
+   process (``rounds_proc.necessary_work``: per worker one copy into the bytes gRPC's Python API
+   sends, one copy of the received model into the parameters, the finiteness checks of the update
+   and of the received model; on the PS each update's norm, the mean, the optimizer step, one copy
+   into the broadcast). (raw gRPC + necessary work) / raw gRPC is the least ratio such a PS can
+   reach on this machine.
 3. **PyTorch DDP** on gloo, ``--workers`` ranks, the same model and batch, with the allreduce,
    fp16 and PowerSGD (rank 2) comm hooks, and a no-DDP "local" step for the training CPU.
    Ratio: gradwire CPU per worker step (all processes' CPU per round / workers) / DDP's CPU per
@@ -114,14 +127,15 @@ def stage_per_round(records: list[dict], stage: str, rounds: range) -> dict[int,
     return out
 
 
-def steady(rounds: int) -> range:
-    return range(1, rounds - 1)  # round 0 warms up; the last round has no successor to close it
+def steady(rounds: int, warmup: int = 1) -> range:
+    """The rounds measured: after ``warmup`` rounds, and not the last (no successor closes it)."""
+    return range(min(warmup, rounds - 2), rounds - 1)
 
 
 # ---------------------------------------------------------------- gradwire and raw gRPC
 
 
-def gradwire_run(task: str, workers: int, rounds: int, batch: int, codec: str = "dense") -> dict:
+def gradwire_run(task: str, workers: int, rounds: int, batch: int, codec: str = "dense", warmup: int = 1) -> dict:
     port = free_port()
     server = ["gradwire-server", "server", "--address", f"127.0.0.1:{port}", "--workers", str(workers),
               "--rounds", str(rounds), "--codec", codec, "--task", f"benchmarks.models:{task}",
@@ -131,7 +145,7 @@ def gradwire_run(task: str, workers: int, rounds: int, batch: int, codec: str = 
               "--max-message-mb", "256"]
     records = run_processes([server] + [worker + ["--worker-id", f"w{i}"] for i in range(workers)],
                             timeout_s=600 + 60 * rounds)
-    rs = steady(rounds)
+    rs = steady(rounds, warmup)
     total = per_round_cpu(records, rs)
     stages = {s: stage_per_round(records, s, rs) for s in STAGES if s != "transfer"}
     nontrain = {r: total[r] - stages["train"][r] for r in total}
@@ -149,12 +163,20 @@ def gradwire_run(task: str, workers: int, rounds: int, batch: int, codec: str = 
     }
 
 
-def raw_run(workers: int, rounds: int, up: int, down: int) -> dict:
+def raw_run(workers: int, rounds: int, up: int, down: int, warmup: int = 1) -> dict:
     port = free_port()
     records = run_processes([["raw-server", str(port), str(workers), str(rounds), str(down)]]
                             + [["raw-client", str(port), str(rounds), str(up)]] * workers, timeout_s=300)
-    total = per_round_cpu(records, steady(rounds))
+    total = per_round_cpu(records, steady(rounds, warmup))
     return {"cpu_per_round": median(total.values())}
+
+
+def necessary_run(task: str, workers: int, repeats: int = 9) -> dict[str, float]:
+    """CPU per round of the work any PS with gradwire's guarantees adds to moving the bytes
+    (``rounds_proc.necessary_work``: each operation alone, in its own process)."""
+    (record,) = run_processes([["necessary-work", f"benchmarks.models:{task}", str(workers), str(repeats)]],
+                              timeout_s=600)
+    return record["necessary"]
 
 
 def scaling_run(workers: int, rounds: int, task: str = "mlp1m") -> dict:
@@ -245,15 +267,16 @@ def ddp_run(task: str, world: int, steps: int) -> dict:
 # ---------------------------------------------------------------- one run, and the report
 
 
-def measure_model(task: str, workers: int, rounds: int, repeats: int, ddp_steps: int) -> dict:
+def measure_model(task: str, workers: int, rounds: int, repeats: int, ddp_steps: int, warmup: int = 1) -> dict:
     from benchmarks import models
 
     runs = []
     for _ in range(repeats):  # interleaved, so the machine's load falls on every party alike
-        g = gradwire_run(task, workers, rounds, models.BATCH[task])
-        raw = raw_run(workers, rounds, g["uplink_bytes"], g["downlink_bytes"])
+        g = gradwire_run(task, workers, rounds, models.BATCH[task], warmup=warmup)
+        raw = raw_run(workers, rounds, g["uplink_bytes"], g["downlink_bytes"], warmup)
         ddp = ddp_run(task, workers, ddp_steps)
-        runs.append({"gradwire": g, "raw": raw, "ddp": ddp})
+        necessary = necessary_run(task, workers)
+        runs.append({"gradwire": g, "raw": raw, "ddp": ddp, "necessary": necessary})
 
     def med(path):
         vals = []
@@ -271,9 +294,12 @@ def measure_model(task: str, workers: int, rounds: int, repeats: int, ddp_steps:
     raw = med(("raw", "cpu_per_round"))
     ddp = {m: med(("ddp", m)) for m in DDP_METHODS}
     per_step = g["cpu_per_round"] / workers
+    necessary = {op: med(("necessary", op)) for op in runs[0]["necessary"]}
     return {
         "transport_bound": transport_bound(raw, workers, ddp),
-        "model": task, "workers": workers, "rounds": rounds, "repeats": repeats, "gradwire": g,
+        "necessary_work": necessary,
+        "floor_ratio_vs_raw_grpc": (raw + sum(necessary.values())) / raw,
+        "model": task, "workers": workers, "rounds": rounds, "warmup": warmup, "repeats": repeats, "gradwire": g,
         "raw_grpc_cpu_per_round": raw, "ddp_cpu_per_step": ddp,
         "ratio_nontrain_vs_raw_grpc": g["nontrain_per_round"] / raw,
         "gradwire_cpu_per_worker_step": per_step,
@@ -304,7 +330,8 @@ def render(result: dict) -> str:
     for m in result["models"]:
         g = m["gradwire"]
         lines += [
-            f"## {m['model']}: {m['workers']} workers, {m['rounds']} rounds, median of {m['repeats']} runs "
+            f"## {m['model']}: {m['workers']} workers, {m['rounds']} rounds ({m.get('warmup', 1)} of warm-up left out), "
+            f"median of {m['repeats']} runs "
             f"(CPU ms; uplink {g['uplink_bytes']:,} B, downlink {g['downlink_bytes']:,} B per worker and round)",
             "",
             "| per round | CPU ms | ratio |",
@@ -314,6 +341,15 @@ def render(result: dict) -> str:
             f"| gradwire, non-training | {1e3 * g['nontrain_per_round']:.1f} | "
             f"{m['ratio_nontrain_vs_raw_grpc']:.2f}x raw gRPC |",
             f"| raw gRPC, same bytes and rounds | {1e3 * m['raw_grpc_cpu_per_round']:.1f} | 1.00x |",
+        ]
+        necessary = m.get("necessary_work")
+        if necessary:
+            lines += [f"| necessary work beyond raw gRPC (below) | {1e3 * sum(necessary.values()):.1f} | |",
+                      f"| bound: raw gRPC + necessary work, what any PS with these guarantees reaches | | "
+                      f"{m['floor_ratio_vs_raw_grpc']:.2f}x raw gRPC |",
+                      "", "| necessary work per round, each operation alone (all workers) | CPU ms |", "|---|---:|"]
+            lines += [f"| {op} | {1e3 * cpu:.1f} |" for op, cpu in necessary.items()]
+        lines += [
             "",
             "| per worker step | CPU ms | gradwire dense / this |",
             "|---|---:|---:|",
@@ -351,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="first rounds left out of the medians, gradwire's and raw gRPC's alike (see the module's docstring)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--ddp-steps", type=int, default=None)
     parser.add_argument("--scaling", type=int, nargs="*", default=None, help="worker counts of the PS sweep")
@@ -359,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quick = args.quick
     models = args.models or (["mlp1m"] if quick else ["mlp8m", "resnet18"])
-    rounds = args.rounds or (4 if quick else 8)
+    rounds = args.rounds or (4 if quick else 40)
+    warmup = args.warmup if args.warmup is not None else (1 if quick else 30)
     repeats = args.repeats or (1 if quick else 3)
     ddp_steps = args.ddp_steps or (4 if quick else 8)
     scaling = args.scaling if args.scaling is not None else ([2, 3] if quick else [2, 4, 8, 16])
@@ -380,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(result, indent=1))
 
     for m in models:
-        result["models"].append(measure_model(m, args.workers, rounds, repeats, ddp_steps))
+        result["models"].append(measure_model(m, args.workers, rounds, repeats, ddp_steps, warmup))
         print(render({"models": result["models"][-1:]}), flush=True)
         save()
     for w in scaling:

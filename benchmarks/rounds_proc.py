@@ -4,6 +4,7 @@
     python -m benchmarks.rounds_proc raw-server PORT WORKERS ROUNDS DOWN_BYTES
     python -m benchmarks.rounds_proc raw-client PORT ROUNDS UP_BYTES
     python -m benchmarks.rounds_proc emulated-workers PORT WORKERS ROUNDS TASK
+    python -m benchmarks.rounds_proc necessary-work TASK WORKERS REPEATS
 
 Every process writes what it measured as JSON to ``$GRADWIRE_BENCH_OUT`` when it exits:
 
@@ -260,6 +261,78 @@ def emulated_workers(port: int, workers: int, rounds: int, task_ref: str) -> Non
     channel.close()
 
 
+# ---------------------------------------------------------------- the work any such PS adds
+
+
+def necessary_work(task_ref: str, workers: int, repeats: int) -> None:
+    """CPU of the work a dense round needs beyond moving its bytes, for any parameter server that
+    keeps gradwire's guarantees, each operation alone on this process's one core (median of
+    ``repeats`` after two warm-ups; blocks kept in the heap as in the benchmark's other processes):
+
+    * each worker: the one copy of its gradient into the bytes gRPC's Python API sends (it takes
+      only ``bytes``), its check that the update is finite, its check that the model it received is
+      finite (a hostile or broken PS), the one copy of that model into its trainable parameters;
+    * the PS: each update's check and norm (finiteness, clipping), the mean of the updates (sum,
+      scale), the server optimizer's step (torch's fused SGD, momentum 0.9), the one copy of the
+      model into the broadcast's bytes.
+
+    Written to ``RECORD["necessary"]`` (seconds per round, by operation, all workers summed)."""
+    import numpy as np
+    import torch
+
+    from gradwire.compressors.finite import all_finite, squared_norm
+    from gradwire.task import load_task
+
+    torch.set_num_threads(1)
+    model = load_task(task_ref, 0).build_model(0)
+    params = [p for p in model.parameters()]
+    live = [p.detach().numpy() for p in params]
+    rng = np.random.default_rng(0)
+    grads = [(rng.standard_normal(a.shape) * 1e-3).astype(np.float32) for a in live]
+    received = [a.copy() for a in live]  # aligned, as gradwire's wire format puts them (protocol.ALIGNMENT)
+    updates = [[g.copy() for g in grads] for _ in range(workers)]
+    mean = [np.empty_like(g) for g in grads]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True)
+    scale = np.float32(1.0 / workers)
+
+    def serialize() -> None:
+        b"".join(memoryview(g).cast("B") for g in grads)
+
+    def aggregate() -> None:
+        for out, *parts in zip(mean, *updates, strict=True):
+            np.add(parts[0], parts[1], out=out) if len(parts) > 1 else np.copyto(out, parts[0])
+            for part in parts[2:]:
+                np.add(out, part, out=out)
+            np.multiply(out, scale, out=out)
+
+    def step() -> None:
+        for p, g in zip(params, mean, strict=True):
+            p.grad = torch.from_numpy(g)
+        opt.step()
+
+    operations = {  # name: (function, times per round)
+        "worker: gradient into the message (one copy)": (serialize, workers),
+        "worker: update is finite": (lambda: all(all_finite(g) for g in grads), workers),
+        "worker: received model is finite": (lambda: all(all_finite(r) for r in received), workers),
+        "worker: model into its parameters (one copy)": (lambda: [np.copyto(a, r) for a, r in zip(live, received, strict=True)], workers),
+        "PS: each update's norm and finiteness": (lambda: sum(squared_norm(u) or 0.0 for u in updates[0]), workers),
+        "PS: mean of the updates": (aggregate, 1),
+        "PS: optimizer step (fused SGD)": (step, 1),
+        "PS: model into the broadcast (one copy)": (lambda: b"".join(memoryview(a).cast("B") for a in live), 1),
+    }
+    out = {}
+    for name, (fn, times) in operations.items():
+        samples = []
+        for i in range(repeats + 2):
+            t0 = time.thread_time()
+            fn()
+            if i >= 2:
+                samples.append(time.thread_time() - t0)
+        samples.sort()
+        out[name] = samples[len(samples) // 2] * times
+    RECORD["necessary"] = out
+
+
 def main(argv: list[str]) -> int:
     atexit.register(_dump)
     role, rest = argv[0], argv[1:]
@@ -278,6 +351,8 @@ def main(argv: list[str]) -> int:
         raw_server(int(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))
     elif role == "raw-client":
         raw_client(int(rest[0]), int(rest[1]), int(rest[2]))
+    elif role == "necessary-work":
+        necessary_work(rest[0], int(rest[1]), int(rest[2]))
     elif role == "emulated-workers":
         emulated_workers(int(rest[0]), int(rest[1]), int(rest[2]), rest[3])
     else:

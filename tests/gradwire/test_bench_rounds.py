@@ -35,11 +35,17 @@ def test_rounds_benchmark_quick(tmp_path):
     assert set(model["ratio_vs_ddp"]) == {"ddp:allreduce", "ddp:fp16", "ddp:powersgd"}
     assert [s["workers"] for s in result["scaling"]] == [2, 3]
     assert all(s["ps_cpu_per_message"] > 0 for s in result["scaling"])
+    necessary = model["necessary_work"]
+    assert len(necessary) == 8 and all(cpu > 0 for cpu in necessary.values())
+    assert model["floor_ratio_vs_raw_grpc"] == pytest.approx(
+        (model["raw_grpc_cpu_per_round"] + sum(necessary.values())) / model["raw_grpc_cpu_per_round"])
+    assert model["warmup"] == 1
     b = model["transport_bound"]
     assert b["raw_per_worker_step"] == pytest.approx(model["raw_grpc_cpu_per_round"] / 2)
     assert b["best_ratio_vs_ddp"] > 0
     for heading in ("raw gRPC, same bytes and rounds", "ddp:powersgd", "| transfer |", "PS CPU per worker message",
-                    "raw gRPC alone / DDP comm", "best any gRPC PS could reach"):
+                    "raw gRPC alone / DDP comm", "best any gRPC PS could reach", "necessary work beyond raw gRPC",
+                    "PS: optimizer step (fused SGD)"):
         assert heading in proc.stdout
 
 

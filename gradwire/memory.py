@@ -61,8 +61,8 @@ def glibc_mallopt() -> Callable[[int, int], int] | None:
 #   With 2 heaps the second one still held such blocks: an mlp8m PS page-faulted about 8,000 times
 #   per round (a 34 MB block each round) until round 85 of its run, at about 1 GB of RSS, and its
 #   workers until round 30. With 1 (the main heap, which glibc never unmaps; only the trim
-#   threshold returns its top) the PS stopped faulting by round 26 and the workers by round 14
-#   (docs/results/perf/steady.md).
+#   threshold returns its top) the PS stopped faulting by about round 30 and the workers by about
+#   round 20 (docs/results/perf/steady.md).
 # Fewer heaps mean more waiting on a heap lock; the processes run their Python code under the GIL
 # anyway, so few of their threads allocate at once.
 M_ARENA_MAX = -8

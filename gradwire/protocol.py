@@ -369,7 +369,8 @@ def worker_message_to_proto(m: WorkerMessage) -> pb.WorkerMessage:
 def worker_message_to_bytes(m: WorkerMessage) -> bytes:
     """One WorkerMessage, serialized: what the worker's client writes to its Train stream, and
     ``gradwire fuzz`` mutates. An Update's payloads are copied once, into the returned bytes
-    (``_update_chunks``); the bytes equal ``worker_message_to_proto(m).SerializeToString()``."""
+    (``_update_chunks``); the bytes are ``worker_message_to_proto(m).SerializeToString()`` with
+    alignment padding before each large payload (``_aligned``), and exactly it without one."""
     if isinstance(m, Update):
         return b"".join(_aligned(lambda aligner: _field(2, _update_chunks(m, aligner))))
     return worker_message_to_proto(m).SerializeToString()
@@ -713,8 +714,9 @@ def _update_with_views(data: bytes) -> Update | None:
 # assigning a 44 MB payload copies it, each level of nesting copies it again, and
 # SerializeToString copies it once more (docs/results/perf/). The framing is protobuf's own
 # (tag = field << 3 | 2, a varint length, the bytes) and fields go in field-number order, as
-# protobuf serializes them, so the bytes are identical to the protobuf serialization
-# (tests/gradwire/test_protocol.py checks it).
+# protobuf serializes them, so the bytes are identical to the protobuf serialization, but for the
+# alignment padding put just before each large data field (below; tests/gradwire/test_wire_bytes.py
+# checks both).
 
 Chunks = list  # of bytes-like objects (bytes, memoryview)
 
@@ -881,7 +883,8 @@ class BroadcastSerializer:
         self._messages: list[tuple[tuple[object, object, object], bytes, bytes]] = []
 
     def to_bytes(self, m: ServerMessage) -> bytes:
-        """The serialized ServerMessage; equal to ``server_message_to_proto(m).SerializeToString()``."""
+        """The serialized ServerMessage: ``server_message_to_proto(m).SerializeToString()``, with
+        alignment padding before each large data field (``_aligned``)."""
         if not isinstance(m, RoundResult):
             return server_message_to_proto(m).SerializeToString()
         small, head, middle = self._small_fields(m)

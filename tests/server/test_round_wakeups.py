@@ -38,13 +38,23 @@ def test_each_handler_wakes_once_per_round(make_server, run_workers, monkeypatch
 
 
 def test_broadcast_serialized_once_per_round(make_server, run_workers, monkeypatch):
-    calls = []
-    original = protocol._model_chunks
+    # One serialization is one protocol._aligned call (its layout passes build views; one join
+    # copies); it carries a model when it lays out a Model's tensors. Per thread: the workers
+    # serialize their Updates in threads of this process at the same time.
+    serializations: list[dict] = []
+    current = threading.local()
+    original_aligned, original_chunks = protocol._aligned, protocol._model_chunks
 
-    def counting(params, data=None):
-        calls.append(len(params))
-        return original(params, data)
+    def aligned(build):
+        current.entry = {"models": 0}
+        serializations.append(current.entry)
+        return original_aligned(build)
 
+    def counting(params, aligner, data=None):
+        current.entry["models"] = len(params)
+        return original_chunks(params, aligner, data)
+
+    monkeypatch.setattr(protocol, "_aligned", aligned)
     monkeypatch.setattr(protocol, "_model_chunks", counting)
     workers, rounds = 3, 4
     running = make_server(workers=workers, rounds=rounds, eval_every=100)
@@ -53,6 +63,7 @@ def test_broadcast_serialized_once_per_round(make_server, run_workers, monkeypat
     assert all(r is not None and r.finished and r.rounds == rounds - 1 for r in results)
     # A RoundResult for each worker after rounds 0..2 (round 3 ends with Finished); the digits
     # MLP has no buffers and the workers' Updates carry none, so only the broadcasts count.
+    calls = [e["models"] for e in serializations if e["models"]]
     assert len(calls) == rounds - 1, f"model serialized {len(calls)} times for {rounds - 1} broadcasts"
     # Every worker ends on the PS's model (the shared bytes are the model each worker trains on).
     assert len({r.model_digest for r in results}) == 1

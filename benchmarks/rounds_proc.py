@@ -281,43 +281,32 @@ def necessary_work(task_ref: str, workers: int, repeats: int) -> None:
     import torch
 
     from gradwire.compressors.finite import all_finite, squared_norm
+    from gradwire.server.aggregation import ServerOptimizer, mean_update
     from gradwire.task import load_task
 
     torch.set_num_threads(1)
     model = load_task(task_ref, 0).build_model(0)
-    params = [p for p in model.parameters()]
-    live = [p.detach().numpy() for p in params]
+    live = [p.detach().numpy() for p in model.parameters()]
     rng = np.random.default_rng(0)
     grads = [(rng.standard_normal(a.shape) * 1e-3).astype(np.float32) for a in live]
     received = [a.copy() for a in live]  # aligned, as gradwire's wire format puts them (protocol.ALIGNMENT)
-    updates = [[g.copy() for g in grads] for _ in range(workers)]
-    mean = [np.empty_like(g) for g in grads]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True)
-    scale = np.float32(1.0 / workers)
+    names = [n for n, _ in model.named_parameters()]
+    updates = {rank: {n: g.copy() for n, g in zip(names, grads, strict=True)} for rank in range(workers)}
+    # The PS's own mean (into buffers kept across rounds) and its optimizer (torch's fused SGD)
+    mean: dict[str, np.ndarray] = {}
+    optimizer = ServerOptimizer(model, lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="constant", total_rounds=1)
 
     def serialize() -> None:
         b"".join(memoryview(g).cast("B") for g in grads)
-
-    def aggregate() -> None:
-        for out, *parts in zip(mean, *updates, strict=True):
-            np.add(parts[0], parts[1], out=out) if len(parts) > 1 else np.copyto(out, parts[0])
-            for part in parts[2:]:
-                np.add(out, part, out=out)
-            np.multiply(out, scale, out=out)
-
-    def step() -> None:
-        for p, g in zip(params, mean, strict=True):
-            p.grad = torch.from_numpy(g)
-        opt.step()
 
     operations = {  # name: (function, times per round)
         "worker: gradient into the message (one copy)": (serialize, workers),
         "worker: update is finite": (lambda: all(all_finite(g) for g in grads), workers),
         "worker: received model is finite": (lambda: all(all_finite(r) for r in received), workers),
         "worker: model into its parameters (one copy)": (lambda: [np.copyto(a, r) for a, r in zip(live, received, strict=True)], workers),
-        "PS: each update's norm and finiteness": (lambda: sum(squared_norm(u) or 0.0 for u in updates[0]), workers),
-        "PS: mean of the updates": (aggregate, 1),
-        "PS: optimizer step (fused SGD)": (step, 1),
+        "PS: each update's norm and finiteness": (lambda: sum(squared_norm(u) or 0.0 for u in updates[0].values()), workers),
+        "PS: mean of the updates": (lambda: mean_update(updates, out=mean), 1),
+        "PS: optimizer step (fused SGD)": (lambda: optimizer.step(mean, 0), 1),
         "PS: model into the broadcast (one copy)": (lambda: b"".join(memoryview(a).cast("B") for a in live), 1),
     }
     out = {}

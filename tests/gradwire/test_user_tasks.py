@@ -252,10 +252,10 @@ def _run_cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> tuple[sub
 
 
 # What validating a command's arguments may cost: the imports it needs (torch for a built-in
-# task, every codec's module and scipy.stats for a codec spec). 5-6 s of CPU on this 2-core
-# machine on a slow day, a few seconds on a fast one: a fixed bound was either loose there or failed here. Anything beyond
-# these imports (loading data, starting the PS process, which imports them all again) exceeds
-# the allowance on top.
+# task, every codec's module and scipy.stats for a codec spec): 5-6 s of CPU on a 2-core machine
+# on a slow day, a few seconds on a fast one, so a fixed bound was either loose on the one or
+# failed on the other. Anything beyond these imports (loading data, starting the PS process,
+# which imports them all again) exceeds the allowance on top.
 VALIDATION_IMPORTS = ("import gradwire.cli, gradwire.simulate, gradwire.tasks, gradwire.server.config, "
                       "gradwire.server.robust, gradwire.worker.config; from gradwire.compressors import registry; "
                       "registry.available_codecs()")
